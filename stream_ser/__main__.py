@@ -1,0 +1,3 @@
+from stream_ser.cli import main
+
+raise SystemExit(main())
