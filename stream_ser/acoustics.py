@@ -1,0 +1,258 @@
+"""Acoustic analysis of one utterance: eGeMAPS functionals, a speaker baseline and cue tokens.
+
+One opensmile computation per utterance (`analyse_functionals`) feeds both the published
+descriptors and the ALM's acoustic cue tokens. Cues are categorical words ("pitch: high") taken
+from z-scores of six key functionals against the stream's own running speaker baseline
+(Welford mean/variance), or against a rough adult-speech population baseline until the stream has
+`min_count` voiced utterances.
+
+Probes (from the acoustic-cue paper) replace the true cues to measure how much a model follows them:
+`aligned` keeps them, `none` drops them, `shuffled` draws every level at random with a seed taken
+from the audio (deterministic, uncorrelated with the audio), `conflicting` gives the opposite level.
+
+Synchronous numpy code; opensmile (heavy: pandas, pyarrow) is imported on first use.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+
+from stream_ser import SAMPLE_RATE
+from stream_ser.errors import ConfigError, ModelError
+
+CUE_MODES = ("aligned", "none", "shuffled", "conflicting")
+LEVELS = ("low", "mid", "high")
+Z_THRESHOLD = 0.75
+"""|z| above this gives `low` or `high`; within it `mid` (about the middle 55% of a speaker)."""
+
+
+@dataclass(frozen=True)
+class CueSpec:
+    """One cue: the eGeMAPS functional it reads, its words for low/mid/high, whether F0 is needed."""
+
+    name: str
+    feature: str
+    words: tuple[str, str, str]
+    population_mean: float
+    population_std: float
+    needs_voice: bool
+
+
+CUES: tuple[CueSpec, ...] = (
+    CueSpec("pitch", "F0semitoneFrom27.5Hz_sma3nz_amean", ("low", "mid", "high"), 30.0, 5.0, True),
+    CueSpec("pitch variability", "F0semitoneFrom27.5Hz_sma3nz_stddevNorm",
+            ("flat", "moderate", "varied"), 0.15, 0.06, True),
+    CueSpec("loudness", "loudness_sma3_amean", ("quiet", "moderate", "loud"), 1.0, 0.5, False),
+    CueSpec("speaking rate", "loudnessPeaksPerSec", ("slow", "moderate", "fast"), 4.0, 1.0, False),
+    CueSpec("brightness", "alphaRatioV_sma3nz_amean", ("dark", "neutral", "bright"), -12.0, 5.0,
+            True),
+    # H1-H2: a large first-harmonic lead means a breathy voice, a small one a tense (pressed) voice.
+    CueSpec("voice quality", "logRelF0-H1-H2_sma3nz_amean", ("tense", "modal", "breathy"), 4.0, 5.0,
+            True),
+)
+"""The six cues; population values are rough adult-speech figures, used only until a baseline forms."""
+
+VOICING_FEATURE = "F0semitoneFrom27.5Hz_sma3nz_amean"
+
+
+@dataclass(frozen=True)
+class Functionals:
+    """The 88 eGeMAPSv02 functionals of one utterance (name -> value, opensmile's names)."""
+
+    values: Mapping[str, float]
+    duration_ms: int
+
+    @property
+    def voiced(self) -> bool:
+        """Whether opensmile found any voiced frame (otherwise F0-based features are 0)."""
+        return self.values.get(VOICING_FEATURE, 0.0) > 0.0
+
+
+@dataclass(frozen=True)
+class Cue:
+    """One categorical cue: its name, level index (0 low, 1 mid, 2 high), word and z-score."""
+
+    name: str
+    level: int
+    word: str
+    z: float
+
+
+@dataclass(frozen=True)
+class CueTokens:
+    """The cue tokens of one utterance, in `CUES` order; unvoiced speech lacks the F0-based ones."""
+
+    cues: tuple[Cue, ...]
+    baseline: str
+    """"speaker" (the stream's running baseline) or "population"."""
+
+    def text(self) -> str:
+        """The cue words as a phrase: "pitch: high, loudness: loud, ..."."""
+        return ", ".join(f"{cue.name}: {cue.word}" for cue in self.cues)
+
+    def levels(self) -> dict[str, str]:
+        """Cue name -> word."""
+        return {cue.name: cue.word for cue in self.cues}
+
+
+_SMILE_LOCK = threading.Lock()
+_SMILE: list[Any] = []
+
+
+def _smile() -> Any:
+    with _SMILE_LOCK:
+        if not _SMILE:
+            try:
+                import opensmile
+            except ImportError as err:
+                raise ModelError("opensmile is not installed: pip install opensmile") from err
+            _SMILE.append(
+                opensmile.Smile(
+                    feature_set=opensmile.FeatureSet.eGeMAPSv02,
+                    feature_level=opensmile.FeatureLevel.Functionals,
+                )
+            )
+        return _SMILE[0]
+
+
+def analyse_functionals(audio: np.ndarray, sample_rate: int = SAMPLE_RATE) -> Functionals:
+    """eGeMAPSv02 functionals of one mono utterance (opensmile, ~17 ms per audio second)."""
+    clip = np.ascontiguousarray(np.asarray(audio, dtype=np.float32).reshape(-1))
+    if clip.shape[0] < sample_rate // 10:  # opensmile needs a few frames; pad very short clips
+        clip = np.pad(clip, (0, sample_rate // 10 - clip.shape[0]))
+    try:
+        frame = _smile().process_signal(clip, sample_rate)
+    except Exception as err:  # opensmile raises its own untyped errors
+        raise ModelError(f"opensmile failed on a {clip.shape[0]}-sample clip: {err}") from err
+    row = frame.iloc[0]
+    values = {str(name): _finite(row[name]) for name in frame.columns}
+    return Functionals(values=values, duration_ms=clip.shape[0] * 1000 // sample_rate)
+
+
+def _finite(value: Any) -> float:
+    number = float(value)
+    return number if math.isfinite(number) else 0.0
+
+
+@dataclass
+class _Welford:
+    count: int = 0
+    mean: float = 0.0
+    m2: float = 0.0
+
+    def add(self, value: float) -> None:
+        self.count += 1
+        delta = value - self.mean
+        self.mean += delta / self.count
+        self.m2 += delta * (value - self.mean)
+
+    @property
+    def std(self) -> float:
+        return math.sqrt(self.m2 / (self.count - 1)) if self.count > 1 else 0.0
+
+
+@dataclass
+class SpeakerBaseline:
+    """Running mean/std of the cue features of one stream; population figures until `min_count`."""
+
+    min_count: int = 3
+    min_std_fraction: float = 0.25
+    """A speaker's std is floored at this fraction of the population std (few samples, steady voice)."""
+    _stats: dict[str, _Welford] = field(default_factory=dict)
+
+    def z(self, spec: CueSpec, value: float) -> tuple[float, bool]:
+        """The z-score of `value` for one cue, and whether the speaker baseline was used."""
+        stats = self._stats.get(spec.feature)
+        if stats is None or stats.count < self.min_count:
+            return (value - spec.population_mean) / spec.population_std, False
+        std = max(stats.std, self.min_std_fraction * spec.population_std)
+        return (value - stats.mean) / std, True
+
+    def update(self, functionals: Functionals) -> None:
+        """Add one utterance; F0-based features only count when it was voiced."""
+        for spec in CUES:
+            if spec.needs_voice and not functionals.voiced:
+                continue
+            self._stats.setdefault(spec.feature, _Welford()).add(functionals.values[spec.feature])
+
+    def count(self, feature: str) -> int:
+        """How many utterances the baseline of one feature holds."""
+        stats = self._stats.get(feature)
+        return stats.count if stats else 0
+
+
+def cue_tokens(functionals: Functionals, baseline: SpeakerBaseline | None = None) -> CueTokens:
+    """Categorical cues of one utterance relative to `baseline` (population when None)."""
+    baseline = baseline or SpeakerBaseline()
+    cues, used_speaker = [], []
+    for spec in CUES:
+        if spec.needs_voice and not functionals.voiced:
+            continue
+        z, speaker = baseline.z(spec, functionals.values[spec.feature])
+        used_speaker.append(speaker)
+        level = 0 if z < -Z_THRESHOLD else 2 if z > Z_THRESHOLD else 1
+        cues.append(Cue(spec.name, level, spec.words[level], round(z, 3)))
+    source = "speaker" if used_speaker and all(used_speaker) else "population"
+    return CueTokens(cues=tuple(cues), baseline=source)
+
+
+def probe(cues: CueTokens | None, mode: str, seed: int) -> CueTokens | None:
+    """Apply a cue probe: aligned, none, shuffled (seeded random levels) or conflicting."""
+    if mode not in CUE_MODES:
+        raise ConfigError(f"cue mode must be one of {CUE_MODES}, not {mode!r}")
+    if cues is None or mode == "none":
+        return None
+    if mode == "aligned":
+        return cues
+    words = {spec.name: spec.words for spec in CUES}
+    if mode == "shuffled":
+        rng = np.random.default_rng(seed)
+        levels = [int(level) for level in rng.integers(0, len(LEVELS), size=len(cues.cues))]
+    else:
+        levels = [_opposite(cue) for cue in cues.cues]
+    changed = tuple(
+        replace(cue, level=level, word=words[cue.name][level])
+        for cue, level in zip(cues.cues, levels, strict=True)
+    )
+    return replace(cues, cues=changed)
+
+
+def _opposite(cue: Cue) -> int:
+    """low <-> high; mid goes to the extreme on the other side of its z-score."""
+    if cue.level != 1:
+        return 2 - cue.level
+    return 0 if cue.z >= 0 else 2
+
+
+def audio_seed(audio: np.ndarray) -> int:
+    """A deterministic seed from the samples (CRC-32 of the float32 bytes)."""
+    return zlib.crc32(np.ascontiguousarray(audio, dtype=np.float32).tobytes())
+
+
+@dataclass(frozen=True)
+class Analysis:
+    """One utterance's functionals (for descriptors) and cue tokens (for the ALM)."""
+
+    functionals: Functionals
+    cues: CueTokens
+
+
+class StreamAcoustics:
+    """Per-stream analysis: cues relative to the speaker's earlier utterances, then update."""
+
+    def __init__(self, baseline: SpeakerBaseline | None = None) -> None:
+        self.baseline = baseline or SpeakerBaseline()
+
+    def analyse(self, audio: np.ndarray, sample_rate: int = SAMPLE_RATE) -> Analysis:
+        """Functionals and cues of one utterance; the utterance then joins the baseline."""
+        functionals = analyse_functionals(audio, sample_rate)
+        cues = cue_tokens(functionals, self.baseline)
+        self.baseline.update(functionals)
+        return Analysis(functionals=functionals, cues=cues)

@@ -1,0 +1,140 @@
+"""From next-token logits to a label distribution: which tokens stand for which label.
+
+The rule (token_mode "first"):
+1. Surface forms of a label: as written, lower case and Capitalised, each with and without a
+   leading space (the answer may start after a newline or after a space). Forms are tokenised
+   without special tokens; the first token of each form is a candidate.
+2. A candidate that decodes to whitespace only (a bare space token) is dropped: it names no label.
+3. A candidate shared by several labels (e.g. "sad"/"sadness" both starting with "sad") is dropped
+   from every label that keeps at least one candidate of its own. A label left with shared
+   candidates only keeps them with weight 1/k (k = labels sharing it) and a warning suggests
+   token_mode "mean"; labels whose candidates are all identical cannot be told apart this way.
+4. score(label) = log sum_t w_t * exp(logit_t) over its candidates (probability mass of any of its
+   spellings), and the distribution is the softmax of the scores over labels - the vocabulary-wide
+   normaliser cancels.
+
+token_mode "mean" (the token-level-logits paper): every surface form is scored by the mean
+log-probability of all its tokens under teacher forcing; score(label) = log sum over forms of
+exp(mean log-prob). Shared first tokens are then told apart by the later tokens.
+
+Remote servers give top-k token strings instead of ids: `from_top_logprobs` documents its rule.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from stream_ser.errors import ModelError
+
+log = logging.getLogger(__name__)
+
+
+def surface_forms(label: str) -> tuple[str, ...]:
+    """The spellings an answer may start with, deduplicated, in a fixed order."""
+    words = dict.fromkeys((label, label.lower(), label[:1].upper() + label[1:].lower()))
+    return tuple(dict.fromkeys(form for word in words for form in (word, " " + word)))
+
+
+@dataclass(frozen=True)
+class LabelTokens:
+    """The token ids that stand for each label."""
+
+    labels: tuple[str, ...]
+    forms: tuple[tuple[tuple[int, ...], ...], ...]
+    """Per label: the token sequence of each surface form (for token_mode "mean")."""
+    first: tuple[tuple[tuple[int, float], ...], ...]
+    """Per label: (candidate first-token id, weight) pairs (for token_mode "first")."""
+
+
+def map_labels(
+    labels: Sequence[str],
+    encode: Callable[[str], Sequence[int]],
+    decode: Callable[[int], str],
+) -> LabelTokens:
+    """Apply the rule above with a tokenizer's encode (no special tokens) and decode."""
+    forms = tuple(
+        tuple(dict.fromkeys(tuple(encode(form)) for form in surface_forms(label)))
+        for label in labels
+    )
+    if any(not seq for label_forms in forms for seq in label_forms):
+        raise ModelError("alm: a label tokenises to nothing")
+    candidates = [
+        [seq[0] for seq in dict.fromkeys(label_forms) if decode(seq[0]).strip()]
+        for label_forms in forms
+    ]
+    owners: dict[int, set[int]] = {}
+    for index, ids in enumerate(candidates):
+        for token in ids:
+            owners.setdefault(token, set()).add(index)
+    first = tuple(_weighted(labels[i], ids, owners) for i, ids in enumerate(candidates))
+    return LabelTokens(labels=tuple(labels), forms=forms, first=first)
+
+
+def _weighted(
+    label: str, ids: Sequence[int], owners: Mapping[int, set[int]]
+) -> tuple[tuple[int, float], ...]:
+    ids = list(dict.fromkeys(ids))
+    own = [token for token in ids if len(owners[token]) == 1]
+    if own:
+        return tuple((token, 1.0) for token in own)
+    if not ids:
+        raise ModelError(f"alm: label {label!r} has no usable first token")
+    log.warning(
+        "alm: every first token of label %r is shared with another label; its share is split "
+        "equally - token_mode 'mean' tells such labels apart", label,
+    )
+    return tuple((token, 1.0 / len(owners[token])) for token in ids)
+
+
+def first_token_scores(mapping: LabelTokens, logits: np.ndarray) -> np.ndarray:
+    """Log-scores (batch, labels) from next-token logits (batch, vocab), rule steps 3-4."""
+    logits = np.asarray(logits, dtype=np.float64)
+    scores = np.empty((logits.shape[0], len(mapping.labels)))
+    for index, pairs in enumerate(mapping.first):
+        ids = np.array([token for token, _ in pairs])
+        log_weights = np.log(np.array([weight for _, weight in pairs]))
+        scores[:, index] = _logsumexp(logits[:, ids] + log_weights, axis=-1)
+    return scores
+
+
+def mean_form_scores(form_logprobs: Sequence[Sequence[float]]) -> float:
+    """Log-score of one label from the mean token log-probs of its forms (token_mode "mean")."""
+    means = np.array([float(np.mean(lp)) for lp in form_logprobs])
+    return float(_logsumexp(means, axis=-1))
+
+
+def _logsumexp(values: np.ndarray, axis: int) -> np.ndarray:
+    top = values.max(axis=axis, keepdims=True)
+    summed = np.log(np.exp(values - top).sum(axis=axis, keepdims=True)) + top
+    return np.squeeze(summed, axis=axis)  # type: ignore[no-any-return]
+
+
+def from_top_logprobs(labels: Sequence[str], top: Sequence[tuple[str, float]]) -> np.ndarray:
+    """Probabilities over labels from a server's top-k (token text, logprob) list.
+
+    A listed token counts for every label whose lower-case word starts with the token's
+    lower-case, stripped text (whitespace-only tokens count for none); a token matching k labels
+    gives each 1/k of its probability. A label none of whose tokens is listed is known to be less
+    likely than the least likely listed token: it gets min(that probability, the unlisted mass
+    divided by the number of such labels). No label token listed at all is a ModelError.
+    """
+    words = [label.lower() for label in labels]
+    mass = np.zeros(len(labels))
+    for text, logprob in top:
+        prefix = text.strip().lower()
+        matches = [i for i, word in enumerate(words) if prefix and word.startswith(prefix)]
+        for index in matches:
+            mass[index] += math.exp(logprob) / len(matches)
+    if not mass.any():
+        raise ModelError(f"alm: no label token among the server's top {len(top)} logprobs")
+    missing = mass == 0
+    if missing.any():
+        listed = [math.exp(logprob) for _, logprob in top]
+        unlisted = max(0.0, 1.0 - sum(listed))
+        mass[missing] = min(min(listed), unlisted / int(missing.sum())) or 1e-12
+    return mass / mass.sum()  # type: ignore[no-any-return]

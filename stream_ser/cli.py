@@ -1,0 +1,143 @@
+"""The `stream-ser` command.
+
+Exit codes: 0 done, 1 a runtime failure (unreadable input, unreachable broker, model
+failure), 2 invalid settings or usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from stream_ser import __version__
+from stream_ser.errors import ConfigError, StreamSerError
+from stream_ser.messages import StreamInfo
+from stream_ser.pipeline import Pipeline, install_stop_handlers, new_session_id
+from stream_ser.publish import JsonlSink, MqttSink, Sink, TeeSink, default_client_id
+from stream_ser.settings import Settings, add_arguments, build_settings
+from stream_ser.source import (
+    SourceStats,
+    default_stream_id,
+    list_input_devices,
+    open_source,
+)
+from stream_ser.specialist import Specialist, bundled_model_dir
+from stream_ser.vad import Segmenter
+
+log = logging.getLogger("stream_ser")
+
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `stream-ser` command."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    command: Callable[[argparse.Namespace], int] = args.command
+    try:
+        return command(args)
+    except ConfigError as err:
+        print(f"stream-ser: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except StreamSerError as err:
+        print(f"stream-ser: error: {err}", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="stream-ser", description="Streaming speech emotion recognition."
+    )
+    parser.add_argument("--version", action="version", version=f"stream-ser {__version__}")
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+    run = commands.add_parser(
+        "run", help="recognise a file, stdin or a microphone and publish the results"
+    )
+    add_arguments(run)
+    run.set_defaults(command=_run_command)
+    devices = commands.add_parser("devices", help="list audio input devices")
+    devices.set_defaults(command=_devices_command)
+    return parser
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(), format="stream-ser: %(levelname)s: %(message)s", stream=sys.stderr
+    )
+
+
+def _run_command(args: argparse.Namespace) -> int:
+    settings = build_settings(args)
+    _configure_logging(settings.output.log_level)
+    if settings.source.input is None and settings.source.mic is None:
+        raise ConfigError("no audio source: give --input FILE, --input - or --mic [DEVICE]")
+    if settings.source.input is not None and settings.source.mic is not None:
+        raise ConfigError("give either --input or --mic, not both")
+    model_dir = Path(settings.model.path) if settings.model.path else bundled_model_dir()
+    if not model_dir.is_dir():
+        raise ConfigError(f"--model: no such model directory: {model_dir}")
+    specialist = Specialist(
+        model_dir,
+        settings.model.providers,
+        settings.model.intra_op_threads,
+        settings.model.inter_op_threads,
+    )
+    stream_id = default_stream_id(settings.source)
+    sink = _make_sink(settings, stream_id)
+    asyncio.run(_run(settings, specialist, sink, stream_id))
+    return 0
+
+
+def _make_sink(settings: Settings, stream_id: str) -> Sink:
+    if settings.mqtt.url is None:
+        return JsonlSink()
+    client_id = settings.mqtt.client_id or default_client_id(stream_id)
+    mqtt = MqttSink(settings.mqtt, client_id, [stream_id])
+    return TeeSink(mqtt, JsonlSink()) if settings.output.jsonl else mqtt
+
+
+async def _run(settings: Settings, specialist: Specialist, sink: Sink, stream_id: str) -> None:
+    card = specialist.card
+    stats = SourceStats()
+    source = open_source(settings.source, stats)
+    pipeline = Pipeline(
+        source=source,
+        segmenter=Segmenter(settings.vad),
+        specialist=specialist,
+        sink=sink,
+        stream=StreamInfo(stream_id, new_session_id(), card.model_id, card.labels),
+        window_ms=settings.model.window_ms or card.window_ms,
+        hop_ms=settings.model.hop_ms or card.hop_ms,
+        windows=settings.model.windows,
+        max_pending_windows=settings.output.max_pending_windows,
+        status_interval_s=settings.mqtt.status_interval_s,
+        source_stats=stats,
+    )
+    install_stop_handlers(pipeline.stop)
+    async with sink:
+        await pipeline.run()
+    counters = pipeline.counters
+    log.info(
+        "done: %d utterance(s), %d window(s), %d window(s) dropped, %d model error(s)",
+        counters.utterances, counters.windows, counters.windows_dropped, counters.model_errors,
+    )
+
+
+def _devices_command(args: argparse.Namespace) -> int:
+    del args
+    devices = list_input_devices()
+    if not devices:
+        print("no audio input devices found", file=sys.stderr)
+        return EXIT_FAILURE
+    print(f"{'index':>5}  {'channels':>8}  {'rate':>6}  {'host API':<12}  name")
+    for device in devices:
+        print(
+            f"{device['index']:>5}  {device['channels']:>8}  {device['default_rate']:>6}  "
+            f"{device['host_api']:<12}  {device['name']}"
+        )
+    return 0

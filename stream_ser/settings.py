@@ -1,0 +1,282 @@
+"""One validated settings tree, built from CLI flags and an optional TOML file.
+
+Every field of a section is both a TOML key (`[vad] hangover_ms = 500`) and a flag
+(`--vad-hangover-ms 500`); a few common ones have short flags (`--input`, `--mic`, `--mqtt`).
+Precedence: defaults < TOML file < flags. Invalid values raise ConfigError at start-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from stream_ser.errors import ConfigError
+
+FRAME_MS_CHOICES = (10, 20, 30)
+
+
+def setting(default: Any, help: str, flag: str | None = None, **argparse_options: Any) -> Any:
+    """A dataclass field that also documents its CLI flag."""
+    metadata = {"help": help, "flag": flag, "argparse": argparse_options}
+    return field(default=default, metadata=metadata)
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+@dataclass(frozen=True)
+class SourceSettings:
+    """Where audio comes from."""
+
+    input: str | None = setting(
+        None, "audio file (WAV/FLAC/OGG) or '-' for raw 16-bit PCM on stdin", "--input"
+    )
+    mic: str | None = setting(
+        None, "capture a microphone (index or name; default device if omitted)", "--mic",
+        nargs="?", const="default", metavar="DEVICE",
+    )
+    rate: int = setting(16000, "sample rate of raw PCM on stdin (Hz)", "--rate")
+    channels: int = setting(1, "channel count of raw PCM on stdin", "--channels")
+    realtime: bool = setting(False, "pace file input like a live stream", "--realtime")
+    chunk_ms: int = setting(100, "capture block length (ms)", "--chunk-ms")
+    stream_id: str | None = setting(
+        None, "stream id in results (default: file stem, 'stdin' or 'mic')", "--stream-id"
+    )
+
+    def __post_init__(self) -> None:
+        _require(8000 <= self.rate <= 384000, "--rate must be between 8000 and 384000 Hz")
+        _require(1 <= self.channels <= 64, "--channels must be between 1 and 64")
+        _require(10 <= self.chunk_ms <= 1000, "--chunk-ms must be between 10 and 1000")
+        _require(self.stream_id != "", "--stream-id must not be empty")
+        if self.stream_id is not None:
+            _require(
+                not any(c in self.stream_id for c in "/#+"),
+                "--stream-id must not contain '/', '#' or '+' (MQTT topic characters)",
+            )
+
+
+@dataclass(frozen=True)
+class VadSettings:
+    """Speech segmentation (webrtcvad)."""
+
+    frame_ms: int = setting(30, "VAD frame length: 10, 20 or 30 ms")
+    aggressiveness: int = setting(2, "webrtcvad aggressiveness 0 (least) to 3 (most)")
+    preroll_ms: int = setting(300, "audio kept before speech onset (ms)")
+    onset_ms: int = setting(90, "voiced audio within the pre-roll that starts speech (ms)")
+    hangover_ms: int = setting(500, "silence that ends an utterance (ms)")
+    min_utterance_ms: int = setting(400, "shorter voiced segments are ignored (ms)")
+    max_utterance_ms: int = setting(15000, "longer turns are split here (ms)")
+
+    def __post_init__(self) -> None:
+        _require(self.frame_ms in FRAME_MS_CHOICES, "--vad-frame-ms must be 10, 20 or 30")
+        _require(0 <= self.aggressiveness <= 3, "--vad-aggressiveness must be 0..3")
+        _require(self.preroll_ms >= self.frame_ms, "--vad-preroll-ms must be >= frame_ms")
+        _require(
+            self.frame_ms <= self.onset_ms <= self.preroll_ms,
+            "--vad-onset-ms must be between frame_ms and preroll_ms",
+        )
+        _require(self.hangover_ms >= self.frame_ms, "--vad-hangover-ms must be >= frame_ms")
+        _require(
+            self.frame_ms <= self.min_utterance_ms < self.max_utterance_ms,
+            "need frame_ms <= --vad-min-utterance-ms < --vad-max-utterance-ms",
+        )
+        _require(self.max_utterance_ms <= 120_000, "--vad-max-utterance-ms must be <= 120000")
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """The ONNX specialist."""
+
+    path: str | None = setting(None, "model directory (default: the bundled model)", "--model")
+    providers: tuple[str, ...] = setting(
+        ("CPUExecutionProvider",),
+        "onnxruntime providers in order of preference, comma-separated "
+        "(e.g. CUDAExecutionProvider,CPUExecutionProvider)",
+    )
+    intra_op_threads: int = setting(1, "onnxruntime intra-op threads")
+    inter_op_threads: int = setting(1, "onnxruntime inter-op threads")
+    window_ms: int | None = setting(None, "sliding window length (default: the model card's)")
+    hop_ms: int | None = setting(None, "window hop (default: the model card's)")
+    windows: bool = setting(True, "recognise and publish sliding windows during speech")
+
+    def __post_init__(self) -> None:
+        _require(len(self.providers) > 0, "--model-providers must name at least one")
+        _require(1 <= self.intra_op_threads <= 64, "--model-intra-op-threads must be 1..64")
+        _require(1 <= self.inter_op_threads <= 64, "--model-inter-op-threads must be 1..64")
+        for name, value in (("window-ms", self.window_ms), ("hop-ms", self.hop_ms)):
+            _require(value is None or 100 <= value <= 30000, f"--model-{name} must be 100..30000")
+        if self.window_ms is not None and self.hop_ms is not None:
+            _require(self.hop_ms <= self.window_ms, "--model-hop-ms must be <= window_ms")
+
+
+@dataclass(frozen=True)
+class MqttSettings:
+    """The broker results are published to."""
+
+    url: str | None = setting(
+        None, "broker URL mqtt://[user@]host[:port] or mqtts://...; none: JSON Lines", "--mqtt"
+    )
+    topic_prefix: str = setting("stream-ser", "topic prefix")
+    client_id: str | None = setting(None, "MQTT client id (default: stream-ser-<random>)")
+    ca_file: str | None = setting(None, "CA certificate file for mqtts:// (default: system CAs)")
+    cert_file: str | None = setting(None, "client certificate file for mqtts://")
+    key_file: str | None = setting(None, "client private key file for mqtts://")
+    password_file: str | None = setting(
+        None, "file holding the broker password (else $STREAM_SER_MQTT_PASSWORD or the URL)"
+    )
+    keepalive_s: int = setting(30, "MQTT keep-alive (s)")
+    connect_timeout_s: float = setting(10.0, "give up connecting after this long (s)")
+    status_interval_s: float = setting(10.0, "how often the retained status is refreshed (s)")
+
+    def __post_init__(self) -> None:
+        _require(
+            bool(self.topic_prefix) and not any(c in self.topic_prefix for c in "#+"),
+            "--mqtt-topic-prefix must be non-empty and contain no '#' or '+'",
+        )
+        _require(5 <= self.keepalive_s <= 3600, "--mqtt-keepalive-s must be 5..3600")
+        _require(0 < self.connect_timeout_s <= 300, "--mqtt-connect-timeout-s must be 0..300")
+        _require(self.status_interval_s >= 0.5, "--mqtt-status-interval-s must be >= 0.5")
+        for name in ("ca_file", "cert_file", "key_file", "password_file"):
+            path = getattr(self, name)
+            flag = "--mqtt-" + name.replace("_", "-")
+            _require(path is None or Path(path).is_file(), f"{flag}: no such file: {path}")
+
+
+@dataclass(frozen=True)
+class OutputSettings:
+    """Local output and logging."""
+
+    jsonl: bool = setting(False, "write results as JSON Lines on stdout (even with --mqtt)", "--jsonl")
+    log_level: str = setting("info", "debug, info, warning or error", "--log-level")
+    max_pending_windows: int = setting(
+        8, "window jobs waiting for the model; more are dropped (counted)"
+    )
+
+    def __post_init__(self) -> None:
+        levels = ("debug", "info", "warning", "error")
+        _require(self.log_level in levels, f"--log-level must be one of {', '.join(levels)}")
+        _require(self.max_pending_windows >= 1, "--output-max-pending-windows must be >= 1")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The whole settings tree of `stream-ser run`."""
+
+    source: SourceSettings = field(default_factory=SourceSettings)
+    vad: VadSettings = field(default_factory=VadSettings)
+    model: ModelSettings = field(default_factory=ModelSettings)
+    mqtt: MqttSettings = field(default_factory=MqttSettings)
+    output: OutputSettings = field(default_factory=OutputSettings)
+
+
+SECTIONS: dict[str, type[Any]] = {
+    "source": SourceSettings,
+    "vad": VadSettings,
+    "model": ModelSettings,
+    "mqtt": MqttSettings,
+    "output": OutputSettings,
+}
+
+
+def _flag(section: str, name: str, metadata: Any) -> str:
+    return metadata["flag"] or f"--{section}-{name}".replace("_", "-")
+
+
+def _dest(section: str, name: str) -> str:
+    return f"{section}__{name}"
+
+
+def _base_type(annotation: Any) -> Any:
+    """int for `int | None`, tuple for `tuple[str, ...]`, else the annotation itself."""
+    if isinstance(annotation, types.UnionType):
+        (inner,) = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+        return inner
+    return typing.get_origin(annotation) or annotation
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add every setting as a flag; unset flags stay absent from the namespace."""
+    parser.add_argument("--config", metavar="TOML", help="settings file (same keys as flags)")
+    for section, cls in SECTIONS.items():
+        group = parser.add_argument_group(f"[{section}] settings")
+        hints = typing.get_type_hints(cls)
+        for item in fields(cls):
+            kind = _base_type(hints[item.name])
+            options: dict[str, Any] = {
+                "dest": _dest(section, item.name),
+                "default": argparse.SUPPRESS,
+                "help": f"{item.metadata['help']} (default: {_show(item.default)})",
+            }
+            if kind is bool:
+                options["action"] = argparse.BooleanOptionalAction
+            elif kind is tuple:
+                options["type"] = lambda text: tuple(p.strip() for p in text.split(",") if p)
+            else:
+                options["type"] = kind
+            options.update(item.metadata["argparse"])
+            group.add_argument(_flag(section, item.name, item.metadata), **options)
+
+
+def _show(default: Any) -> str:
+    if isinstance(default, tuple):
+        return ",".join(default)
+    return "none" if default is None else str(default)
+
+
+def build_settings(args: argparse.Namespace) -> Settings:
+    """Merge defaults, the TOML file named by --config, and the flags; validate."""
+    values = _read_toml(Path(args.config)) if getattr(args, "config", None) else {}
+    for section, cls in SECTIONS.items():
+        for item in fields(cls):
+            dest = _dest(section, item.name)
+            if hasattr(args, dest):
+                values.setdefault(section, {})[item.name] = getattr(args, dest)
+    return Settings(**{name: _build_section(name, raw) for name, raw in values.items()})
+
+
+def _build_section(section: str, raw: dict[str, Any]) -> Any:
+    cls = SECTIONS[section]
+    hints = typing.get_type_hints(cls)
+    for name, value in raw.items():
+        raw[name] = _coerce(section, name, hints[name], value)
+    return replace(cls(), **raw) if raw else cls()
+
+
+def _coerce(section: str, name: str, annotation: Any, value: Any) -> Any:
+    kind = _base_type(annotation)
+    optional = isinstance(annotation, types.UnionType)
+    if value is None and optional:
+        return None
+    if kind is tuple and isinstance(value, list | tuple):
+        return tuple(str(item) for item in value)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind is str and section == "source" and name == "mic" and isinstance(value, int):
+        return str(value)
+    if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
+        return value
+    raise ConfigError(f"[{section}] {name}: expected {kind.__name__}, got {value!r}")
+
+
+def _read_toml(path: Path) -> dict[str, dict[str, Any]]:
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise ConfigError(f"cannot read settings file {path}: {err.strerror}") from err
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: invalid TOML: {err}") from err
+    for section, table in data.items():
+        if section not in SECTIONS or not isinstance(table, dict):
+            raise ConfigError(f"{path}: unknown section [{section}]")
+        known = {item.name for item in fields(SECTIONS[section])}
+        for key in table:
+            if key not in known:
+                raise ConfigError(f"{path}: unknown key {key!r} in [{section}]")
+    return data

@@ -1,0 +1,256 @@
+"""Audio sources: files, raw PCM on stdin, microphones. Each yields 16 kHz mono AudioChunks."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import soundfile
+import soxr
+
+from stream_ser import SAMPLE_RATE
+from stream_ser.errors import AudioInputError
+from stream_ser.events import AudioChunk, samples_to_ms
+from stream_ser.settings import SourceSettings
+
+log = logging.getLogger(__name__)
+
+MIC_QUEUE_BLOCKS = 100  # capture blocks buffered for the loop; older ones are kept, newer dropped
+
+
+@dataclass
+class SourceStats:
+    """Counters a source keeps; shown in the status output."""
+
+    blocks_dropped: int = 0  # microphone blocks the loop could not take in time
+    input_overflows: int = 0  # PortAudio reported lost input
+    bad_samples: int = 0  # NaN/inf samples replaced by 0
+
+
+class Converter:
+    """Any rate and channel count to 16 kHz mono float32 chunks with stream times."""
+
+    def __init__(self, rate: int, channels: int, stats: SourceStats) -> None:
+        self.channels = channels
+        self._stats = stats
+        self._resampler = (
+            None if rate == SAMPLE_RATE else soxr.ResampleStream(rate, SAMPLE_RATE, 1, "float32")
+        )
+        self._position = 0  # 16 kHz samples emitted
+
+    def convert(self, block: np.ndarray, last: bool = False) -> AudioChunk | None:
+        """`block` is (frames, channels) or (frames,) float; None if nothing is ready yet."""
+        mono = block.reshape(len(block), -1).mean(axis=1, dtype=np.float32)
+        finite = np.isfinite(mono)
+        if not finite.all():
+            self._stats.bad_samples += int((~finite).sum())
+            mono = np.where(finite, mono, np.float32(0.0))
+        if self._resampler is not None:
+            mono = self._resampler.resample_chunk(mono, last=last)
+        mono = np.clip(mono, -1.0, 1.0).astype(np.float32, copy=False)
+        if len(mono) == 0:
+            return None
+        chunk = AudioChunk(mono, samples_to_ms(self._position))
+        self._position += len(mono)
+        return chunk
+
+
+def default_stream_id(settings: SourceSettings) -> str:
+    """The stream id used when none is configured."""
+    if settings.stream_id:
+        return settings.stream_id
+    if settings.mic is not None:
+        return "mic"
+    if settings.input in (None, "-"):
+        return "stdin"
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", Path(settings.input).stem) or "file"
+
+
+def open_source(settings: SourceSettings, stats: SourceStats) -> AsyncIterator[AudioChunk]:
+    """The source the settings name: --mic, --input -, or --input FILE."""
+    if settings.mic is not None:
+        return mic_source(settings.mic, settings.chunk_ms, stats)
+    if settings.input == "-":
+        return stdin_source(settings.rate, settings.channels, settings.chunk_ms, stats)
+    if settings.input is None:
+        raise AudioInputError("no audio source: give --input FILE, --input - or --mic")
+    path = Path(settings.input)
+    return file_source(path, _open_file(path), settings.chunk_ms, settings.realtime, stats)
+
+
+def _open_file(path: Path) -> soundfile.SoundFile:
+    if not path.exists():
+        raise AudioInputError(f"{path}: no such file")
+    if path.is_dir():
+        raise AudioInputError(f"{path}: is a directory, not an audio file")
+    try:
+        return soundfile.SoundFile(str(path))
+    except (soundfile.LibsndfileError, RuntimeError, OSError) as err:
+        raise AudioInputError(f"{path}: cannot decode audio ({err})") from err
+
+
+async def file_source(
+    path: Path, audio: soundfile.SoundFile, chunk_ms: int, realtime: bool, stats: SourceStats
+) -> AsyncIterator[AudioChunk]:
+    """Decode an opened file block by block; `realtime` releases each block at its stream time."""
+    with audio:
+        converter = Converter(audio.samplerate, audio.channels, stats)
+        frames = max(1, audio.samplerate * chunk_ms // 1000)
+        started = time.monotonic()
+        read = 0
+        while True:
+            try:
+                block = audio.read(frames, dtype="float32", always_2d=True)
+            except (soundfile.LibsndfileError, RuntimeError) as err:
+                raise AudioInputError(f"{path}: decoding failed after {read} frames ({err})") from err
+            read += len(block)
+            last = len(block) < frames
+            chunk = converter.convert(block, last=last)
+            if realtime:
+                await asyncio.sleep(max(0.0, started + read / audio.samplerate - time.monotonic()))
+            else:
+                await asyncio.sleep(0)
+            if chunk is not None:
+                yield chunk
+            if last:
+                break
+    if read == 0:
+        log.warning("%s: the file holds no audio", path)
+
+
+def _read_stdin_in_thread(block_bytes: int) -> asyncio.Queue[bytes]:
+    """A daemon thread reads stdin (a blocking read can't be cancelled); b"" marks the end."""
+    loop = asyncio.get_running_loop()
+    blocks: asyncio.Queue[bytes] = asyncio.Queue(MIC_QUEUE_BLOCKS)
+    fd = sys.stdin.buffer.fileno()
+
+    def reader() -> None:
+        while True:
+            data = os.read(fd, block_bytes)
+            asyncio.run_coroutine_threadsafe(blocks.put(data), loop).result()
+            if not data:
+                return
+
+    threading.Thread(target=reader, name="stdin-reader", daemon=True).start()
+    return blocks
+
+
+async def stdin_source(
+    rate: int, channels: int, chunk_ms: int, stats: SourceStats
+) -> AsyncIterator[AudioChunk]:
+    """Raw little-endian 16-bit PCM on stdin, `channels` interleaved, at `rate` Hz."""
+    frame_bytes = 2 * channels
+    blocks = _read_stdin_in_thread(frame_bytes * max(1, rate * chunk_ms // 1000))
+    converter = Converter(rate, channels, stats)
+    pending = b""
+    while True:
+        data = await blocks.get()
+        pending += data
+        whole = len(pending) - len(pending) % frame_bytes
+        if whole or not data:
+            pcm = np.frombuffer(pending[:whole], dtype="<i2").reshape(-1, channels)
+            chunk = converter.convert(pcm.astype(np.float32) / 32768.0, last=not data)
+            pending = pending[whole:]
+            if chunk is not None:
+                yield chunk
+        if not data:
+            break
+    if pending:
+        log.warning(
+            "stdin ended with %d stray bytes: not a whole frame of %d channel(s) of 16-bit PCM; "
+            "check --channels",
+            len(pending),
+            channels,
+        )
+
+
+def _sounddevice() -> Any:
+    try:
+        import sounddevice
+    except OSError as err:  # raised when the PortAudio library is missing
+        raise AudioInputError(
+            f"microphone support needs the PortAudio library (apt-get install libportaudio2): {err}"
+        ) from err
+    return sounddevice
+
+
+def list_input_devices() -> list[dict[str, Any]]:
+    """Input-capable devices: index, name, channels, default rate, host API."""
+    sd = _sounddevice()
+    apis = sd.query_hostapis()
+    return [
+        {
+            "index": index,
+            "name": device["name"],
+            "channels": device["max_input_channels"],
+            "default_rate": int(device["default_samplerate"]),
+            "host_api": apis[device["hostapi"]]["name"],
+        }
+        for index, device in enumerate(sd.query_devices())
+        if device["max_input_channels"] > 0
+    ]
+
+
+def _resolve_device(sd: Any, device: str) -> dict[str, Any]:
+    """A device by index or (part of its) name; 'default' is the default input."""
+    key: int | str | None = None if device == "default" else device
+    if isinstance(key, str) and key.isdigit():
+        key = int(key)
+    try:
+        info: dict[str, Any] = sd.query_devices(key, "input")
+    except (ValueError, sd.PortAudioError) as err:
+        raise AudioInputError(
+            f"no input device {device!r} ({err}); `stream-ser devices` lists them"
+        ) from err
+    return info
+
+
+async def mic_source(device: str, chunk_ms: int, stats: SourceStats) -> AsyncIterator[AudioChunk]:
+    """Capture a microphone at its native rate and channels; the callback never blocks."""
+    sd = _sounddevice()
+    info = _resolve_device(sd, device)
+    rate = int(info["default_samplerate"])
+    channels = min(2, int(info["max_input_channels"]))
+    loop = asyncio.get_running_loop()
+    blocks: asyncio.Queue[np.ndarray | None] = asyncio.Queue(MIC_QUEUE_BLOCKS)
+
+    def deliver(block: np.ndarray | None) -> None:
+        try:
+            blocks.put_nowait(block)
+        except asyncio.QueueFull:
+            stats.blocks_dropped += 1
+
+    def callback(indata: np.ndarray, frames: int, when: Any, status: Any) -> None:
+        if status.input_overflow:
+            stats.input_overflows += 1
+        loop.call_soon_threadsafe(deliver, indata.copy())
+
+    def finished() -> None:
+        loop.call_soon_threadsafe(deliver, None)
+
+    converter = Converter(rate, channels, stats)
+    try:
+        stream = sd.InputStream(
+            device=info["index"], samplerate=rate, channels=channels, dtype="float32",
+            blocksize=max(1, rate * chunk_ms // 1000), callback=callback,
+            finished_callback=finished,
+        )
+    except sd.PortAudioError as err:
+        raise AudioInputError(f"cannot open input device {info['name']!r}: {err}") from err
+    log.info("capturing %r at %d Hz, %d channel(s)", info["name"], rate, channels)
+    with stream:
+        while (block := await blocks.get()) is not None:
+            chunk = converter.convert(block)
+            if chunk is not None:
+                yield chunk
+    raise AudioInputError(f"input device {info['name']!r} stopped delivering audio")
