@@ -1,0 +1,271 @@
+"""Dynamic batching of finished utterances onto one ALM backend, off the event loop.
+
+`submit()` never blocks: it queues the utterance and returns a future of its `AlmResult`. A batch
+goes to the backend when it holds `max_batch` utterances or its oldest has waited `max_wait_ms`;
+the backend runs in a single-thread executor, so capture and the specialist keep going.
+
+Overflow rule: the queue holds at most `max_queue` waiting utterances; submitting to a full queue
+drops the OLDEST waiting utterance (a live stream cares most about recent speech). Its future gets
+an `ok=False` result with the reason; drops are counted in `stats` and logged.
+
+Failures: an out-of-memory batch is split in halves and retried down to single utterances; an
+utterance that still fails, or any batch whose backend raises another StreamSerError, gets an
+`ok=False` result with the reason (the pipeline then publishes a specialist-only result, flagged).
+Other exceptions are bugs: they are logged with a traceback and set on the batch's futures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from types import TracebackType
+
+import numpy as np
+
+from stream_ser import acoustics
+from stream_ser.acoustics import CueTokens
+from stream_ser.alm.base import AlmBackend, AlmOptions, AlmOutOfMemoryError, AlmResult
+from stream_ser.errors import StreamSerError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class AlmStats:
+    """Counters for the status output; updated on the event loop only."""
+
+    submitted: int = 0
+    completed: int = 0
+    """Results with a distribution."""
+    failed: int = 0
+    """Results flagged ok=False by a model error or out of memory."""
+    dropped: int = 0
+    """Utterances dropped by the overflow rule."""
+    batches: int = 0
+    """Backend calls, including retries after a split."""
+    splits: int = 0
+    """Out-of-memory batch splits."""
+    waiting: int = 0
+    """Utterances queued now."""
+
+
+@dataclass
+class _Pending:
+    audio: np.ndarray
+    cues: CueTokens | None
+    future: asyncio.Future[AlmResult]
+    enqueued_s: float
+
+
+@dataclass
+class _Outcome:
+    distribution: dict[str, float] | None
+    error: str | None
+    inference_ms: float
+    batch_size: int
+    cue_phrase: str | None = None
+    rationale: str | None = None
+
+
+class AlmBatcher:
+    """`async with AlmBatcher(backend) as alm: result = await alm.submit(audio, cues=...)`."""
+
+    def __init__(self, backend: AlmBackend, options: AlmOptions | None = None) -> None:
+        self.backend = backend
+        self.options = options or backend.options
+        self.stats = AlmStats()
+        self._queue: deque[_Pending] = deque()
+        self._arrived = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._current: list[_Pending] = []
+        self._batches: int = 0
+        self._splits: int = 0
+        self._executor: ThreadPoolExecutor | None = None
+        self._worker: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> AlmBatcher:
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="alm")
+        self._worker = asyncio.create_task(self._run(), name="alm-batcher")
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc_type is None:
+            await self.drain()
+        await self._stop()
+
+    def submit(self, audio: np.ndarray, cues: CueTokens | None = None) -> asyncio.Future[AlmResult]:
+        """Queue one finished utterance (16 kHz mono float32); never blocks."""
+        if self._worker is None or self._worker.done():
+            raise StreamSerError("alm: the batcher is not running (use `async with`)")
+        loop = asyncio.get_running_loop()
+        if len(self._queue) >= self.options.max_queue:
+            self._drop_oldest(loop.time())
+        pending = _Pending(np.asarray(audio, dtype=np.float32).reshape(-1), cues,
+                           loop.create_future(), loop.time())
+        self._queue.append(pending)
+        self.stats.submitted += 1
+        self.stats.waiting = len(self._queue)
+        self._idle.clear()
+        self._arrived.set()
+        return pending.future
+
+    async def drain(self) -> None:
+        """Wait until every queued utterance has its result."""
+        await self._idle.wait()
+
+    def _drop_oldest(self, now_s: float) -> None:
+        oldest = self._queue.popleft()
+        self.stats.dropped += 1
+        log.warning("alm: queue full (max_queue=%d), dropped the oldest waiting utterance "
+                    "(%d dropped so far)", self.options.max_queue, self.stats.dropped)
+        reason = f"dropped: ALM queue full (max_queue={self.options.max_queue})"
+        _resolve(oldest, self._result(oldest, _Outcome(None, reason, 0.0, 0), now_s))
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._wait_for_batch(loop)
+            batch = [self._queue.popleft()
+                     for _ in range(min(self.options.max_batch, len(self._queue)))]
+            self.stats.waiting = len(self._queue)
+            self._current = batch
+            try:
+                outcomes = await loop.run_in_executor(self._executor, self._infer, batch)
+            except Exception as err:  # a bug, not a model failure: visible, not hidden
+                log.exception("alm: batch of %d failed unexpectedly", len(batch))
+                for pending in batch:
+                    if not pending.future.done():
+                        pending.future.set_exception(err)
+                outcomes = None
+            self._current = []
+            if outcomes is not None:
+                self._deliver(batch, outcomes, loop.time())
+            self.stats.batches, self.stats.splits = self._batches, self._splits
+            if not self._queue:
+                self._idle.set()
+
+    async def _wait_for_batch(self, loop: asyncio.AbstractEventLoop) -> None:
+        while not self._queue:
+            self._arrived.clear()
+            await self._arrived.wait()
+        max_wait_s = self.options.max_wait_ms / 1000
+        while len(self._queue) < self.options.max_batch:
+            remaining_s = self._queue[0].enqueued_s + max_wait_s - loop.time()
+            if remaining_s <= 0:
+                return
+            self._arrived.clear()
+            try:
+                async with asyncio.timeout(remaining_s):
+                    await self._arrived.wait()
+            except TimeoutError:
+                return
+
+    def _deliver(self, batch: list[_Pending], outcomes: list[_Outcome], now_s: float) -> None:
+        for pending, outcome in zip(batch, outcomes, strict=True):
+            if outcome.distribution is None:
+                self.stats.failed += 1
+            else:
+                self.stats.completed += 1
+            _resolve(pending, self._result(pending, outcome, now_s))
+
+    def _result(self, pending: _Pending, outcome: _Outcome, now_s: float) -> AlmResult:
+        options = self.backend.options
+        return AlmResult(
+            distribution=outcome.distribution or {},
+            ok=outcome.distribution is not None,
+            error=outcome.error,
+            backend=self.backend.spec,
+            prompt_set=options.prompt_set,
+            audio_repeats=options.audio_repeats,
+            text_repeats=options.text_repeats,
+            cue_mode=options.cues if self.backend.kind != "clap" else "none",
+            latency_ms=round((now_s - pending.enqueued_s) * 1000, 3),
+            inference_ms=round(outcome.inference_ms, 3),
+            batch_size=outcome.batch_size,
+            cues=outcome.cue_phrase,
+            rationale=outcome.rationale,
+        )
+
+    # --- executor thread from here on: no event-loop objects are touched ---
+
+    def _infer(self, batch: list[_Pending]) -> list[_Outcome]:
+        audio = [pending.audio for pending in batch]
+        cues = self._cues(batch)
+        return self._predict_split(audio, cues)
+
+    def _cues(self, batch: list[_Pending]) -> list[CueTokens | None]:
+        """Missing cues are computed here once (population baseline) when the mode needs them."""
+        if self.backend.options.cues == "none" or self.backend.kind == "clap":
+            return [pending.cues for pending in batch]
+        return [
+            pending.cues or acoustics.cue_tokens(acoustics.analyse_functionals(pending.audio))
+            for pending in batch
+        ]
+
+    def _predict_split(
+        self, audio: Sequence[np.ndarray], cues: Sequence[CueTokens | None]
+    ) -> list[_Outcome]:
+        self._batches += 1
+        start_s = time.perf_counter()
+        try:
+            distributions = self.backend.predict(audio, cues)
+            phrases = self.backend.cue_phrases(audio, cues)
+        except AlmOutOfMemoryError as err:
+            if len(audio) == 1:
+                return [_Outcome(None, f"out of memory: {err}", _ms(start_s), 1)]
+            self._splits += 1
+            log.warning("alm: out of memory on a batch of %d, splitting", len(audio))
+            half = (len(audio) + 1) // 2
+            return (self._predict_split(audio[:half], cues[:half])
+                    + self._predict_split(audio[half:], cues[half:]))
+        except StreamSerError as err:
+            log.error("alm: batch of %d failed: %s", len(audio), err)
+            return [_Outcome(None, str(err), _ms(start_s), len(audio)) for _ in audio]
+        rationales = self._explain(audio, cues)
+        elapsed_ms = _ms(start_s)
+        return [
+            _Outcome(distribution, None, elapsed_ms, len(audio), phrase, rationale)
+            for distribution, phrase, rationale in zip(distributions, phrases, rationales,
+                                                       strict=True)
+        ]
+
+    def _explain(
+        self, audio: Sequence[np.ndarray], cues: Sequence[CueTokens | None]
+    ) -> list[str | None]:
+        if not self.backend.options.explain:
+            return [None] * len(audio)
+        try:
+            return list(self.backend.explain(audio, cues))
+        except StreamSerError as err:
+            log.warning("alm: rationale failed (distribution kept): %s", err)
+            return [None] * len(audio)
+
+    async def _stop(self) -> None:
+        if self._worker is not None:
+            self._worker.cancel()
+            await asyncio.gather(self._worker, return_exceptions=True)
+        now_s = asyncio.get_running_loop().time()
+        for pending in [*self._current, *self._queue]:
+            _resolve(pending, self._result(pending, _Outcome(None, "shutdown", 0.0, 0), now_s))
+        self._queue.clear()
+        self._idle.set()
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _resolve(pending: _Pending, result: AlmResult) -> None:
+    if not pending.future.done():
+        pending.future.set_result(result)
+
+
+def _ms(start_s: float) -> float:
+    return (time.perf_counter() - start_s) * 1000

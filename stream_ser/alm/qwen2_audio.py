@@ -1,0 +1,224 @@
+"""Generative ALM backend (Qwen2-Audio): a zero-shot distribution from token-level logits.
+
+For each utterance and each question template, the chat prompt holds the audio (`audio_repeats`
+times), the question listing the labels (`text_repeats` times) and optionally the acoustic cue
+sentence; one forward pass gives the next-token logits, mapped to labels by `labels.py`. Generated
+text is never parsed for the distribution (the optional rationale is generated separately).
+
+Audio longer than the feature extractor's window (30 s for Qwen2-Audio) is cut into consecutive
+windows, each an audio entry in the prompt, so the whole utterance is heard. Sequences are
+left-padded and get explicit position ids, so a batch gives what one-by-one runs give.
+
+Other chat ALMs with the same processor conventions (chat template with {"type": "audio"}
+entries, `audio=` keyword, causal-LM logits) can reuse this class through `model_class`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+
+from stream_ser.acoustics import CueTokens
+from stream_ser.alm import labels as label_rules
+from stream_ser.alm.base import (
+    AlmOptions,
+    AlmOutOfMemoryError,
+    as_distributions,
+    check_batch,
+    check_labels,
+    import_torch_stack,
+    is_out_of_memory,
+    local_or_hub,
+    resolve_cues,
+    set_threads,
+    softmax_rows,
+    torch_dtype,
+)
+from stream_ser.alm.prompts import load_generative, question_text
+from stream_ser.errors import ModelError
+
+log = logging.getLogger(__name__)
+
+
+class Qwen2AudioBackend:
+    """Qwen2-Audio (or a compatible chat ALM) scored through next-token logits."""
+
+    kind = "qwen2-audio"
+
+    def __init__(
+        self, path: str, labels: Sequence[str], options: AlmOptions,
+        model_class: str = "Qwen2AudioForConditionalGeneration",
+    ) -> None:
+        self._torch, transformers = import_torch_stack()
+        self.spec = f"{self.kind}:{path}"
+        self.labels = check_labels(labels)
+        self.options = options
+        self.prompts = load_generative(options.prompts, options.prompt_set)
+        set_threads(options)
+        self._device = self._torch.device(options.device)
+        self._processor, self._model = _load(transformers, path, options, model_class)
+        self._model.to(self._device)
+        tokenizer = self._processor.tokenizer
+        tokenizer.padding_side = "left"
+        extractor = self._processor.feature_extractor
+        self._sample_rate = int(extractor.sampling_rate)
+        self._window = int(getattr(extractor, "n_samples", 30 * self._sample_rate))
+        self.mapping = label_rules.map_labels(
+            self.labels,
+            encode=lambda text: tokenizer.encode(text, add_special_tokens=False),
+            decode=lambda token: tokenizer.decode([token]),
+        )
+
+    def predict(
+        self, batch: Sequence[np.ndarray], cues: Sequence[CueTokens | None] | None = None
+    ) -> list[dict[str, float]]:
+        """One distribution per utterance: mean over the question templates."""
+        clips = check_batch(batch)
+        phrases = self.cue_phrases(clips, cues)
+        texts, audios = [], []
+        for clip, phrase in zip(clips, phrases, strict=True):
+            parts = self._audio_parts(clip)
+            for template in self.prompts.questions:
+                question = question_text(template, self.labels, self.options.text_repeats,
+                                         phrase, self.prompts.cues)
+                texts.append(self._chat(len(parts), question))
+                audios.extend(parts)
+        scores = self._scores(texts, audios)
+        per_template = softmax_rows(scores).reshape(len(clips), len(self.prompts.questions), -1)
+        return as_distributions(self.labels, per_template.mean(axis=1))
+
+    def explain(
+        self, batch: Sequence[np.ndarray], cues: Sequence[CueTokens | None] | None = None
+    ) -> list[str]:
+        """A short greedy free-text rationale per utterance."""
+        clips = check_batch(batch)
+        phrases = self.cue_phrases(clips, cues)
+        texts, audios = [], []
+        for clip, phrase in zip(clips, phrases, strict=True):
+            parts = self._audio_parts(clip)
+            question = self.prompts.explain
+            if phrase:
+                question += "\n" + self.prompts.cues.replace("{cues}", phrase)
+            texts.append(self._chat(len(parts), question))
+            audios.extend(parts)
+        inputs = self._inputs(texts, audios)
+        with self._guard():
+            generated = self._model.generate(
+                **inputs, max_new_tokens=self.options.explain_tokens, do_sample=False,
+            )
+        new_tokens = generated[:, inputs["input_ids"].shape[1]:]
+        decoded = self._processor.batch_decode(new_tokens, skip_special_tokens=True)
+        return [str(text).strip() for text in decoded]
+
+    def cue_phrases(
+        self, batch: Sequence[np.ndarray], cues: Sequence[CueTokens | None] | None = None
+    ) -> list[str | None]:
+        """The cue phrase of each prompt after the probe (None without cues)."""
+        resolved = resolve_cues(batch, cues, self.options.cues)
+        return [tokens.text() if tokens and tokens.cues else None for tokens in resolved]
+
+    def _audio_parts(self, clip: np.ndarray) -> list[np.ndarray]:
+        if self._sample_rate != 16000:
+            import soxr
+
+            clip = soxr.resample(clip, 16000, self._sample_rate).astype(np.float32)
+        windows = [clip[start:start + self._window] for start in range(0, clip.shape[0], self._window)]
+        return windows * self.options.audio_repeats
+
+    def _chat(self, n_audio: int, question: str) -> str:
+        content: list[dict[str, str]] = [{"type": "audio"} for _ in range(n_audio)]
+        content.append({"type": "text", "text": question})
+        messages = [
+            {"role": "system", "content": self.prompts.system},
+            {"role": "user", "content": content},
+        ]
+        text = self._processor.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=False
+        )
+        return str(text)
+
+    def _inputs(self, texts: list[str], audios: list[np.ndarray]) -> Any:
+        inputs = self._processor(
+            text=texts, audio=audios, sampling_rate=self._sample_rate,
+            return_tensors="pt", padding=True,
+        )
+        inputs = inputs.to(self._device)
+        inputs["input_features"] = inputs["input_features"].to(self._model.dtype)
+        return inputs
+
+    def _scores(self, texts: list[str], audios: list[np.ndarray]) -> np.ndarray:
+        """Log-scores (prompts, labels) in the configured token mode."""
+        inputs = self._inputs(texts, audios)
+        mask = inputs["attention_mask"].long()
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        mean_mode = self.options.token_mode == "mean"
+        with self._guard():
+            output = self._model(**inputs, position_ids=positions, use_cache=mean_mode)
+            last = output.logits[:, -1].float()
+            if not mean_mode:
+                return label_rules.first_token_scores(self.mapping, last.cpu().numpy())
+            return self._mean_scores(last, output.past_key_values, mask, positions[:, -1])
+
+    def _mean_scores(self, last: Any, cache: Any, mask: Any, last_position: Any) -> np.ndarray:
+        """Teacher-force every surface form on the prompt's cache; mean token log-prob."""
+        torch = self._torch
+        first_logprobs = torch.log_softmax(last, dim=-1)
+        scores = np.empty((last.shape[0], len(self.labels)))
+        for index, forms in enumerate(self.mapping.forms):
+            per_form = [self._form_logprobs(form, first_logprobs, cache, mask, last_position)
+                        for form in forms]
+            for row in range(last.shape[0]):
+                scores[row, index] = label_rules.mean_form_scores([lp[row] for lp in per_form])
+        return scores
+
+    def _form_logprobs(
+        self, form: Sequence[int], first_logprobs: Any, cache: Any, mask: Any, last_position: Any
+    ) -> np.ndarray:
+        """(prompts, len(form)) log-probs of one token sequence after each prompt."""
+        torch = self._torch
+        columns = [first_logprobs[:, form[0]]]
+        if len(form) > 1:
+            n, fed = mask.shape[0], len(form) - 1
+            tokens = torch.tensor(form[:-1], device=self._device).expand(n, fed)
+            positions = last_position[:, None] + torch.arange(1, fed + 1, device=self._device)
+            extended = torch.cat([mask, torch.ones(n, fed, dtype=mask.dtype, device=self._device)], -1)
+            output = self._model(input_ids=tokens, attention_mask=extended, position_ids=positions,
+                                 past_key_values=cache, use_cache=True)
+            cache.crop(-fed)  # back to the prompt for the next form
+            logprobs = torch.log_softmax(output.logits.float(), dim=-1)
+            for step, token in enumerate(form[1:]):
+                columns.append(logprobs[:, step, token])
+        return torch.stack(columns, dim=-1).cpu().numpy().astype(np.float64)  # type: ignore[no-any-return]
+
+    @contextmanager
+    def _guard(self) -> Iterator[None]:
+        """inference_mode; torch errors become ModelError, out-of-memory AlmOutOfMemoryError."""
+        try:
+            with self._torch.inference_mode():
+                yield
+        except RuntimeError as err:
+            if is_out_of_memory(err):
+                if self._device.type == "cuda":
+                    self._torch.cuda.empty_cache()
+                raise AlmOutOfMemoryError(f"{self.spec}: out of memory: {err}") from err
+            raise ModelError(f"{self.spec}: inference failed: {err}") from err
+
+
+def _load(transformers: Any, path: str, options: AlmOptions, model_class: str) -> tuple[Any, Any]:
+    """Processor and model from a local directory (offline) or a hub id."""
+    source, offline = local_or_hub(path)
+    model_type = getattr(transformers, model_class)
+    try:
+        processor = transformers.AutoProcessor.from_pretrained(source, local_files_only=offline)
+        model = model_type.from_pretrained(
+            source, local_files_only=offline, dtype=torch_dtype(options.dtype)
+        )
+    except (OSError, ValueError, KeyError) as err:
+        raise ModelError(f"alm: cannot load {model_class} from {path}: {err}") from err
+    if not hasattr(processor, "feature_extractor") or not hasattr(processor, "tokenizer"):
+        raise ModelError(f"alm: {path} has no audio processor with a tokenizer")
+    return processor, model.eval()
