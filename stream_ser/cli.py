@@ -124,7 +124,10 @@ async def _run(settings: Settings, specialist: Specialist, sink: Sink, stream_id
     counters = pipeline.counters
     log.info(
         "done: %d utterance(s), %d window(s), %d window(s) dropped, %d model error(s)",
-        counters.utterances, counters.windows, counters.windows_dropped, counters.model_errors,
+        counters.utterances,
+        counters.windows,
+        counters.windows_dropped,
+        counters.model_errors,
     )
 
 

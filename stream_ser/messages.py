@@ -79,4 +79,3 @@ def status_message(state: str, stream_ids: list[str], counters: dict[str, int]) 
 def encode(message: dict[str, Any]) -> bytes:
     """Compact UTF-8 JSON; NaN is never valid here."""
     return json.dumps(message, separators=(",", ":"), allow_nan=False).encode()
-

@@ -101,8 +101,14 @@ class Windower:
             window = self._buffer[begin : begin + self._window]
             start_ms = self._utterance_start_ms + samples_to_ms(self._next_end - self._window)
             jobs.append(
-                Job("window", speech.utterance_id, window, start_ms,
-                    start_ms + samples_to_ms(self._window), time.monotonic())
+                Job(
+                    "window",
+                    speech.utterance_id,
+                    window,
+                    start_ms,
+                    start_ms + samples_to_ms(self._window),
+                    time.monotonic(),
+                )
             )
             self._next_end += self._hop
         keep = min(len(self._buffer), self._window)
@@ -126,8 +132,10 @@ class JobQueue:
     async def put(self, job: Job | None) -> None:
         """Queue a job (None ends the stream); waits only while too many utterances wait."""
         async with self._changed:
-            if job is not None and job.kind == "window" and self._count("window") >= (
-                self._max_windows
+            if (
+                job is not None
+                and job.kind == "window"
+                and self._count("window") >= (self._max_windows)
             ):
                 oldest = next(j for j in self._jobs if j is not None and j.kind == "window")
                 self._jobs.remove(oldest)
@@ -195,8 +203,15 @@ class Pipeline:
                         await jobs.put(job)
                 elif isinstance(event, UtteranceEnd):
                     await jobs.put(
-                        Job("utterance", event.utterance_id, event.samples, event.start_ms,
-                            event.end_ms, time.monotonic(), event.reason)
+                        Job(
+                            "utterance",
+                            event.utterance_id,
+                            event.samples,
+                            event.start_ms,
+                            event.end_ms,
+                            time.monotonic(),
+                            event.reason,
+                        )
                     )
         finally:
             self.counters.short_segments = self.segmenter.short_segments
@@ -238,8 +253,15 @@ class Pipeline:
                 continue
             latency_ms = (time.monotonic() - job.ready_s) * 1000
             await results.put(
-                Recognition(job.kind, job.utterance_id, job.start_ms, job.end_ms,
-                            probabilities, latency_ms, job.reason)
+                Recognition(
+                    job.kind,
+                    job.utterance_id,
+                    job.start_ms,
+                    job.end_ms,
+                    probabilities,
+                    latency_ms,
+                    job.reason,
+                )
             )
         await results.put(None)
 

@@ -10,6 +10,7 @@ Topics (prefix configurable, default `stream-ser`):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import random
@@ -216,10 +217,8 @@ class MqttSink:
         self._connected = False
         if self._client is None:
             return
-        try:
+        with contextlib.suppress(aiomqtt.MqttError):  # the connection may already be gone
             await self._client.__aexit__(None, None, None)
-        except aiomqtt.MqttError:
-            pass  # the connection is already gone
 
     async def _publish(self, topic: str, payload: bytes, qos: int, retain: bool = False) -> None:
         """Publish, reconnecting with backoff until it goes through (or, when closing, gives up)."""

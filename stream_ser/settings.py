@@ -39,8 +39,12 @@ class SourceSettings:
         None, "audio file (WAV/FLAC/OGG) or '-' for raw 16-bit PCM on stdin", "--input"
     )
     mic: str | None = setting(
-        None, "capture a microphone (index or name; default device if omitted)", "--mic",
-        nargs="?", const="default", metavar="DEVICE",
+        None,
+        "capture a microphone (index or name; default device if omitted)",
+        "--mic",
+        nargs="?",
+        const="default",
+        metavar="DEVICE",
     )
     rate: int = setting(16000, "sample rate of raw PCM on stdin (Hz)", "--rate")
     channels: int = setting(1, "channel count of raw PCM on stdin", "--channels")
@@ -153,7 +157,9 @@ class MqttSettings:
 class OutputSettings:
     """Local output and logging."""
 
-    jsonl: bool = setting(False, "write results as JSON Lines on stdout (even with --mqtt)", "--jsonl")
+    jsonl: bool = setting(
+        False, "write results as JSON Lines on stdout (even with --mqtt)", "--jsonl"
+    )
     log_level: str = setting("info", "debug, info, warning or error", "--log-level")
     max_pending_windows: int = setting(
         8, "window jobs waiting for the model; more are dropped (counted)"

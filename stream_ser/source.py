@@ -50,7 +50,7 @@ class Converter:
 
     def convert(self, block: np.ndarray, last: bool = False) -> AudioChunk | None:
         """`block` is (frames, channels) or (frames,) float; None if nothing is ready yet."""
-        mono = block.reshape(len(block), -1).mean(axis=1, dtype=np.float32)
+        mono = block.mean(axis=1, dtype=np.float32) if block.ndim == 2 else block
         finite = np.isfinite(mono)
         if not finite.all():
             self._stats.bad_samples += int((~finite).sum())
@@ -112,7 +112,9 @@ async def file_source(
             try:
                 block = audio.read(frames, dtype="float32", always_2d=True)
             except (soundfile.LibsndfileError, RuntimeError) as err:
-                raise AudioInputError(f"{path}: decoding failed after {read} frames ({err})") from err
+                raise AudioInputError(
+                    f"{path}: decoding failed after {read} frames ({err})"
+                ) from err
             read += len(block)
             last = len(block) < frames
             chunk = converter.convert(block, last=last)
@@ -241,8 +243,12 @@ async def mic_source(device: str, chunk_ms: int, stats: SourceStats) -> AsyncIte
     converter = Converter(rate, channels, stats)
     try:
         stream = sd.InputStream(
-            device=info["index"], samplerate=rate, channels=channels, dtype="float32",
-            blocksize=max(1, rate * chunk_ms // 1000), callback=callback,
+            device=info["index"],
+            samplerate=rate,
+            channels=channels,
+            dtype="float32",
+            blocksize=max(1, rate * chunk_ms // 1000),
+            callback=callback,
             finished_callback=finished,
         )
     except sd.PortAudioError as err:

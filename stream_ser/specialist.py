@@ -181,9 +181,7 @@ class Specialist:
 
     def _run(self, stacked: np.ndarray) -> np.ndarray:
         try:
-            (output,) = self._session.run(
-                [self.card.output_name], {self.card.input_name: stacked}
-            )
+            (output,) = self._session.run([self.card.output_name], {self.card.input_name: stacked})
         except Exception as err:  # onnxruntime raises its own untyped errors
             raise ModelError(f"{self.card.model_id}: inference failed: {err}") from err
         output = np.asarray(output, dtype=np.float64)

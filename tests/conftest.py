@@ -78,7 +78,7 @@ def ravdess_clips() -> list[Path]:
     folder = DATASETS / "ravdess" / "audio" / "Actor_01"
     if not folder.is_dir():
         pytest.skip(f"dataset not found: {folder}")
-    return sorted(folder.glob("*.flac"))[:: 12][:5]
+    return sorted(folder.glob("*.flac"))[::12][:5]
 
 
 @pytest.fixture

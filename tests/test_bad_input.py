@@ -1,0 +1,88 @@
+"""Bad input: a clear one-line message, the right exit code, no traceback, no hang."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import soundfile
+from conftest import LABELS, run_cli
+from schema import check_result, parse_lines, utterances
+from signals import buzz, silence
+
+
+def assert_clean_failure(done, code: int, text: str) -> None:  # type: ignore[no-untyped-def]
+    assert done.returncode == code, done.stderr
+    assert text in done.stderr
+    assert "Traceback" not in done.stderr
+    assert done.stdout == ""
+
+
+def test_missing_file(tiny_model: Path, tmp_path: Path) -> None:
+    done = run_cli("run", "--input", str(tmp_path / "nope.wav"), "--model", str(tiny_model))
+    assert_clean_failure(done, 1, "nope.wav: no such file")
+
+
+def test_unsupported_format(tiny_model: Path, tmp_path: Path) -> None:
+    fake = tmp_path / "notes.wav"
+    fake.write_text("this is not audio at all\n" * 20)
+    done = run_cli("run", "--input", str(fake), "--model", str(tiny_model))
+    assert_clean_failure(done, 1, "notes.wav: cannot decode audio")
+
+
+def test_truncated_file_keeps_what_was_readable(tiny_model: Path, tmp_path: Path) -> None:
+    whole = tmp_path / "whole.wav"
+    soundfile.write(whole, np.concatenate([silence(0.5), buzz(1.5), silence(1.0), buzz(3)]), 16000)
+    cut = tmp_path / "cut.wav"
+    cut.write_bytes(whole.read_bytes()[: 44 + 2 * 16000 * 4])  # header + 4 s of 6 s
+    done = run_cli("run", "--input", str(cut), "--model", str(tiny_model))
+    assert done.returncode == 0, done.stderr
+    finals = utterances(parse_lines(done.stdout))
+    assert len(finals) == 2  # the second burst is cut off but still recognised
+    assert finals[-1]["end_reason"] == "stream_end"
+
+
+def test_empty_and_all_zero_audio(tiny_model: Path, tmp_path: Path) -> None:
+    empty = tmp_path / "empty.wav"
+    soundfile.write(empty, np.zeros(0, dtype=np.float32), 16000)
+    done = run_cli("run", "--input", str(empty), "--model", str(tiny_model))
+    assert done.returncode == 0
+    assert done.stdout == ""
+    assert "holds no audio" in done.stderr
+    zeros = tmp_path / "zeros.flac"
+    soundfile.write(zeros, silence(3), 16000)
+    done = run_cli("run", "--input", str(zeros), "--model", str(tiny_model))
+    assert done.returncode == 0
+    assert done.stdout == ""
+
+
+def test_directory_instead_of_file(tiny_model: Path, tmp_path: Path) -> None:
+    done = run_cli("run", "--input", str(tmp_path), "--model", str(tiny_model))
+    assert_clean_failure(done, 1, "is a directory")
+
+
+def test_stdin_with_wrong_channel_count_warns(tiny_model: Path) -> None:
+    pcm = (np.concatenate([silence(0.5), buzz(1.5), silence(1)]) * 32767).astype("<i2")
+    odd = pcm.tobytes() + b"\x01\x02"  # 2 stray bytes: not a whole stereo frame
+    done = run_cli("run", "--input", "-", "--channels", "2", "--model", str(tiny_model), stdin=odd)
+    assert done.returncode == 0
+    assert "stray bytes" in done.stderr and "check --channels" in done.stderr
+
+
+def test_nan_and_clipped_samples_are_sanitised(tiny_model: Path, tmp_path: Path) -> None:
+    audio = np.concatenate([silence(0.5), buzz(1.5, level=0.9) * 3, silence(1)])
+    audio[20000:20100] = np.nan
+    audio[21000:21010] = np.inf
+    path = tmp_path / "nan.wav"
+    soundfile.write(path, audio, 16000, subtype="FLOAT")
+    done = run_cli("run", "--input", str(path), "--model", str(tiny_model))
+    assert done.returncode == 0, done.stderr
+    (final,) = utterances(parse_lines(done.stdout))
+    check_result(final, LABELS)
+
+
+def test_wrong_model_directory(tmp_path: Path) -> None:
+    done = run_cli("run", "--input", "x.wav", "--model", str(tmp_path / "none"))
+    assert_clean_failure(done, 2, "no such model directory")
+    done = run_cli("run", "--input", "x.wav", "--model", str(tmp_path))
+    assert_clean_failure(done, 1, "no model card")

@@ -1,0 +1,188 @@
+"""Publishing to a real mosquitto broker started by the test."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+from conftest import LABELS, REPO, Broker, free_port, run_cli
+from schema import check_result
+
+PREFIX = "test-ser"
+
+
+async def collect(
+    broker: Broker, topic: str, until: Any, timeout_s: float = 60.0
+) -> list[tuple[str, bool, dict[str, Any]]]:
+    """Subscribe to `topic`; gather (topic, retained, payload) until `until(messages)` is true."""
+    messages: list[tuple[str, bool, dict[str, Any]]] = []
+    async with aiomqtt.Client("127.0.0.1", broker.port) as client:
+        await client.subscribe(topic, qos=1)
+        async with asyncio.timeout(timeout_s):
+            async for message in client.messages:
+                assert isinstance(message.payload, bytes)
+                messages.append((str(message.topic), message.retain, json.loads(message.payload)))
+                if until(messages):
+                    break
+    return messages
+
+
+async def run_cli_async(*args: str) -> subprocess.CompletedProcess[str]:
+    return await asyncio.to_thread(run_cli, *args)
+
+
+async def test_every_utterance_is_published_and_status_is_retained(
+    broker: Broker, tiny_model: Path, speech_with_pauses: tuple[Path, int]
+) -> None:
+    path, clip_count = speech_with_pauses
+
+    def finished(messages: list) -> bool:
+        return any(m.get("state") == "offline" for _, _, m in messages)
+
+    listener = asyncio.create_task(collect(broker, f"{PREFIX}/#", finished))
+    await asyncio.sleep(0.5)  # subscribed before the run starts
+    done = await run_cli_async(
+        "run",
+        "--input",
+        str(path),
+        "--model",
+        str(tiny_model),
+        "--mqtt",
+        broker.url,
+        "--mqtt-topic-prefix",
+        PREFIX,
+        "--mqtt-client-id",
+        "ser-test",
+        "--stream-id",
+        "room1",
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == ""  # with a broker, nothing on stdout unless --jsonl
+    messages = await asyncio.wait_for(listener, 30)
+    finals = [m for topic, _, m in messages if topic == f"{PREFIX}/room1/utterance"]
+    windows = [m for topic, _, m in messages if topic == f"{PREFIX}/room1/window"]
+    assert [m["utterance_id"] for m in finals] == list(range(1, clip_count + 1))
+    assert windows
+    for message in finals + windows:
+        check_result(message, LABELS)
+        assert message["stream_id"] == "room1"
+    statuses = [m for topic, _, m in messages if topic == f"{PREFIX}/status/ser-test"]
+    assert statuses[0]["state"] == "online"
+    assert statuses[-1]["state"] == "offline"
+    assert statuses[-1]["counters"]["utterances"] == clip_count
+
+    # a subscriber arriving later gets the retained status
+    (retained,) = await collect(broker, f"{PREFIX}/status/+", lambda m: True, timeout_s=10)
+    assert retained[1] is True
+    assert retained[2]["state"] == "offline"
+
+
+async def test_last_will_reports_offline_when_the_process_dies(
+    broker: Broker, tiny_model: Path, speech_with_pauses: tuple[Path, int]
+) -> None:
+    path, _ = speech_with_pauses
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "stream_ser",
+            "run",
+            "--input",
+            str(path),
+            "--realtime",
+            "--model",
+            str(tiny_model),
+            "--mqtt",
+            broker.url,
+            "--mqtt-topic-prefix",
+            PREFIX,
+            "--mqtt-client-id",
+            "doomed",
+        ],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        online = await collect(
+            broker, f"{PREFIX}/status/doomed", lambda m: m[-1][2]["state"] == "online"
+        )
+        assert online[-1][2]["state"] == "online"
+        listener = asyncio.create_task(
+            collect(broker, f"{PREFIX}/status/doomed", lambda m: m[-1][2]["state"] == "offline")
+        )
+        await asyncio.sleep(0.5)
+        os.kill(process.pid, signal.SIGKILL)  # no chance to say goodbye: the broker does
+        messages = await asyncio.wait_for(listener, 30)
+        assert messages[-1][2]["state"] == "offline"
+    finally:
+        process.kill()
+        process.wait(timeout=10)
+
+
+async def test_sigint_finishes_cleanly_with_offline_status(
+    broker: Broker, tiny_model: Path, speech_with_pauses: tuple[Path, int]
+) -> None:
+    path, _ = speech_with_pauses
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "stream_ser",
+            "run",
+            "--input",
+            str(path),
+            "--realtime",
+            "--model",
+            str(tiny_model),
+            "--mqtt",
+            broker.url,
+            "--mqtt-topic-prefix",
+            PREFIX,
+            "--mqtt-client-id",
+            "interrupted",
+            "--jsonl",
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    first = await collect(broker, f"{PREFIX}/+/utterance", lambda m: True)
+    assert first[0][2]["utterance_id"] == 1
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = await asyncio.to_thread(process.communicate, timeout=30)
+    assert process.returncode == 0, stderr.decode()
+    assert b"Traceback" not in stderr
+    lines = [json.loads(line) for line in stdout.decode().splitlines()]
+    assert next(m["utterance_id"] for m in lines if m["type"] == "utterance") == 1
+    (status,) = await collect(broker, f"{PREFIX}/status/interrupted", lambda m: True, timeout_s=10)
+    assert status[2]["state"] == "offline"
+
+
+def test_unreachable_broker_is_a_clear_error(
+    tiny_model: Path, speech_with_pauses: tuple[Path, int]
+) -> None:
+    path, _ = speech_with_pauses
+
+    done = run_cli(
+        "run",
+        "--input",
+        str(path),
+        "--model",
+        str(tiny_model),
+        "--mqtt",
+        f"mqtt://127.0.0.1:{free_port()}",
+        "--mqtt-connect-timeout-s",
+        "3",
+        timeout_s=30,
+    )
+    assert done.returncode == 1
+    assert "cannot connect to broker mqtt://127.0.0.1:" in done.stderr
+    assert "Traceback" not in done.stderr
