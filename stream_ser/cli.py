@@ -13,10 +13,16 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from stream_ser import __version__
+from stream_ser import __version__, evaluate
 from stream_ser.errors import ConfigError, StreamSerError
 from stream_ser.messages import StreamInfo
-from stream_ser.pipeline import Pipeline, install_stop_handlers, new_session_id
+from stream_ser.pipeline import (
+    Recognizer,
+    StreamPipeline,
+    install_stop_handlers,
+    new_session_id,
+    run_streams,
+)
 from stream_ser.publish import JsonlSink, MqttSink, Sink, TeeSink, default_client_id
 from stream_ser.settings import Settings, add_arguments, build_settings
 from stream_ser.source import (
@@ -62,6 +68,9 @@ def _parser() -> argparse.ArgumentParser:
     run.set_defaults(command=_run_command)
     devices = commands.add_parser("devices", help="list audio input devices")
     devices.set_defaults(command=_devices_command)
+    scores = commands.add_parser("eval", help="evaluate a model on a labelled manifest of clips")
+    evaluate.add_arguments(scores)
+    scores.set_defaults(command=evaluate.eval_command)
     return parser
 
 
@@ -104,31 +113,27 @@ def _make_sink(settings: Settings, stream_id: str) -> Sink:
 async def _run(settings: Settings, specialist: Specialist, sink: Sink, stream_id: str) -> None:
     card = specialist.card
     stats = SourceStats()
-    source = open_source(settings.source, stats)
-    pipeline = Pipeline(
-        source=source,
-        segmenter=Segmenter(settings.vad),
-        specialist=specialist,
-        sink=sink,
-        stream=StreamInfo(stream_id, new_session_id(), card.model_id, card.labels),
-        window_ms=settings.model.window_ms or card.window_ms,
-        hop_ms=settings.model.hop_ms or card.hop_ms,
-        windows=settings.model.windows,
-        max_pending_windows=settings.output.max_pending_windows,
-        status_interval_s=settings.mqtt.status_interval_s,
-        source_stats=stats,
-    )
-    install_stop_handlers(pipeline.stop)
-    async with sink:
-        await pipeline.run()
-    counters = pipeline.counters
+    stop = asyncio.Event()
+    install_stop_handlers(stop)
+    async with Recognizer(specialist, settings.output.max_pending_windows) as recognizer:
+        stream = StreamPipeline(
+            stream=StreamInfo(stream_id, new_session_id(), card.model_id, card.labels),
+            source=open_source(settings.source, stats),
+            segmenter=Segmenter(settings.vad),
+            recognizer=recognizer,
+            sink=sink,
+            window_ms=settings.model.window_ms or card.window_ms,
+            hop_ms=settings.model.hop_ms or card.hop_ms,
+            windows=settings.model.windows,
+            source_stats=stats,
+        )
+        async with sink:
+            await run_streams([stream], sink, stop, settings.mqtt.status_interval_s)
+    counters = stream.counters
     log.info(
         "done: %d utterance(s), %d window(s), %d window(s) dropped, %d model error(s)",
-        counters.utterances,
-        counters.windows,
-        counters.windows_dropped,
-        counters.model_errors,
-    )
+        counters.utterances, counters.windows, counters.windows_dropped, counters.model_errors,
+    )  # fmt: skip
 
 
 def _devices_command(args: argparse.Namespace) -> int:

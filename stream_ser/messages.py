@@ -64,7 +64,12 @@ def result_message(stream: StreamInfo, result: Recognition) -> dict[str, Any]:
     return message
 
 
-def status_message(state: str, stream_ids: list[str], counters: dict[str, int]) -> dict[str, Any]:
+def status_message(
+    state: str,
+    stream_ids: list[str],
+    counters: dict[str, int],
+    per_stream: dict[str, dict[str, int]] | None = None,
+) -> dict[str, Any]:
     """The retained status: 'online' while running, 'offline' after exit (also the last will)."""
     return {
         "schema_version": SCHEMA_VERSION,
@@ -73,6 +78,7 @@ def status_message(state: str, stream_ids: list[str], counters: dict[str, int]) 
         "streams": stream_ids,
         "wall_time": wall_time(),
         "counters": counters,
+        "per_stream": per_stream or {},
     }
 
 

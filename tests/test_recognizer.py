@@ -1,0 +1,75 @@
+"""The shared Recognizer: window batching across streams, overflow rule, model errors."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from stream_ser.errors import ModelError
+from stream_ser.pipeline import Job, Recognizer
+
+
+class GatedSpecialist:
+    """Records every batch; each call waits until the test opens the gate."""
+
+    def __init__(self, fail_on: int | None = None) -> None:
+        self.batches: list[list[int]] = []
+        self.gate = threading.Event()
+        self.fail_on = fail_on
+
+    def predict(self, batch: Sequence[np.ndarray]) -> np.ndarray:
+        self.gate.wait(timeout=10)
+        self.batches.append([int(clip[0]) for clip in batch])
+        if self.fail_on is not None and int(batch[0][0]) == self.fail_on:
+            raise ModelError("boom")
+        return np.array([[clip[0], 1.0] for clip in batch])
+
+
+def job(kind: str, tag: int, samples: int = 1600) -> Job:
+    return Job(kind, 1, np.full(samples, tag, dtype=np.float32), 0, 100, 0.0)
+
+
+async def collect(futures: list[asyncio.Future[Any]]) -> list[Any]:
+    async with asyncio.timeout(10):
+        return await asyncio.gather(*futures, return_exceptions=True)
+
+
+async def test_waiting_windows_of_one_length_share_a_model_call() -> None:
+    specialist = GatedSpecialist()
+    async with Recognizer(specialist, max_pending_windows=8) as recognizer:  # type: ignore[arg-type]
+        first = recognizer.submit(job("utterance", 0, 800))
+        await asyncio.sleep(0.05)  # the worker is now blocked on the utterance
+        windows = [recognizer.submit(job("window", tag)) for tag in range(1, 5)]
+        odd = recognizer.submit(job("window", 9, 3200))
+        specialist.gate.set()
+        results = await collect([first, *windows, odd])
+    assert specialist.batches == [[0], [1, 2, 3, 4], [9]]
+    assert [row[0] for row in results] == [0, 1, 2, 3, 4, 9]
+
+
+async def test_too_many_waiting_windows_drop_the_oldest_never_utterances() -> None:
+    specialist = GatedSpecialist()
+    async with Recognizer(specialist, max_pending_windows=2) as recognizer:  # type: ignore[arg-type]
+        busy = recognizer.submit(job("utterance", 0, 800))
+        await asyncio.sleep(0.05)
+        futures = [recognizer.submit(job("window", 1)), recognizer.submit(job("utterance", 2, 800)),
+                   recognizer.submit(job("window", 3)), recognizer.submit(job("window", 4)),
+                   recognizer.submit(job("utterance", 5, 800))]  # fmt: skip
+        specialist.gate.set()
+        results = await collect([busy, *futures])
+    assert results[1] is None  # window 1 was the oldest window when window 4 arrived
+    assert [r[0] for r in results if r is not None] == [0, 2, 3, 4, 5]
+
+
+async def test_model_error_reaches_only_its_job() -> None:
+    specialist = GatedSpecialist(fail_on=2)
+    specialist.gate.set()
+    async with Recognizer(specialist) as recognizer:  # type: ignore[arg-type]
+        futures = [recognizer.submit(job("utterance", tag, 800 + tag)) for tag in (1, 2, 3)]
+        results = await collect(futures)
+    assert results[0][0] == 1 and results[2][0] == 3
+    assert isinstance(results[1], ModelError)
