@@ -17,6 +17,19 @@ A model directory holds `model.onnx` and a card, `card.json` or `card.toml`:
     name = "logits"
     kind = "logits"                     # or "probabilities"
 
+Optional speaker adaptation (see `stream_ser.adaptation`): the model also outputs a pooled
+`embedding` and takes the stream's baseline statistics, with which it normalises that embedding
+before its classifier head. Cards without this section keep working unchanged.
+
+    [adaptation]
+    embedding_output = "embedding"      # float32 [batch, dims]
+    mean_input = "baseline_mean"        # float32 [dims]
+    std_input = "baseline_std"          # float32 [dims]
+    warmup_utterances = 3               # utterances before the stream's own statistics count
+    prior_weight = 10.0                 # pseudo-utterances of population statistics
+    population_mean = [...]             # dims floats: the training population's statistics
+    population_std = [...]
+
 The wrapper is synchronous (numpy in, numpy out) and knows nothing of asyncio.
 """
 
@@ -26,7 +39,7 @@ import json
 import logging
 import tomllib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -45,6 +58,55 @@ OUTPUT_KINDS = ("logits", "probabilities")
 
 
 @dataclass(frozen=True)
+class Baseline:
+    """Feature statistics an adaptive model normalises its embedding with."""
+
+    mean: np.ndarray  # float32 [dims]
+    std: np.ndarray  # float32 [dims], > 0
+
+
+@dataclass(frozen=True)
+class AdaptationCard:
+    """How a model takes a per-stream baseline; absent for models without adaptation."""
+
+    embedding_output: str
+    mean_input: str
+    std_input: str
+    warmup_utterances: int
+    prior_weight: float
+    population: Baseline = field(repr=False, compare=False)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], source: str) -> AdaptationCard:
+        """Validate the [adaptation] table of a card."""
+        try:
+            mean = np.asarray(raw["population_mean"], dtype=np.float32)
+            std = np.asarray(raw["population_std"], dtype=np.float32)
+            card = cls(
+                embedding_output=str(raw.get("embedding_output", "embedding")),
+                mean_input=str(raw.get("mean_input", "baseline_mean")),
+                std_input=str(raw.get("std_input", "baseline_std")),
+                warmup_utterances=int(raw.get("warmup_utterances", 3)),
+                prior_weight=float(raw.get("prior_weight", 10.0)),
+                population=Baseline(mean, std),
+            )
+        except (KeyError, TypeError, ValueError) as err:
+            raise ModelError(f"{source}: invalid [adaptation] ({err!r})") from err
+        if mean.ndim != 1 or mean.shape != std.shape or not (std > 0).all():
+            raise ModelError(
+                f"{source}: adaptation population_mean/std must be equal-length lists, std > 0"
+            )
+        if card.warmup_utterances < 0 or card.prior_weight < 0:
+            raise ModelError(f"{source}: adaptation warmup_utterances and prior_weight >= 0")
+        return card
+
+    @property
+    def dims(self) -> int:
+        """Length of the embedding."""
+        return int(self.population.mean.shape[0])
+
+
+@dataclass(frozen=True)
 class ModelCard:
     """What stream-ser needs to know to run a model directory."""
 
@@ -58,6 +120,7 @@ class ModelCard:
     input_normalize: str
     output_name: str
     output_kind: str
+    adaptation: AdaptationCard | None = None
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str) -> ModelCard:
@@ -74,6 +137,11 @@ class ModelCard:
                 input_normalize=str(raw.get("input", {}).get("normalize", "none")),
                 output_name=str(raw.get("output", {}).get("name", "logits")),
                 output_kind=str(raw.get("output", {}).get("kind", "logits")),
+                adaptation=(
+                    AdaptationCard.from_dict(raw["adaptation"], source)
+                    if "adaptation" in raw
+                    else None
+                ),
             )
         except (KeyError, TypeError, ValueError) as err:
             raise ModelError(f"{source}: invalid model card ({err!r})") from err
@@ -155,21 +223,37 @@ class Specialist:
         """Output label order."""
         return self.card.labels
 
-    def predict(self, batch: Sequence[np.ndarray]) -> np.ndarray:
+    def predict(self, batch: Sequence[np.ndarray], baseline: Baseline | None = None) -> np.ndarray:
         """Probabilities, shape (len(batch), len(labels)), for 16 kHz mono float32 clips.
+
+        `baseline` is the stream's feature statistics for adaptive models (None: the
+        population's); models without adaptation ignore it.
+        """
+        return self.analyze(batch, baseline)[0]
+
+    def analyze(
+        self, batch: Sequence[np.ndarray], baseline: Baseline | None = None
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """(probabilities, embeddings): embeddings (len(batch), dims) only for adaptive models.
 
         Clips of equal length share one session call; others run one by one, because
         zero-padding would change the result of models without an attention mask.
         """
         probabilities = np.empty((len(batch), len(self.labels)), dtype=np.float64)
+        adaptation = self.card.adaptation
+        embeddings = (
+            np.empty((len(batch), adaptation.dims), dtype=np.float32) if adaptation else None
+        )
         by_length: dict[int, list[int]] = {}
         prepared = [self._prepare(clip) for clip in batch]
         for index, clip in enumerate(prepared):
             by_length.setdefault(clip.shape[0], []).append(index)
         for indices in by_length.values():
             stacked = np.stack([prepared[i] for i in indices])
-            probabilities[indices] = self._run(stacked)
-        return probabilities
+            probabilities[indices], embedded = self._run(stacked, baseline)
+            if embeddings is not None:
+                embeddings[indices] = embedded
+        return probabilities, embeddings
 
     def _prepare(self, clip: np.ndarray) -> np.ndarray:
         clip = np.asarray(clip, dtype=np.float32).reshape(-1)
@@ -179,15 +263,26 @@ class Specialist:
             clip = (clip - clip.mean()) / np.sqrt(clip.var() + 1e-7)
         return np.ascontiguousarray(clip, dtype=np.float32)
 
-    def _run(self, stacked: np.ndarray) -> np.ndarray:
+    def _run(
+        self, stacked: np.ndarray, baseline: Baseline | None
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        names = [self.card.output_name]
+        feeds = {self.card.input_name: stacked}
+        adaptation = self.card.adaptation
+        if adaptation is not None:
+            names.append(adaptation.embedding_output)
+            used = baseline or adaptation.population
+            feeds[adaptation.mean_input] = np.asarray(used.mean, dtype=np.float32)
+            feeds[adaptation.std_input] = np.asarray(used.std, dtype=np.float32)
         try:
-            (output,) = self._session.run([self.card.output_name], {self.card.input_name: stacked})
+            outputs = self._session.run(names, feeds)
         except Exception as err:  # onnxruntime raises its own untyped errors
             raise ModelError(f"{self.card.model_id}: inference failed: {err}") from err
-        output = np.asarray(output, dtype=np.float64)
+        output = np.asarray(outputs[0], dtype=np.float64)
+        embedded = np.asarray(outputs[1], dtype=np.float32) if adaptation else None
         if self.card.output_kind == "logits":
-            return softmax(output)
-        return output / output.sum(axis=-1, keepdims=True)  # type: ignore[no-any-return]
+            return softmax(output), embedded
+        return output / output.sum(axis=-1, keepdims=True), embedded
 
     def _check_io(self, model_dir: Path) -> None:
         inputs = {node.name for node in self._session.get_inputs()}
@@ -202,6 +297,15 @@ class Specialist:
                 f"{model_dir}: model gives {width} outputs but the card lists "
                 f"{len(self.labels)} labels"
             )
+        adaptation = self.card.adaptation
+        if adaptation is not None:
+            for name in (adaptation.mean_input, adaptation.std_input):
+                if name not in inputs:
+                    raise ModelError(f"{model_dir}: model has no adaptation input {name!r}")
+            if adaptation.embedding_output not in outputs:
+                raise ModelError(
+                    f"{model_dir}: model has no output {adaptation.embedding_output!r}"
+                )
 
 
 def _open_session(

@@ -1,0 +1,65 @@
+"""Causal speaker adaptation: a running per-stream baseline of the model's embedding.
+
+A microphone stream is mostly one speaker. An adaptive model (one whose card has an
+`[adaptation]` section) outputs a pooled embedding per input and normalises it with the
+baseline it is given before classifying. `StreamBaseline` keeps that baseline for one stream:
+
+- it is updated once per finished utterance, after that utterance has been recognised, so an
+  utterance is never normalised with its own audio or anything after it (causal);
+- sliding windows use the current baseline but never update it;
+- for the first `warmup_utterances` utterances the population's statistics are used unchanged
+  (the model then behaves as without adaptation);
+- afterwards the stream's running mean and variance (Welford) are shrunk toward the
+  population's, as if the population had contributed `prior_weight` utterances:
+
+      mean = (n * stream_mean + w * population_mean) / (n + w)
+      var  = (n * stream_var  + w * population_var)  / (n + w)
+
+A new stream (another speaker) needs a new `StreamBaseline`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from stream_ser.specialist import AdaptationCard, Baseline
+
+MIN_STD = 1e-4
+
+
+class StreamBaseline:
+    """Running embedding statistics of one stream, shrunk toward the population's."""
+
+    def __init__(self, card: AdaptationCard) -> None:
+        self._card = card
+        self._count = 0
+        self._mean = np.zeros(card.dims, dtype=np.float64)
+        self._m2 = np.zeros(card.dims, dtype=np.float64)  # sum of squared deviations
+
+    @property
+    def utterances(self) -> int:
+        """Utterances seen so far."""
+        return self._count
+
+    def current(self) -> Baseline | None:
+        """The baseline to use now; None (the population's) during warm-up."""
+        n = self._count
+        if n == 0 or n < self._card.warmup_utterances:
+            return None
+        weight = self._card.prior_weight
+        population = self._card.population
+        variance = self._m2 / n
+        mean = (n * self._mean + weight * population.mean) / (n + weight)
+        var = (n * variance + weight * population.std.astype(np.float64) ** 2) / (n + weight)
+        std = np.maximum(np.sqrt(var), MIN_STD)
+        return Baseline(mean.astype(np.float32), std.astype(np.float32))
+
+    def update(self, embedding: np.ndarray) -> None:
+        """Add one finished utterance's embedding (shape (dims,))."""
+        value = np.asarray(embedding, dtype=np.float64).reshape(-1)
+        if value.shape[0] != self._card.dims or not np.isfinite(value).all():
+            return  # a broken embedding must not poison the stream's statistics
+        self._count += 1
+        delta = value - self._mean
+        self._mean += delta / self._count
+        self._m2 += delta * (value - self._mean)
