@@ -23,7 +23,14 @@ from stream_ser.pipeline import (
     new_session_id,
     run_streams,
 )
-from stream_ser.publish import JsonlSink, MqttSink, Sink, TeeSink, default_client_id
+from stream_ser.publish import (
+    JsonlSink,
+    MqttSink,
+    Sink,
+    TeeSink,
+    default_client_id,
+    default_spool_path,
+)
 from stream_ser.settings import Settings, add_arguments, build_settings
 from stream_ser.source import (
     SourceStats,
@@ -32,6 +39,7 @@ from stream_ser.source import (
     open_source,
 )
 from stream_ser.specialist import Specialist, bundled_model_dir
+from stream_ser.spool import Spool
 from stream_ser.vad import Segmenter
 
 log = logging.getLogger("stream_ser")
@@ -106,7 +114,13 @@ def _make_sink(settings: Settings, stream_id: str) -> Sink:
     if settings.mqtt.url is None:
         return JsonlSink()
     client_id = settings.mqtt.client_id or default_client_id(stream_id)
-    mqtt = MqttSink(settings.mqtt, client_id, [stream_id])
+    spool_path = (
+        Path(settings.mqtt.spool_dir) / f"{client_id}.sqlite3"
+        if settings.mqtt.spool_dir
+        else default_spool_path(client_id)
+    )
+    spool = Spool(spool_path, settings.mqtt.spool_max_messages, settings.mqtt.spool_hard_limit)
+    mqtt = MqttSink(settings.mqtt, client_id, [stream_id], spool)
     return TeeSink(mqtt, JsonlSink()) if settings.output.jsonl else mqtt
 
 

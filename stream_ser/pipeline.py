@@ -323,7 +323,8 @@ async def run_streams(
 
     def status(state: str) -> dict[str, Any]:
         counters = {s.stream_id: s.status_counters() for s in streams}
-        return status_message(state, [s.stream_id for s in streams], _totals(counters), counters)
+        totals = _totals(counters) | sink.counters()
+        return status_message(state, [s.stream_id for s in streams], totals, counters)
 
     async def report() -> None:
         while True:

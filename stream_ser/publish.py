@@ -17,7 +17,7 @@ import random
 import socket
 import ssl
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Protocol
@@ -28,6 +28,7 @@ import aiomqtt
 from stream_ser.errors import ConfigError, PublishError
 from stream_ser.messages import encode, status_message
 from stream_ser.settings import MqttSettings
+from stream_ser.spool import Spool, Spooled
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +94,10 @@ class Sink(Protocol):
     async def status(self, message: dict[str, Any]) -> None:
         """Deliver the process status."""
 
+    def counters(self) -> dict[str, int]:
+        """Delivery counters for the status topic."""
+        return {}
+
 
 class JsonlSink:
     """Results as JSON Lines on stdout; status goes to the log."""
@@ -111,6 +116,10 @@ class JsonlSink:
     async def status(self, message: dict[str, Any]) -> None:
         """Log the status at debug level."""
         log.debug("status %s", message)
+
+    def counters(self) -> dict[str, int]:
+        """Nothing to count."""
+        return {}
 
 
 class TeeSink:
@@ -143,27 +152,51 @@ class TeeSink:
         for sink in self._sinks:
             await sink.status(message)
 
+    def counters(self) -> dict[str, int]:
+        """Every sink's counters."""
+        merged: dict[str, int] = {}
+        for sink in self._sinks:
+            merged |= sink.counters()
+        return merged
+
 
 def default_client_id(stream_id: str) -> str:
     """Stable per host and stream, so the retained status topic is reused across restarts."""
     return f"stream-ser-{socket.gethostname()}-{stream_id}"
 
 
-class MqttSink:
-    """Publishes to a broker; reconnects with backoff and jitter if the connection drops."""
+def default_spool_path(client_id: str) -> Path:
+    """$XDG_STATE_HOME/stream-ser/spool/{client_id}.sqlite3 (~/.local/state by default)."""
+    state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(state) / "stream-ser" / "spool" / f"{client_id}.sqlite3"
 
-    def __init__(self, settings: MqttSettings, client_id: str, stream_ids: list[str]) -> None:
+
+class MqttSink:
+    """Publishes to a broker through the on-disk spool.
+
+    Results go to the spool first; a delivery task publishes them in order and removes each
+    once the broker has it. If the connection drops, it reconnects with exponential backoff
+    and jitter, re-publishes the retained status and goes on where it stopped. At exit it
+    delivers what it can within the connect timeout; the rest stays for the next run.
+    """
+
+    def __init__(
+        self, settings: MqttSettings, client_id: str, stream_ids: list[str], spool: Spool
+    ) -> None:
         assert settings.url is not None
         self.address = parse_broker_url(settings.url, settings.password_file)
         self.settings = settings
         self.client_id = client_id
+        self.spool = spool
         self.status_topic = f"{settings.topic_prefix}/status/{client_id}"
         self._offline = encode(status_message("offline", stream_ids, {}))
         self._client: aiomqtt.Client | None = None
-        self._connected = False
-        self.closing = False  # set when the pipeline drains: stop retrying after one timeout
         self._last_status: bytes | None = None
-        self._offline_sent = False
+        self._last_state: str | None = None
+        self._closing = False
+        self._wake = asyncio.Event()
+        self._delivery: asyncio.Task[None] | None = None
+        self.reconnects = 0
 
     def _make_client(self) -> aiomqtt.Client:
         tls = None
@@ -188,66 +221,103 @@ class MqttSink:
 
     async def __aenter__(self) -> MqttSink:
         await self._connect()
+        self._delivery = asyncio.create_task(self._deliver(), name="mqtt-delivery")
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        if not self._connected or self._client is None:
-            return
-        if not self._offline_sent:
+        self._closing = True
+        self._wake.set()
+        if self._delivery is not None:
+            await self._delivery
+        offline = self._last_status if self._last_state == "offline" else self._offline
+        if self._client is not None:
             try:
-                await self._client.publish(self.status_topic, self._offline, qos=1, retain=True)
+                await self._client.publish(self.status_topic, offline, qos=1, retain=True)
             except aiomqtt.MqttError as err:
                 log.warning("could not publish the offline status: %s", err)
         await self._disconnect()
+        if len(self.spool):
+            log.warning(
+                "%d result(s) not delivered are kept in %s for the next run",
+                len(self.spool), self.spool.path,
+            )  # fmt: skip
+        self.spool.close()
+
+    async def result(self, stream_id: str, message: dict[str, Any]) -> None:
+        """Spool the result (utterances QoS 1, windows QoS 0) for in-order delivery."""
+        kind = message["type"]
+        topic = f"{self.settings.topic_prefix}/{stream_id}/{kind}"
+        self.spool.append(kind, topic, QOS_BY_KIND[kind], encode(message))
+        self._wake.set()
+
+    async def status(self, message: dict[str, Any]) -> None:
+        """Retained; while disconnected only the latest is kept, sent on reconnect.
+
+        The final `offline` status goes out at exit, after the spool has been delivered.
+        """
+        self._last_status = encode(message)
+        self._last_state = message["state"]
+        if self._client is None or self._last_state == "offline":
+            return
+        try:
+            await self._client.publish(self.status_topic, self._last_status, qos=1, retain=True)
+        except aiomqtt.MqttError as err:
+            log.debug("status not published now (%s); it will be after reconnecting", err)
+
+    def counters(self) -> dict[str, int]:
+        """Spool size, spool drops and reconnections."""
+        return {"spool_waiting": len(self.spool), "reconnects": self.reconnects} | asdict(
+            self.spool.stats
+        )
 
     async def _connect(self) -> None:
-        self._client = self._make_client()  # a fresh client: no state left from a lost link
+        client = self._make_client()  # a fresh client: no state left from a lost link
         try:
             async with asyncio.timeout(self.settings.connect_timeout_s):
-                await self._client.__aenter__()
+                await client.__aenter__()
         except (aiomqtt.MqttError, TimeoutError, OSError, ssl.SSLError) as err:
             reason = str(err) or type(err).__name__
             raise PublishError(f"cannot connect to broker {self.address}: {reason}") from err
-        self._connected = True
+        self._client = client
         log.info("connected to %s as %s", self.address, self.client_id)
         if self._last_status is not None:
-            await self._client.publish(self.status_topic, self._last_status, qos=1, retain=True)
+            await client.publish(self.status_topic, self._last_status, qos=1, retain=True)
 
     async def _disconnect(self) -> None:
-        self._connected = False
-        if self._client is None:
-            return
-        with contextlib.suppress(aiomqtt.MqttError):  # the connection may already be gone
-            await self._client.__aexit__(None, None, None)
+        client, self._client = self._client, None
+        if client is not None:
+            with contextlib.suppress(aiomqtt.MqttError):  # the connection may already be gone
+                await client.__aexit__(None, None, None)
 
-    async def _publish(self, topic: str, payload: bytes, qos: int, retain: bool = False) -> None:
-        """Publish, reconnecting with backoff until it goes through (or, when closing, gives up)."""
+    async def _deliver(self) -> None:
+        """Publish the spool in order until closing; reconnect with backoff on failures."""
         backoff = 0.5
         while True:
+            batch = self.spool.oldest(100)
+            if not batch:
+                if self._closing:
+                    return
+                self._wake.clear()
+                await self._wake.wait()
+                continue
             try:
-                if not self._connected or self._client is None:
-                    await self._connect()
-                assert self._client is not None
-                await self._client.publish(topic, payload, qos=qos, retain=retain)
-                return
+                await self._publish_batch(batch)
+                backoff = 0.5
             except (aiomqtt.MqttError, PublishError) as err:
-                if self._connected:
-                    await self._disconnect()
-                if self.closing:
-                    raise PublishError(f"broker {self.address} unreachable while closing") from err
+                await self._disconnect()
+                if self._closing:
+                    log.warning("broker %s unreachable while closing: %s", self.address, err)
+                    return
                 delay = backoff * random.uniform(0.5, 1.5)
                 log.warning("broker %s: %s; retrying in %.1f s", self.address, err, delay)
                 await asyncio.sleep(delay)
                 backoff = min(MAX_BACKOFF_S, backoff * 2)
 
-    async def result(self, stream_id: str, message: dict[str, Any]) -> None:
-        """Utterances at QoS 1, windows at QoS 0."""
-        kind = message["type"]
-        topic = f"{self.settings.topic_prefix}/{stream_id}/{kind}"
-        await self._publish(topic, encode(message), QOS_BY_KIND[kind])
-
-    async def status(self, message: dict[str, Any]) -> None:
-        """Retained, re-published after every reconnect."""
-        self._last_status = encode(message)
-        await self._publish(self.status_topic, self._last_status, 1, retain=True)
-        self._offline_sent = message["state"] == "offline"
+    async def _publish_batch(self, batch: list[Spooled]) -> None:
+        if self._client is None:
+            await self._connect()
+            self.reconnects += 1
+        assert self._client is not None
+        for message in batch:
+            await self._client.publish(message.topic, message.payload, qos=message.qos)
+            self.spool.remove(message.seq)

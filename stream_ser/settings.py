@@ -49,6 +49,7 @@ class SourceSettings:
     rate: int = setting(16000, "sample rate of raw PCM on stdin (Hz)", "--rate")
     channels: int = setting(1, "channel count of raw PCM on stdin", "--channels")
     realtime: bool = setting(False, "pace file input like a live stream", "--realtime")
+    speed: float = setting(1.0, "with --realtime: play the file this many times faster", "--speed")
     chunk_ms: int = setting(100, "capture block length (ms)", "--chunk-ms")
     stream_id: str | None = setting(
         None, "stream id in results (default: file stem, 'stdin' or 'mic')", "--stream-id"
@@ -58,6 +59,7 @@ class SourceSettings:
         _require(8000 <= self.rate <= 384000, "--rate must be between 8000 and 384000 Hz")
         _require(1 <= self.channels <= 64, "--channels must be between 1 and 64")
         _require(10 <= self.chunk_ms <= 1000, "--chunk-ms must be between 10 and 1000")
+        _require(0.1 <= self.speed <= 1000, "--speed must be between 0.1 and 1000")
         _require(self.stream_id != "", "--stream-id must not be empty")
         if self.stream_id is not None:
             _require(
@@ -138,6 +140,15 @@ class MqttSettings:
     keepalive_s: int = setting(30, "MQTT keep-alive (s)")
     connect_timeout_s: float = setting(10.0, "give up connecting after this long (s)")
     status_interval_s: float = setting(10.0, "how often the retained status is refreshed (s)")
+    spool_dir: str | None = setting(
+        None, "folder of the on-disk outbox (default: $XDG_STATE_HOME/stream-ser/spool)"
+    )
+    spool_max_messages: int = setting(
+        10_000, "waiting results beyond which the oldest window results are dropped"
+    )
+    spool_hard_limit: int = setting(
+        100_000, "waiting results beyond which even the oldest utterance result is dropped"
+    )
 
     def __post_init__(self) -> None:
         _require(
@@ -147,6 +158,10 @@ class MqttSettings:
         _require(5 <= self.keepalive_s <= 3600, "--mqtt-keepalive-s must be 5..3600")
         _require(0 < self.connect_timeout_s <= 300, "--mqtt-connect-timeout-s must be 0..300")
         _require(self.status_interval_s >= 0.5, "--mqtt-status-interval-s must be >= 0.5")
+        _require(
+            1 <= self.spool_max_messages <= self.spool_hard_limit,
+            "need 1 <= --mqtt-spool-max-messages <= --mqtt-spool-hard-limit",
+        )
         for name in ("ca_file", "cert_file", "key_file", "password_file"):
             path = getattr(self, name)
             flag = "--mqtt-" + name.replace("_", "-")

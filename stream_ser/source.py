@@ -85,7 +85,8 @@ def open_source(settings: SourceSettings, stats: SourceStats) -> AsyncIterator[A
     if settings.input is None:
         raise AudioInputError("no audio source: give --input FILE, --input - or --mic")
     path = Path(settings.input)
-    return file_source(path, _open_file(path), settings.chunk_ms, settings.realtime, stats)
+    pace = settings.speed if settings.realtime else None
+    return file_source(path, _open_file(path), settings.chunk_ms, pace, stats)
 
 
 def _open_file(path: Path) -> soundfile.SoundFile:
@@ -100,9 +101,14 @@ def _open_file(path: Path) -> soundfile.SoundFile:
 
 
 async def file_source(
-    path: Path, audio: soundfile.SoundFile, chunk_ms: int, realtime: bool, stats: SourceStats
+    path: Path,
+    audio: soundfile.SoundFile,
+    chunk_ms: int,
+    speed: float | None,
+    stats: SourceStats,
 ) -> AsyncIterator[AudioChunk]:
-    """Decode an opened file block by block; `realtime` releases each block at its stream time."""
+    """Decode an opened file block by block, as fast as possible (`speed` None) or paced:
+    each block is released at its stream time divided by `speed` (1.0 = real time)."""
     with audio:
         converter = Converter(audio.samplerate, audio.channels, stats)
         frames = max(1, audio.samplerate * chunk_ms // 1000)
@@ -118,8 +124,9 @@ async def file_source(
             read += len(block)
             last = len(block) < frames
             chunk = converter.convert(block, last=last)
-            if realtime:
-                await asyncio.sleep(max(0.0, started + read / audio.samplerate - time.monotonic()))
+            if speed is not None:
+                due = started + read / audio.samplerate / speed
+                await asyncio.sleep(max(0.0, due - time.monotonic()))
             else:
                 await asyncio.sleep(0)
             if chunk is not None:

@@ -66,6 +66,14 @@ def build_tiny_model(directory: Path, labels: tuple[str, ...] = LABELS, seed: in
     return directory
 
 
+@pytest.fixture(autouse=True)
+def private_state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Each test gets its own $XDG_STATE_HOME, so no spool leaks from one test to the next."""
+    state = tmp_path / "state"
+    monkeypatch.setenv("XDG_STATE_HOME", str(state))
+    return state
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Directory of a tiny, real ONNX specialist with the eight default labels."""
@@ -116,12 +124,15 @@ def wait_for_port(port: int, timeout_s: float = 10.0) -> None:
 class Broker:
     """A real mosquitto on a free loopback port, restartable."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, persistence: bool = False) -> None:
         self.port = free_port()
         self.config = directory / "mosquitto.conf"
-        self.config.write_text(
-            f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-        )
+        lines = [f"listener {self.port} 127.0.0.1", "allow_anonymous true"]
+        if persistence:  # queued QoS 1 messages survive a (graceful) broker restart
+            lines += ["persistence true", f"persistence_location {directory}/"]
+        else:
+            lines += ["persistence false"]
+        self.config.write_text("\n".join(lines) + "\n")
         self.process: subprocess.Popen[bytes] | None = None
 
     @property

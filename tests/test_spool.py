@@ -1,0 +1,166 @@
+"""The on-disk outbox, and delivery through broker outages and restarts of stream-ser."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+import numpy as np
+import soundfile
+from conftest import REPO, Broker, run_cli
+
+from stream_ser.spool import Spool
+
+PREFIX = "spool-test"
+
+
+def test_spool_keeps_order_and_survives_reopening(tmp_path: Path) -> None:
+    path = tmp_path / "outbox.sqlite3"
+    spool = Spool(path)
+    for index in range(5):
+        spool.append("utterance", "t", 1, f"m{index}".encode())
+    spool.remove(spool.oldest(1)[0].seq)
+    spool.close()
+    reopened = Spool(path)
+    assert [m.payload for m in reopened.oldest(10)] == [b"m1", b"m2", b"m3", b"m4"]
+    assert len(reopened) == 4
+
+
+def test_overflow_drops_windows_first_then_utterances_at_the_hard_limit(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "outbox.sqlite3", max_messages=3, hard_limit=5)
+    spool.append("window", "w", 0, b"w1")
+    spool.append("utterance", "u", 1, b"u1")
+    spool.append("window", "w", 0, b"w2")
+    spool.append("utterance", "u", 1, b"u2")  # full: the oldest window (w1) goes
+    assert [m.payload for m in spool.oldest(10)] == [b"u1", b"w2", b"u2"]
+    spool.append("utterance", "u", 1, b"u3")  # w2 goes
+    spool.append("utterance", "u", 1, b"u4")  # no window left: utterances kept below 5
+    spool.append("utterance", "u", 1, b"u5")
+    spool.append("utterance", "u", 1, b"u6")  # hard limit: the oldest utterance (u1) goes
+    assert [m.payload for m in spool.oldest(10)] == [b"u2", b"u3", b"u4", b"u5", b"u6"]
+    assert spool.stats.spool_dropped_windows == 2
+    assert spool.stats.spool_dropped_utterances == 1
+
+
+def long_recording(path: Path, clips: list[Path], count: int) -> Path:
+    pieces = []
+    for index in range(count):
+        audio, _ = soundfile.read(clips[index % len(clips)], dtype="float32")
+        pieces += [audio, np.zeros(16000, dtype=np.float32)]
+    soundfile.write(path, np.concatenate(pieces), 16000)
+    return path
+
+
+class Subscriber:
+    """A persistent-session QoS 1 subscriber that reconnects whenever the broker comes back."""
+
+    def __init__(self, broker: Broker) -> None:
+        self.broker = broker
+        self.messages: list[dict[str, Any]] = []
+        self.offline = asyncio.Event()
+
+    async def run(self) -> None:
+        while True:
+            try:
+                async with aiomqtt.Client(
+                    "127.0.0.1", self.broker.port, identifier="spool-sub", clean_session=False
+                ) as client:
+                    await client.subscribe(f"{PREFIX}/#", qos=1)
+                    async for message in client.messages:
+                        assert isinstance(message.payload, bytes)
+                        payload = json.loads(message.payload)
+                        self.messages.append(payload)
+                        if payload.get("state") == "offline" and payload.get("counters"):
+                            self.offline.set()
+            except aiomqtt.MqttError:
+                await asyncio.sleep(0.2)
+
+    def final_ids(self) -> list[int]:
+        """Utterance ids after dropping duplicates by message id, in arrival order."""
+        seen: set[str] = set()
+        ids = []
+        for message in self.messages:
+            if message.get("type") == "utterance" and message["id"] not in seen:
+                seen.add(message["id"])
+                ids.append(message["utterance_id"])
+        return ids
+
+
+async def test_broker_restarts_lose_nothing(
+    tmp_path: Path, tiny_model: Path, ravdess_clips: list[Path]
+) -> None:
+    broker = Broker(tmp_path, persistence=True)
+    broker.start()
+    subscriber = Subscriber(broker)
+    listening = asyncio.create_task(subscriber.run())
+    recording = long_recording(tmp_path / "long.wav", ravdess_clips, 12)  # ~50 s
+    try:
+        await asyncio.sleep(0.5)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "stream_ser", "run", "--input", str(recording), "--realtime",
+             "--speed", "4", "--model", str(tiny_model), "--mqtt", broker.url,
+             "--mqtt-topic-prefix", PREFIX, "--mqtt-client-id", "flaky",
+             "--mqtt-status-interval-s", "1"],
+            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )  # fmt: skip
+        for _ in range(3):  # three outages while the file streams
+            await asyncio.sleep(2.0)
+            broker.stop()
+            await asyncio.sleep(1.0)
+            broker.start()
+        _, stderr = await asyncio.to_thread(process.communicate, timeout=120)
+        assert process.returncode == 0, stderr.decode()
+        assert b"retrying" in stderr  # the outages were noticed
+        async with asyncio.timeout(30):
+            await subscriber.offline.wait()
+    finally:
+        listening.cancel()
+        broker.stop()
+    (offline,) = [m for m in subscriber.messages if m.get("state") == "offline" and m["counters"]]
+    expected = offline["counters"]["utterances"]
+    assert expected >= 10
+    assert subscriber.final_ids() == list(range(1, expected + 1))
+
+
+async def test_results_spooled_while_down_are_delivered_by_the_next_run(
+    tmp_path: Path, broker: Broker, tiny_model: Path, speech_with_pauses: tuple[Path, int]
+) -> None:
+    path, clip_count = speech_with_pauses
+    spool_dir = tmp_path / "spool"
+    options = ["--model", str(tiny_model), "--mqtt-topic-prefix", PREFIX, "--mqtt-client-id",
+               "restarted", "--mqtt-spool-dir", str(spool_dir), "--no-model-windows",
+               "--mqtt-connect-timeout-s", "2"]  # fmt: skip
+    # a run whose broker vanishes right after start-up keeps its results on disk
+    process = subprocess.Popen(
+        [sys.executable, "-m", "stream_ser", "run", "--input", str(path), "--realtime", "--speed",
+         "3", "--mqtt", broker.url, *options],
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    await asyncio.sleep(1.0)
+    broker.stop()
+    _, stderr = await asyncio.to_thread(process.communicate, timeout=120)
+    assert process.returncode == 0, stderr.decode()
+    assert b"kept in" in stderr
+    spool = Spool(spool_dir / "restarted.sqlite3")
+    assert len(spool) == clip_count
+    spool.close()
+
+    broker.start()
+    subscriber = Subscriber(broker)
+    listening = asyncio.create_task(subscriber.run())
+    await asyncio.sleep(0.5)
+    silent = tmp_path / "silence.wav"
+    soundfile.write(silent, np.zeros(16000, dtype=np.float32), 16000)
+    done = await asyncio.to_thread(
+        run_cli, "run", "--input", str(silent), "--mqtt", broker.url, *options
+    )
+    assert done.returncode == 0, done.stderr
+    async with asyncio.timeout(30):
+        await subscriber.offline.wait()
+    listening.cancel()
+    assert subscriber.final_ids() == list(range(1, clip_count + 1))
