@@ -35,7 +35,7 @@ Z_THRESHOLD = 0.75
 
 @dataclass(frozen=True)
 class CueSpec:
-    """One cue: the eGeMAPS functional it reads, its words for low/mid/high, whether F0 is needed."""
+    """One cue: its eGeMAPS functional, words for low/mid/high, whether it needs voicing."""
 
     name: str
     feature: str
@@ -57,7 +57,7 @@ CUES: tuple[CueSpec, ...] = (
     CueSpec("voice quality", "logRelF0-H1-H2_sma3nz_amean", ("tense", "modal", "breathy"), 4.0, 5.0,
             True),
 )
-"""The six cues; population values are rough adult-speech figures, used only until a baseline forms."""
+"""The six cues; population figures are rough adult-speech values, used until a baseline forms."""
 
 VOICING_FEATURE = "F0semitoneFrom27.5Hz_sma3nz_amean"
 
@@ -164,7 +164,7 @@ class SpeakerBaseline:
 
     min_count: int = 3
     min_std_fraction: float = 0.25
-    """A speaker's std is floored at this fraction of the population std (few samples, steady voice)."""
+    """A speaker's std is floored at this fraction of the population std (few, steady samples)."""
     _stats: dict[str, _Welford] = field(default_factory=dict)
 
     def z(self, spec: CueSpec, value: float) -> tuple[float, bool]:

@@ -49,7 +49,7 @@ def _bpe(specials: list[str], vocab_size: int) -> tuple[dict[str, int], list[tup
     )
     tokenizer.train_from_iterator(CORPUS * 4, trainer=trainer)
     model = json.loads(tokenizer.to_str())["model"]
-    merges = [tuple(pair) if isinstance(pair, list) else tuple(pair.split(" ")) for pair in model["merges"]]
+    merges = [tuple(p) if isinstance(p, list) else tuple(p.split(" ")) for p in model["merges"]]
     return dict(model["vocab"]), merges
 
 

@@ -49,7 +49,7 @@ class AlmOptions:
     audio_repeats: int = 1
     """Prompt amplification: the audio appears this many times in the input."""
     text_repeats: int = 1
-    """Prompt amplification: the question (or CLAP class description) is repeated this many times."""
+    """Prompt amplification: the question (or CLAP class description) repeats this many times."""
     cues: str = "none"
     """Acoustic cue tokens in the prompt: aligned, none, shuffled or conflicting."""
     token_mode: str = "first"

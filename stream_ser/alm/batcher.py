@@ -84,6 +84,7 @@ class AlmBatcher:
         self._idle = asyncio.Event()
         self._idle.set()
         self._current: list[_Pending] = []
+        self._flushing = False
         self._batches: int = 0
         self._splits: int = 0
         self._executor: ThreadPoolExecutor | None = None
@@ -119,8 +120,13 @@ class AlmBatcher:
         return pending.future
 
     async def drain(self) -> None:
-        """Wait until every queued utterance has its result."""
-        await self._idle.wait()
+        """Send what is queued without waiting for deadlines; return when all have results."""
+        self._flushing = True
+        self._arrived.set()
+        try:
+            await self._idle.wait()
+        finally:
+            self._flushing = False
 
     def _drop_oldest(self, now_s: float) -> None:
         oldest = self._queue.popleft()
@@ -158,7 +164,7 @@ class AlmBatcher:
             self._arrived.clear()
             await self._arrived.wait()
         max_wait_s = self.options.max_wait_ms / 1000
-        while len(self._queue) < self.options.max_batch:
+        while len(self._queue) < self.options.max_batch and not self._flushing:
             remaining_s = self._queue[0].enqueued_s + max_wait_s - loop.time()
             if remaining_s <= 0:
                 return

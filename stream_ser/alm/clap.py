@@ -145,7 +145,7 @@ def _pooled(output: Any) -> Any:
 
 
 def _unit(vector: np.ndarray) -> np.ndarray:
-    return vector / max(float(np.linalg.norm(vector)), 1e-12)  # type: ignore[no-any-return]
+    return vector / max(float(np.linalg.norm(vector)), 1e-12)
 
 
 def _rows_unit(rows: np.ndarray) -> np.ndarray:

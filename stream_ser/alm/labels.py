@@ -5,10 +5,10 @@ The rule (token_mode "first"):
    leading space (the answer may start after a newline or after a space). Forms are tokenised
    without special tokens; the first token of each form is a candidate.
 2. A candidate that decodes to whitespace only (a bare space token) is dropped: it names no label.
-3. A candidate shared by several labels (e.g. "sad"/"sadness" both starting with "sad") is dropped
-   from every label that keeps at least one candidate of its own. A label left with shared
-   candidates only keeps them with weight 1/k (k = labels sharing it) and a warning suggests
-   token_mode "mean"; labels whose candidates are all identical cannot be told apart this way.
+3. A candidate shared by k labels (e.g. "sad" starts both "sad" and "sadness") counts for each
+   of them with weight 1/k: the first token cannot tell them apart, so its mass is split, not
+   dropped (dropping would lose the most natural spelling). A warning names the shared tokens and
+   suggests token_mode "mean", which tells such labels apart by their later tokens.
 4. score(label) = log sum_t w_t * exp(logit_t) over its candidates (probability mass of any of its
    spellings), and the distribution is the softmax of the scores over labels - the vocabulary-wide
    normaliser cancels.
@@ -71,6 +71,10 @@ def map_labels(
     for index, ids in enumerate(candidates):
         for token in ids:
             owners.setdefault(token, set()).add(index)
+    shared = sorted(decode(token) for token, holders in owners.items() if len(holders) > 1)
+    if shared:
+        log.warning("alm: first tokens %s start several labels; their probability is split "
+                    "equally - token_mode 'mean' tells such labels apart", shared)
     first = tuple(_weighted(labels[i], ids, owners) for i, ids in enumerate(candidates))
     return LabelTokens(labels=tuple(labels), forms=forms, first=first)
 
@@ -79,15 +83,8 @@ def _weighted(
     label: str, ids: Sequence[int], owners: Mapping[int, set[int]]
 ) -> tuple[tuple[int, float], ...]:
     ids = list(dict.fromkeys(ids))
-    own = [token for token in ids if len(owners[token]) == 1]
-    if own:
-        return tuple((token, 1.0) for token in own)
     if not ids:
         raise ModelError(f"alm: label {label!r} has no usable first token")
-    log.warning(
-        "alm: every first token of label %r is shared with another label; its share is split "
-        "equally - token_mode 'mean' tells such labels apart", label,
-    )
     return tuple((token, 1.0 / len(owners[token])) for token in ids)
 
 

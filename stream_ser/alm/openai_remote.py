@@ -27,7 +27,13 @@ import numpy as np
 from stream_ser import SAMPLE_RATE
 from stream_ser.acoustics import CueTokens
 from stream_ser.alm import labels as label_rules
-from stream_ser.alm.base import AlmOptions, as_distributions, check_batch, check_labels, resolve_cues
+from stream_ser.alm.base import (
+    AlmOptions,
+    as_distributions,
+    check_batch,
+    check_labels,
+    resolve_cues,
+)
 from stream_ser.alm.prompts import load_generative, question_text
 from stream_ser.errors import ConfigError, ModelError
 

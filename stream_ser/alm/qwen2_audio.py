@@ -126,7 +126,8 @@ class Qwen2AudioBackend:
             import soxr
 
             clip = soxr.resample(clip, 16000, self._sample_rate).astype(np.float32)
-        windows = [clip[start:start + self._window] for start in range(0, clip.shape[0], self._window)]
+        step = self._window
+        windows = [clip[start:start + step] for start in range(0, clip.shape[0], step)]
         return windows * self.options.audio_repeats
 
     def _chat(self, n_audio: int, question: str) -> str:
@@ -185,7 +186,8 @@ class Qwen2AudioBackend:
             n, fed = mask.shape[0], len(form) - 1
             tokens = torch.tensor(form[:-1], device=self._device).expand(n, fed)
             positions = last_position[:, None] + torch.arange(1, fed + 1, device=self._device)
-            extended = torch.cat([mask, torch.ones(n, fed, dtype=mask.dtype, device=self._device)], -1)
+            ones = torch.ones(n, fed, dtype=mask.dtype, device=self._device)
+            extended = torch.cat([mask, ones], dim=-1)
             output = self._model(input_ids=tokens, attention_mask=extended, position_ids=positions,
                                  past_key_values=cache, use_cache=True)
             cache.crop(-fed)  # back to the prompt for the next form

@@ -1,0 +1,81 @@
+"""The dual-encoder backend on a tiny random CLAP: 48 kHz resampling, fixed windows, templates."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from alm_helpers import LABELS, noise  # noqa: E402
+
+import stream_ser.alm as alm  # noqa: E402
+from stream_ser.alm.clap import ClapBackend  # noqa: E402
+from stream_ser.errors import ConfigError  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def backend(tiny_clap: Path) -> ClapBackend:
+    loaded = alm.load(f"clap:{tiny_clap}", LABELS, cpu_threads=1)
+    assert isinstance(loaded, ClapBackend)
+    return loaded
+
+
+def _values(dists: list[dict[str, float]]) -> np.ndarray:
+    return np.array([[d[label] for label in LABELS] for d in dists])
+
+
+def test_model_rate_and_window(backend: ClapBackend) -> None:
+    assert backend._sample_rate == 48000 and backend._window == 2 * 48000
+    windows = backend._windows(noise(4.5, 1))  # 4.5 s -> 2 s + 2 s + 0.5 s at 48 kHz
+    assert [w.shape[0] for w in windows] == [96000, 96000, 24000]
+
+
+def test_text_ensemble_shape(backend: ClapBackend) -> None:
+    templates = backend.prompts.templates
+    assert backend._text.shape[:2] == (len(templates), len(LABELS))
+    np.testing.assert_allclose(np.linalg.norm(backend._text, axis=-1), 1.0, atol=1e-6)
+
+
+def test_distribution_is_mean_of_per_template_softmax(backend: ClapBackend) -> None:
+    clip = noise(1.0, 4)
+    audio = backend._embed_audio(backend._windows(clip))[0]
+    logits = backend._scale * backend._text @ audio
+    per_template = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    np.testing.assert_allclose(_values(backend.predict([clip]))[0], per_template.mean(0), atol=1e-9)
+
+
+def test_long_audio_is_deterministic_and_fully_covered(
+    backend: ClapBackend, mixed_clips: list[np.ndarray]
+) -> None:
+    long_clip = mixed_clips[2]  # 9 s: rand_trunc would crop it at random
+    runs = _values([backend.predict([long_clip])[0] for _ in range(3)])
+    np.testing.assert_array_equal(runs[0], runs[1])
+    np.testing.assert_array_equal(runs[0], runs[2])
+    head = long_clip[: 2 * 16000]
+    assert np.abs(runs[0] - _values(backend.predict([head]))[0]).max() > 1e-7
+
+
+def test_mixed_length_batch_equals_one_by_one(
+    backend: ClapBackend, mixed_clips: list[np.ndarray]
+) -> None:
+    batched = _values(backend.predict(mixed_clips))
+    alone = _values([backend.predict([clip])[0] for clip in mixed_clips])
+    np.testing.assert_allclose(batched, alone, atol=1e-6)
+    np.testing.assert_allclose(batched.sum(-1), 1.0, atol=1e-12)
+
+
+def test_amplification(tiny_clap: Path, backend: ClapBackend) -> None:
+    amplified = alm.load(f"clap:{tiny_clap}", LABELS, audio_repeats=2, text_repeats=3,
+                         prompt_set="single", cpu_threads=1)
+    assert [w.shape[0] for w in amplified._windows(noise(1.5, 1))] == [96000, 48000]
+    assert amplified._text.shape[0] == 1
+    clip = noise(0.7, 5)
+    assert not np.allclose(_values(amplified.predict([clip])), _values(backend.predict([clip])))
+
+
+def test_cues_are_refused(tiny_clap: Path) -> None:
+    with pytest.raises(ConfigError, match="generative"):
+        alm.load(f"clap:{tiny_clap}", LABELS, cues="aligned")

@@ -1,0 +1,166 @@
+"""The generative backend on a tiny random Qwen2-Audio: real processor, real forward passes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from alm_helpers import LABELS, noise  # noqa: E402
+
+import stream_ser.alm as alm  # noqa: E402
+from stream_ser import acoustics  # noqa: E402
+from stream_ser.alm.qwen2_audio import Qwen2AudioBackend  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def backend(tiny_qwen: Path) -> Qwen2AudioBackend:
+    loaded = alm.load(f"qwen2-audio:{tiny_qwen}", LABELS, cpu_threads=1)
+    assert isinstance(loaded, Qwen2AudioBackend)
+    return loaded
+
+
+def _close(a: list[dict[str, float]], b: list[dict[str, float]], tol: float = 1e-5) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b, strict=True):
+        assert list(x) == list(y)
+        np.testing.assert_allclose(list(x.values()), list(y.values()), atol=tol)
+
+
+def test_label_tokens_decode_to_label_prefixes(backend: Qwen2AudioBackend) -> None:
+    tokenizer = backend._processor.tokenizer
+    for label, pairs in zip(LABELS, backend.mapping.first, strict=True):
+        assert pairs
+        for token, _ in pairs:
+            text = tokenizer.decode([token]).strip().lower()
+            assert text and label.startswith(text)
+
+
+def test_distribution_is_softmax_of_label_token_logits(tiny_qwen: Path) -> None:
+    """Recompute one prompt by hand: chat template, processor, logits[:, -1], rule, softmax."""
+    single = alm.load(f"qwen2-audio:{tiny_qwen}", LABELS, prompt_set="single", cpu_threads=1)
+    clip = noise(1.0, 7)
+    processor = single._processor
+    question = "What emotion does the speaker express? Answer with one word: " \
+        "neutral, happy, sad or angry."
+    chat = [{"role": "system", "content": "You are a helpful assistant."},
+            {"role": "user", "content": [{"type": "audio"}, {"type": "text", "text": question}]}]
+    text = processor.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+    inputs = processor(text=[text], audio=[clip], sampling_rate=16000, return_tensors="pt")
+    with torch.inference_mode():
+        logits = single._model(**inputs).logits[0, -1].double().numpy()
+    probs = np.exp(logits - logits.max())
+    probs /= probs.sum()
+    mass = [sum(probs[t] * w for t, w in pairs) for pairs in single.mapping.first]
+    expected = np.array(mass) / sum(mass)
+    got = single.predict([clip])[0]
+    np.testing.assert_allclose(list(got.values()), expected, atol=1e-6)
+
+
+def test_distributions_sum_to_one_and_are_deterministic(
+    backend: Qwen2AudioBackend, mixed_clips: list[np.ndarray]
+) -> None:
+    first = backend.predict(mixed_clips)
+    assert len(first) == len(mixed_clips)
+    for dist in first:
+        assert list(dist) == list(LABELS)
+        assert sum(dist.values()) == pytest.approx(1.0, abs=1e-12)
+        assert all(p > 0 for p in dist.values())
+    _close(first, backend.predict(mixed_clips), tol=0)
+
+
+def test_mixed_length_batch_equals_one_by_one(
+    backend: Qwen2AudioBackend, mixed_clips: list[np.ndarray]
+) -> None:
+    batched = backend.predict(mixed_clips)
+    alone = [backend.predict([clip])[0] for clip in mixed_clips]
+    _close(batched, alone)
+    reordered = backend.predict(mixed_clips[::-1])[::-1]
+    _close(batched, reordered)
+
+
+def test_mean_token_mode_batch_equals_one_by_one(
+    tiny_qwen: Path, mixed_clips: list[np.ndarray], backend: Qwen2AudioBackend
+) -> None:
+    mean = alm.load(f"qwen2-audio:{tiny_qwen}", LABELS, token_mode="mean", prompt_set="single",
+                    cpu_threads=1)
+    clips = mixed_clips[:3]
+    batched = mean.predict(clips)
+    _close(batched, [mean.predict([clip])[0] for clip in clips])
+    first = backend.predict(clips)
+    assert any(abs(batched[0][k] - first[0][k]) > 1e-4 for k in LABELS)
+
+
+def test_long_audio_is_heard_in_windows(backend: Qwen2AudioBackend, speech: np.ndarray) -> None:
+    window = backend._window
+    assert window == 4 * 16000  # the tiny model's 4 s window
+    parts = backend._audio_parts(speech[: int(9.5 * 16000)])
+    assert [p.shape[0] for p in parts] == [window, window, int(1.5 * 16000)]
+    # The tail beyond the first window changes the answer: it is not cropped away.
+    head = speech[:window]
+    longer = np.concatenate([head, noise(3.0, 9, level=0.5)])
+    a, b = backend.predict([head, longer])
+    assert max(abs(a[k] - b[k]) for k in LABELS) > 1e-6
+
+
+def test_ensemble_and_amplification_shape_the_prompt(tiny_qwen: Path) -> None:
+    amplified = alm.load(f"qwen2-audio:{tiny_qwen}", LABELS, audio_repeats=3, text_repeats=2,
+                         cpu_threads=1)
+    parts = amplified._audio_parts(noise(5.0, 3))
+    assert len(parts) == 2 * 3  # two windows, three times
+    chat = amplified._chat(len(parts), "Q?")
+    assert chat.count("<|AUDIO|>") == 6
+    questions = amplified.prompts.questions
+    assert len(questions) == 3  # the bundled default ensemble
+    seen: list[int] = []
+    original = amplified._scores
+
+    def spy(texts: list[str], audios: list[np.ndarray]) -> np.ndarray:
+        seen.extend([len(texts), len(audios)])
+        assert all(t.count("Answer") + t.count("Reply") + t.count("Classify") >= 2 for t in texts)
+        return original(texts, audios)
+
+    amplified._scores = spy  # type: ignore[method-assign]
+    dists = amplified.predict([noise(1.0, 1), noise(5.0, 2)])
+    assert seen == [2 * 3, (1 + 2) * 3 * 3]  # prompts = items x templates; audios x repeats
+    assert len(dists) == 2
+
+
+def test_cue_modes_change_the_prompt(tiny_qwen: Path, speech: np.ndarray) -> None:
+    clip = speech[: 2 * 16000]
+    cues = acoustics.cue_tokens(acoustics.analyse_functionals(clip))
+    results = {}
+    for mode in ("aligned", "none", "conflicting", "shuffled"):
+        backend = alm.load(f"qwen2-audio:{tiny_qwen}", LABELS, cues=mode, prompt_set="single",
+                           cpu_threads=1)
+        (phrase,) = backend.cue_phrases([clip], [cues])
+        results[mode] = (phrase, backend.predict([clip], [cues])[0])
+    assert results["none"][0] is None
+    assert results["aligned"][0] == cues.text()
+    assert results["conflicting"][0] != cues.text()
+    assert results["aligned"][1] != results["none"][1]
+    assert results["aligned"][1] != results["conflicting"][1]
+
+
+def test_missing_cues_are_computed(tiny_qwen: Path, speech: np.ndarray) -> None:
+    backend = alm.load(f"qwen2-audio:{tiny_qwen}", LABELS, cues="aligned", prompt_set="single",
+                       cpu_threads=1)
+    clip = speech[: 2 * 16000]
+    expected = acoustics.cue_tokens(acoustics.analyse_functionals(clip))
+    assert backend.cue_phrases([clip]) == [expected.text()]
+    assert backend.predict([clip]) == backend.predict([clip], [expected])
+
+
+def test_explain_generates_text(tiny_qwen: Path) -> None:
+    backend = alm.load(f"qwen2-audio:{tiny_qwen}", LABELS, explain=True, explain_tokens=5,
+                       cpu_threads=1)
+    texts = backend.explain([noise(1.0, 1), noise(0.5, 2)])
+    assert len(texts) == 2 and all(isinstance(t, str) and t for t in texts)
+
+
+def test_out_of_memory_becomes_alm_error(backend: Qwen2AudioBackend) -> None:
+    with pytest.raises(alm.AlmOutOfMemoryError), backend._guard():
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
