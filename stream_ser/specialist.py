@@ -17,6 +17,11 @@ A model directory holds `model.onnx` and a card, `card.json` or `card.toml`:
     name = "logits"
     kind = "logits"                     # or "probabilities"
 
+Optional cheap window model: `window_model = "window.onnx"` names a second ONNX file in the
+directory (same input and output names and labels, no adaptation inputs) that
+`Specialist.predict_windows` runs on the sliding windows, so a heavy utterance model runs only
+once per utterance. Without it, windows use `model.onnx`.
+
 Optional speaker adaptation (see `stream_ser.adaptation`): the model also outputs a pooled
 `embedding` and takes the stream's baseline statistics, with which it normalises that embedding
 before its classifier head. Cards without this section keep working unchanged.
@@ -121,6 +126,7 @@ class ModelCard:
     output_name: str
     output_kind: str
     adaptation: AdaptationCard | None = None
+    window_model: str | None = None  # file name in the model directory
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str) -> ModelCard:
@@ -142,6 +148,7 @@ class ModelCard:
                     if "adaptation" in raw
                     else None
                 ),
+                window_model=str(raw["window_model"]) if "window_model" in raw else None,
             )
         except (KeyError, TypeError, ValueError) as err:
             raise ModelError(f"{source}: invalid model card ({err!r})") from err
@@ -162,6 +169,8 @@ class ModelCard:
             problems.append("need 0 < hop_ms <= window_ms")
         if self.input_normalize not in INPUT_NORMALIZATIONS:
             problems.append(f"input.normalize must be one of {INPUT_NORMALIZATIONS}")
+        if self.window_model is not None and Path(self.window_model).name != self.window_model:
+            problems.append("window_model must be a file name in the model directory")
         if self.output_kind not in OUTPUT_KINDS:
             problems.append(f"output.kind must be one of {OUTPUT_KINDS}")
         if problems:
@@ -214,6 +223,13 @@ class Specialist:
         self._session = _open_session(
             model_dir / "model.onnx", providers, intra_op_threads, inter_op_threads
         )
+        self._window_session = (
+            _open_session(
+                model_dir / self.card.window_model, providers, intra_op_threads, inter_op_threads
+            )
+            if self.card.window_model
+            else None
+        )
         self.providers = tuple(self._session.get_providers())
         self._min_samples = self.card.min_input_ms * SAMPLE_RATE // 1000
         self._check_io(model_dir)
@@ -230,6 +246,22 @@ class Specialist:
         population's); models without adaptation ignore it.
         """
         return self.analyze(batch, baseline)[0]
+
+    def predict_windows(
+        self, batch: Sequence[np.ndarray], baseline: Baseline | None = None
+    ) -> np.ndarray:
+        """Like `predict`, for sliding windows: the card's cheap window model when it has one."""
+        if self._window_session is None:
+            return self.predict(batch, baseline)
+        prepared = [self._prepare(clip) for clip in batch]
+        probabilities = np.empty((len(batch), len(self.labels)), dtype=np.float64)
+        by_length: dict[int, list[int]] = {}
+        for index, clip in enumerate(prepared):
+            by_length.setdefault(clip.shape[0], []).append(index)
+        for indices in by_length.values():
+            stacked = np.stack([prepared[i] for i in indices])
+            probabilities[indices] = self._run_window(stacked)
+        return probabilities
 
     def analyze(
         self, batch: Sequence[np.ndarray], baseline: Baseline | None = None
@@ -280,9 +312,21 @@ class Specialist:
             raise ModelError(f"{self.card.model_id}: inference failed: {err}") from err
         output = np.asarray(outputs[0], dtype=np.float64)
         embedded = np.asarray(outputs[1], dtype=np.float32) if adaptation else None
+        return self._to_probabilities(output), embedded
+
+    def _run_window(self, stacked: np.ndarray) -> np.ndarray:
+        try:
+            (output,) = self._window_session.run(  # type: ignore[union-attr]
+                [self.card.output_name], {self.card.input_name: stacked}
+            )
+        except Exception as err:  # onnxruntime raises its own untyped errors
+            raise ModelError(f"{self.card.model_id}: window inference failed: {err}") from err
+        return self._to_probabilities(np.asarray(output, dtype=np.float64))
+
+    def _to_probabilities(self, output: np.ndarray) -> np.ndarray:
         if self.card.output_kind == "logits":
-            return softmax(output), embedded
-        return output / output.sum(axis=-1, keepdims=True), embedded
+            return softmax(output)
+        return output / output.sum(axis=-1, keepdims=True)  # type: ignore[no-any-return]
 
     def _check_io(self, model_dir: Path) -> None:
         inputs = {node.name for node in self._session.get_inputs()}
@@ -297,6 +341,16 @@ class Specialist:
                 f"{model_dir}: model gives {width} outputs but the card lists "
                 f"{len(self.labels)} labels"
             )
+        if self._window_session is not None:
+            window_inputs = {node.name for node in self._window_session.get_inputs()}
+            window_outputs = {node.name for node in self._window_session.get_outputs()}
+            if self.card.input_name not in window_inputs or (
+                self.card.output_name not in window_outputs
+            ):
+                raise ModelError(
+                    f"{model_dir}: {self.card.window_model} needs the input "
+                    f"{self.card.input_name!r} and the output {self.card.output_name!r}"
+                )
         adaptation = self.card.adaptation
         if adaptation is not None:
             for name in (adaptation.mean_input, adaptation.std_input):

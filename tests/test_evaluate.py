@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile
-from conftest import DATASETS, LABELS, run_cli
+from conftest import DATASETS, LABELS, build_tiny_model, run_cli
 from signals import buzz, noise
 
 from stream_ser.adaptation import StreamBaseline
@@ -197,6 +198,23 @@ def test_stream_replay_is_causal(adaptive_model: Path, tmp_path: Path) -> None:
     np.testing.assert_allclose(plain[0], full[0])  # warm-up: the population's statistics
     assert not np.allclose(plain[1:], full[1:])
     assert evaluate(specialist, clips, progress=False).adaptation == "stream"
+
+
+def test_window_model_runs_on_windows_only(tmp_path: Path, adaptive_model: Path) -> None:
+    directory = tmp_path / "with-window"
+    shutil.copytree(adaptive_model, directory)
+    build_tiny_model(tmp_path / "window", seed=5)
+    shutil.copy(tmp_path / "window" / "model.onnx", directory / "window.onnx")
+    card = json.loads((directory / "card.json").read_text()) | {"window_model": "window.onnx"}
+    (directory / "card.json").write_text(json.dumps(card))
+    clips = [buzz(1.0), noise(1.0)]
+    expected = Specialist(tmp_path / "window").predict(clips)
+    specialist = Specialist(directory)
+    np.testing.assert_allclose(specialist.predict_windows(clips), expected)
+    np.testing.assert_allclose(specialist.predict(clips), Specialist(adaptive_model).predict(clips))
+    np.testing.assert_allclose(
+        Specialist(adaptive_model).predict_windows(clips), specialist.predict(clips)
+    )
 
 
 # --------------------------------------------------------------------------- the command
