@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -61,7 +61,7 @@ class AlmOptions:
     """Remote backend: HTTP timeout per request."""
     top_logprobs: int = 20
     """Remote backend: how many top tokens the server returns (OpenAI allows at most 20)."""
-    api_key: str | None = None
+    api_key: str | None = field(default=None, repr=False)
     """Remote backend: bearer token; None reads OPENAI_API_KEY when set."""
     model_name: str | None = None
     """Remote backend: the served model name; None asks the server's /v1/models."""
