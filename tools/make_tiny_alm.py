@@ -33,6 +33,18 @@ ROBERTA_SPECIALS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
 QWEN_N_MELS = 16
 QWEN_CHUNK_S = 4
 """Tiny Qwen2-Audio window: 4 s of audio (the real model takes 30 s)."""
+QWEN_CHAT_TEMPLATE = (
+    "{% set audio_count = namespace(value=0) %}{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful "
+    "assistant.<|im_end|>\n{% endif %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n{% else %}"
+    "{% for content in message['content'] %}{% if 'audio' in content or 'audio_url' in content %}"
+    "{% set audio_count.value = audio_count.value + 1 %}Audio {{ audio_count.value }}: "
+    "<|audio_bos|><|AUDIO|><|audio_eos|>\n{% elif 'text' in content %}{{ content['text'] }}"
+    "{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+"""The chat template of Qwen2-Audio-7B-Instruct (it needs `audio_url` in an audio entry)."""
 CLAP_MAX_LENGTH_S = 2
 """Tiny CLAP window: 2 s at 48 kHz (the LAION models take 10 s)."""
 
@@ -68,7 +80,7 @@ def build_qwen2_audio(out: Path, seed: int = 0) -> Path:
     tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges)
     tokenizer.add_special_tokens({"additional_special_tokens": QWEN_SPECIALS[1:]})
     extractor = WhisperFeatureExtractor(feature_size=QWEN_N_MELS, chunk_length=QWEN_CHUNK_S)
-    processor = Qwen2AudioProcessor(extractor, tokenizer)
+    processor = Qwen2AudioProcessor(extractor, tokenizer, chat_template=QWEN_CHAT_TEMPLATE)
     config = Qwen2AudioConfig(
         audio_config={
             "num_mel_bins": QWEN_N_MELS, "encoder_layers": 1, "encoder_attention_heads": 2,

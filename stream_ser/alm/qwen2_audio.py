@@ -131,16 +131,22 @@ class Qwen2AudioBackend:
         return windows * self.options.audio_repeats
 
     def _chat(self, n_audio: int, question: str) -> str:
-        content: list[dict[str, str]] = [{"type": "audio"} for _ in range(n_audio)]
+        # Qwen2-Audio-Instruct's template tests `'audio_url' in content`: a bare {"type": "audio"}
+        # would render no audio tokens. The URL is a placeholder; the audio goes to the processor.
+        content = [{"type": "audio", "audio_url": f"utterance-{i}.wav"} for i in range(n_audio)]
         content.append({"type": "text", "text": question})
         messages = [
             {"role": "system", "content": self.prompts.system},
             {"role": "user", "content": content},
         ]
-        text = self._processor.apply_chat_template(
+        text = str(self._processor.apply_chat_template(
             messages, add_generation_prompt=True, tokenize=False
-        )
-        return str(text)
+        ))
+        audio_token = getattr(self._processor, "audio_token", "<|AUDIO|>")
+        if text.count(audio_token) != n_audio:
+            raise ModelError(f"{self.spec}: the chat template rendered {text.count(audio_token)} "
+                             f"audio tokens for {n_audio} audio entries")
+        return text
 
     def _inputs(self, texts: list[str], audios: list[np.ndarray]) -> Any:
         inputs = self._processor(

@@ -10,7 +10,8 @@ from typing import Any
 import numpy as np
 import pytest
 import soundfile
-from alm_helpers import RATE, noise, tool
+
+from .alm_helpers import RATE, noise, tool
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -10,12 +10,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from alm_helpers import LABELS
 
 import stream_ser.alm as alm
 from stream_ser.acoustics import CueTokens
 from stream_ser.alm import AlmBatcher, AlmOptions, AlmOutOfMemoryError
 from stream_ser.errors import ModelError, StreamSerError
+
+from .alm_helpers import LABELS
 
 TIMEOUT_S = 10
 

@@ -9,11 +9,11 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from alm_helpers import LABELS, noise  # noqa: E402
-
 import stream_ser.alm as alm  # noqa: E402
 from stream_ser.alm.clap import ClapBackend  # noqa: E402
 from stream_ser.errors import ConfigError  # noqa: E402
+
+from .alm_helpers import LABELS, noise  # noqa: E402
 
 
 @pytest.fixture(scope="module")

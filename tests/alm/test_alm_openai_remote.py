@@ -7,13 +7,14 @@ from typing import Any
 
 import numpy as np
 import pytest
-from alm_helpers import LABELS, noise, tool
 
 import stream_ser.alm as alm
 from stream_ser.alm import labels as rules
 from stream_ser.alm.openai_remote import OpenAIRemoteBackend, api_base, wav_base64
 from stream_ser.alm.prompts import load_generative, question_text
 from stream_ser.errors import ConfigError, ModelError
+
+from .alm_helpers import LABELS, noise, tool
 
 fake = tool("fake_openai_alm")
 

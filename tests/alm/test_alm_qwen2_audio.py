@@ -9,11 +9,11 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from alm_helpers import LABELS, noise  # noqa: E402
-
 import stream_ser.alm as alm  # noqa: E402
 from stream_ser import acoustics  # noqa: E402
 from stream_ser.alm.qwen2_audio import Qwen2AudioBackend  # noqa: E402
+
+from .alm_helpers import LABELS, noise  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -46,9 +46,11 @@ def test_distribution_is_softmax_of_label_token_logits(tiny_qwen: Path) -> None:
     processor = single._processor
     question = "What emotion does the speaker express? Answer with one word: " \
         "neutral, happy, sad or angry."
-    chat = [{"role": "system", "content": "You are a helpful assistant."},
-            {"role": "user", "content": [{"type": "audio"}, {"type": "text", "text": question}]}]
-    text = processor.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+    text = (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+        f"Audio 1: <|audio_bos|><|AUDIO|><|audio_eos|>\n{question}<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )  # Qwen2-Audio-Instruct's chat format, written out
     inputs = processor(text=[text], audio=[clip], sampling_rate=16000, return_tensors="pt")
     with torch.inference_mode():
         logits = single._model(**inputs).logits[0, -1].double().numpy()

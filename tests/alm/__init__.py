@@ -1,0 +1,1 @@
+"""ALM stage tests (a package, so its conftest does not shadow tests/conftest.py)."""
