@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from stream_ser import __version__, evaluate
+from stream_ser import __version__, evaluate, plot, tail
 from stream_ser.errors import ConfigError, StreamSerError
 from stream_ser.messages import StreamInfo
 from stream_ser.pipeline import (
@@ -79,6 +79,8 @@ def _parser() -> argparse.ArgumentParser:
     scores = commands.add_parser("eval", help="evaluate a model on a labelled manifest of clips")
     evaluate.add_arguments(scores)
     scores.set_defaults(command=evaluate.eval_command)
+    plot.register(commands)
+    tail.register(commands)
     return parser
 
 

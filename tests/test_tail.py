@@ -1,0 +1,165 @@
+"""`stream-ser tail`: a live view of a real broker's results."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import sys
+from typing import Any
+
+import aiomqtt
+from conftest import LABELS, REPO, Broker, free_port, run_cli
+from schema import check_result
+
+from stream_ser.tail import TailOptions, TailView, bar, format_result
+
+PREFIX = "tail-test"
+STATUS = f"{PREFIX}/status/ser-host-room1"
+
+
+def result(stream_id: str, utterance_id: int, start_ms: int, end_ms: int, **extra: Any) -> dict:
+    """A synthetic schema-1 result whose top label cycles through the labels."""
+    top = LABELS[utterance_id % len(LABELS)]
+    rest = (1 - 0.65) / (len(LABELS) - 1)
+    distribution = {label: 0.65 if label == top else rest for label in LABELS}
+    kind = extra.pop("type", "utterance")
+    return {
+        "schema_version": 1, "type": kind,
+        "id": f"s1:{stream_id}:{utterance_id}:{kind}:{end_ms}", "stream_id": stream_id,
+        "utterance_id": utterance_id, "start_ms": start_ms, "end_ms": end_ms,
+        "wall_time": "2026-01-01T10:00:00.000Z", "distribution": distribution,
+        "top_label": top, "top_probability": 0.65, "entropy": 2.1, "model_id": "tiny",
+        "latency_ms": 2.0, "final": kind == "utterance", "arousal": None, "valence": None,
+        "flags": [], "sources": ["specialist"],
+        **({"end_reason": "silence"} if kind == "utterance" else {}), **extra,
+    }  # fmt: skip
+
+
+def status(state: str, utterances: int = 0) -> bytes:
+    return json.dumps({
+        "schema_version": 1, "type": "status", "state": state, "streams": ["room1"],
+        "wall_time": "2026-01-01T10:00:00.000Z", "counters": {"utterances": utterances},
+    }).encode()  # fmt: skip
+
+
+def payload(message: dict[str, Any]) -> bytes:
+    return json.dumps(message).encode()
+
+
+def test_bars_are_proportional_and_padded() -> None:
+    assert bar(1.0, 10) == "█" * 10
+    assert bar(0.0, 10) == " " * 10
+    assert bar(0.55, 10) == "█████▌    "
+    assert bar(0.5, 10, unicode=False) == "#####     "
+
+
+def test_view_deduplicates_and_reports_changes_only() -> None:
+    view = TailView(TailOptions(topic_prefix=PREFIX))
+    first = result("room1", 1, 1000, 3000, arousal=0.61, valence=-0.5)
+    check_result(first, LABELS)  # the synthetic results follow the schema
+    lines = view.handle(f"{PREFIX}/room1/utterance", payload(first))
+    assert len(lines) == 1 and "A +0.61 V -0.50" in lines[0] and "final" in lines[0]
+    assert view.handle(f"{PREFIX}/room1/utterance", payload(first)) == []  # same id
+    assert len(view.handle(STATUS, status("online"))) == 1
+    assert view.handle(STATUS, status("online", 5)) == []  # a refresh, not a change
+    assert "offline" in view.handle(STATUS, status("offline"))[0]
+    assert "speaking" in view.handle(f"{PREFIX}/room1/speaking", b"ON")[0]
+    assert view.handle(f"{PREFIX}/room1/speaking", b"ON") == []
+    assert view.handle("other/room1/utterance", payload(first)) == []
+    assert view.handle(f"{PREFIX}/room1/utterance", b"not json") == []
+    assert view.results == 1
+
+
+def test_json_mode_prints_results_only() -> None:
+    view = TailView(TailOptions(topic_prefix=PREFIX, json=True))
+    message = result("room1", 2, 0, 1000)
+    assert json.loads(view.handle(f"{PREFIX}/room1/utterance", payload(message))[0]) == message
+    assert view.handle(STATUS, status("online")) == []
+
+
+def test_line_shows_top_three_and_provisional() -> None:
+    message = result("room1", 3, 1200, 4800) | {"final": False}
+    line = format_result(message)
+    ranked = sorted(message["distribution"], key=lambda k: -message["distribution"][k])
+    assert "prov" in line and "#3" in line and "65%" in line and "1.20-4.80 s" in line
+    assert line.count("█") >= 5  # the top label's bar
+    assert sum(label in line for label in ranked[1:]) >= 2  # two runners-up named
+    assert "A " not in line  # arousal/valence null in this result
+    assert "A -0.20 V +0.40" in format_result(
+        result("room1", 3, 0, 900, arousal_valence={"arousal": -0.2, "valence": 0.4})
+    )  # the object form is read too
+
+
+async def start_tail(broker: Broker, *args: str) -> asyncio.subprocess.Process:
+    """`stream-ser tail` as a subprocess; returns once its first line (the status) is out."""
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "stream_ser", "tail", "--mqtt", broker.url,
+        "--mqtt-topic-prefix", PREFIX, *args,
+        cwd=REPO, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+
+
+async def read_line(process: asyncio.subprocess.Process) -> str:
+    assert process.stdout is not None
+    async with asyncio.timeout(20):
+        return (await process.stdout.readline()).decode()
+
+
+async def test_tail_prints_live_results_from_a_real_broker(broker: Broker) -> None:
+    async with asyncio.timeout(10), aiomqtt.Client("127.0.0.1", broker.port) as client:
+        await client.publish(STATUS, status("online"), qos=1, retain=True)
+    process = await start_tail(broker, "--count", "3")
+    try:
+        assert "online" in await read_line(process)  # the retained status: subscribed
+        first = result("room1", 1, 500, 2500, arousal=0.3, valence=0.2)
+        async with asyncio.timeout(10), aiomqtt.Client("127.0.0.1", broker.port) as client:
+            await client.publish(f"{PREFIX}/room1/window", payload(result(
+                "room1", 1, 500, 1500, type="window")), qos=0)  # fmt: skip
+            await client.publish(f"{PREFIX}/room1/utterance", payload(first), qos=1)
+            await client.publish(f"{PREFIX}/room1/utterance", payload(first), qos=1)
+            await client.publish(f"{PREFIX}/room1/speaking", b"ON", qos=1, retain=True)
+            await client.publish(f"{PREFIX}/kitchen/utterance", payload(
+                result("kitchen", 1, 0, 900) | {"final": False}), qos=1)  # fmt: skip
+            await client.publish(STATUS, status("offline", 2), qos=1, retain=True)
+            await client.publish(f"{PREFIX}/room1/utterance", payload(
+                result("room1", 2, 3000, 4000)), qos=1)  # fmt: skip
+        async with asyncio.timeout(20):
+            out, err = await process.communicate()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert process.returncode == 0, err.decode()
+    lines = out.decode().splitlines()
+    assert len(lines) == 5, lines
+    assert "room1" in lines[0] and "#1" in lines[0] and "final" in lines[0]
+    assert "A +0.30 V +0.20" in lines[0] and "0.50-2.50 s" in lines[0]
+    assert lines[1].split()[1:] == ["room1", "speaking"]
+    assert "kitchen" in lines[2] and "prov" in lines[2]
+    assert "offline" in lines[3] and "utterances=2" in lines[3]
+    assert "#2" in lines[4] and "window" not in out.decode()
+
+
+async def test_tail_exits_cleanly_on_ctrl_c(broker: Broker) -> None:
+    async with asyncio.timeout(10), aiomqtt.Client("127.0.0.1", broker.port) as client:
+        await client.publish(STATUS, status("online"), qos=1, retain=True)
+    process = await start_tail(broker, "--windows")
+    try:
+        assert "online" in await read_line(process)
+        process.send_signal(signal.SIGINT)
+        async with asyncio.timeout(20):
+            _, err = await process.communicate()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert process.returncode == 0
+    assert b"Traceback" not in err
+
+
+def test_tail_reports_an_unreachable_broker() -> None:
+    done = run_cli("tail", "--mqtt", f"mqtt://127.0.0.1:{free_port()}", timeout_s=60)
+    assert done.returncode == 1
+    assert "cannot connect to broker" in done.stderr
+    assert "Traceback" not in done.stderr
