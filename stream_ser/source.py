@@ -50,7 +50,12 @@ class Converter:
 
     def convert(self, block: np.ndarray, last: bool = False) -> AudioChunk | None:
         """`block` is (frames, channels) or (frames,) float; None if nothing is ready yet."""
-        mono = block.mean(axis=1, dtype=np.float32) if block.ndim == 2 else block
+        if block.ndim == 1:
+            mono = block
+        elif block.shape[1] == 1 and block.dtype == np.float32:
+            mono = block[:, 0]  # the mean of one channel is that channel; skip the reduction
+        else:
+            mono = block.mean(axis=1, dtype=np.float32)
         finite = np.isfinite(mono)
         if not finite.all():
             self._stats.bad_samples += int((~finite).sum())
@@ -112,11 +117,14 @@ async def file_source(
     with audio:
         converter = Converter(audio.samplerate, audio.channels, stats)
         frames = max(1, audio.samplerate * chunk_ms // 1000)
+        # One buffer read into again and again: with `out`, soundfile skips its per-read
+        # seek/tell and allocation. The converter never returns a view of it (np.clip copies).
+        buffer = np.empty((frames, audio.channels), dtype=np.float32)
         started = time.monotonic()
         read = 0
         while True:
             try:
-                block = audio.read(frames, dtype="float32", always_2d=True)
+                block = audio.read(out=buffer)
             except (soundfile.LibsndfileError, RuntimeError) as err:
                 raise AudioInputError(
                     f"{path}: decoding failed after {read} frames ({err})"
