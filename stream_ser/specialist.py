@@ -259,7 +259,7 @@ class Specialist:
         for index, clip in enumerate(prepared):
             by_length.setdefault(clip.shape[0], []).append(index)
         for indices in by_length.values():
-            stacked = np.stack([prepared[i] for i in indices])
+            stacked = _stack([prepared[i] for i in indices])
             probabilities[indices] = self._run_window(stacked)
         return probabilities
 
@@ -281,7 +281,7 @@ class Specialist:
         for index, clip in enumerate(prepared):
             by_length.setdefault(clip.shape[0], []).append(index)
         for indices in by_length.values():
-            stacked = np.stack([prepared[i] for i in indices])
+            stacked = _stack([prepared[i] for i in indices])
             probabilities[indices], embedded = self._run(stacked, baseline)
             if embeddings is not None:
                 embeddings[indices] = embedded
@@ -360,6 +360,11 @@ class Specialist:
                 raise ModelError(
                     f"{model_dir}: model has no output {adaptation.embedding_output!r}"
                 )
+
+
+def _stack(clips: list[np.ndarray]) -> np.ndarray:
+    """[batch, samples]; a single clip becomes a view, not a copy."""
+    return clips[0][np.newaxis] if len(clips) == 1 else np.stack(clips)
 
 
 def _open_session(

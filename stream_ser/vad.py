@@ -61,9 +61,13 @@ class Segmenter:
         audio = np.concatenate([self._remainder, chunk.samples])
         whole = len(audio) - len(audio) % self._frame_samples
         self._remainder = audio[whole:]
+        pcm = _to_pcm16(audio[:whole])  # one conversion per chunk, not one per frame
+        frame_bytes = 2 * self._frame_samples
         events: list[VadEvent] = []
         for offset in range(0, whole, self._frame_samples):
-            self._frame(audio[offset : offset + self._frame_samples], events)
+            frame = audio[offset : offset + self._frame_samples]
+            voiced = self._is_speech(pcm[2 * offset : 2 * offset + frame_bytes])
+            self._frame(frame, voiced, events)
         self._emit_speech(events)
         return events
 
@@ -74,8 +78,7 @@ class Segmenter:
             self._finish("stream_end", self._utterance.voiced_end_sample, events)
         return events
 
-    def _frame(self, frame: np.ndarray, events: list[VadEvent]) -> None:
-        voiced = self._is_speech(frame)
+    def _frame(self, frame: np.ndarray, voiced: bool, events: list[VadEvent]) -> None:
         self._position += len(frame)
         utterance = self._utterance
         if utterance is None:
@@ -152,8 +155,7 @@ class Segmenter:
             )
         )
 
-    def _is_speech(self, frame: np.ndarray) -> bool:
-        pcm = (np.clip(frame, -1.0, 1.0) * 32767.0).astype("<i2").tobytes()
+    def _is_speech(self, pcm: bytes) -> bool:
         return bool(self._vad.is_speech(pcm, SAMPLE_RATE))
 
     @property
@@ -163,6 +165,12 @@ class Segmenter:
     @property
     def _max_samples(self) -> int:
         return SAMPLE_RATE * self.settings.max_utterance_ms // 1000
+
+
+def _to_pcm16(audio: np.ndarray) -> bytes:
+    """float32 in [-1, 1] as the little-endian 16-bit PCM webrtcvad reads."""
+    pcm: bytes = (np.clip(audio, -1.0, 1.0) * 32767.0).astype("<i2").tobytes()
+    return pcm
 
 
 async def segment(
