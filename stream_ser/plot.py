@@ -15,10 +15,9 @@ import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 from stream_ser.errors import ConfigError, StreamSerError
-from stream_ser.tail import read_affect
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +101,21 @@ def _utterance(message: Mapping[str, Any]) -> Utterance | None:
         top_probability=float(message.get("top_probability", distribution[top])),
         affect=read_affect(message),
     )
+
+
+def read_affect(message: Mapping[str, Any]) -> tuple[float, float] | None:
+    """(arousal, valence) of a result: its top-level numbers (null when the model gives
+    none), else an `arousal_valence` object's; None when there are none."""
+    for holder in (message, message.get("arousal_valence")):
+        if isinstance(holder, Mapping):
+            arousal, valence = holder.get("arousal"), holder.get("valence")
+            if _is_number(arousal) and _is_number(valence):
+                return float(arousal), float(valence)
+    return None
+
+
+def _is_number(value: Any) -> TypeGuard[int | float]:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def label_order(utterances: Iterable[Utterance]) -> list[str]:

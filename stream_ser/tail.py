@@ -33,6 +33,7 @@ from typing import Any, TextIO, TypeGuard
 import aiomqtt
 
 from stream_ser.errors import ConfigError, PublishError
+from stream_ser.plot import read_affect
 from stream_ser.publish import BrokerAddress, parse_broker_url
 
 log = logging.getLogger(__name__)
@@ -67,17 +68,6 @@ def subscriptions(options: TailOptions) -> list[tuple[str, int]]:
     if options.windows:
         topics.append((f"{prefix}/{stream}/window", 0))
     return topics
-
-
-def read_affect(message: Mapping[str, Any]) -> tuple[float, float] | None:
-    """(arousal, valence) of a result: its top-level numbers (null when the model gives
-    none), else an `arousal_valence` object's; None when there are none."""
-    for holder in (message, message.get("arousal_valence")):
-        if isinstance(holder, Mapping):
-            arousal, valence = holder.get("arousal"), holder.get("valence")
-            if _is_number(arousal) and _is_number(valence):
-                return float(arousal), float(valence)
-    return None
 
 
 def _is_number(value: Any) -> TypeGuard[int | float]:
