@@ -59,6 +59,22 @@ CUES: tuple[CueSpec, ...] = (
 )
 """The six cues; population figures are rough adult-speech values, used until a baseline forms."""
 
+DESCRIPTOR_SPECS: tuple[CueSpec, ...] = (
+    CueSpec("pitch range", "F0semitoneFrom27.5Hz_sma3nz_pctlrange0-2",
+            ("narrow", "moderate", "wide"), 4.0, 2.0, True),
+    CueSpec("jitter", "jitterLocal_sma3nz_amean", ("low", "moderate", "high"), 0.02, 0.01, True),
+    CueSpec("shimmer", "shimmerLocaldB_sma3nz_amean", ("low", "moderate", "high"), 1.2, 0.4,
+            True),
+    CueSpec("harmonicity", "HNRdBACF_sma3nz_amean", ("noisy", "moderate", "clear"), 7.0, 3.0,
+            True),
+    CueSpec("emphasis", "loudness_sma3_stddevNorm", ("even", "moderate", "emphatic"), 0.8, 0.2,
+            False),
+)
+"""Further published descriptors (not prompt cues): pitch range, voice quality from jitter,
+shimmer and harmonics-to-noise ratio, and emphasis (loudness variation)."""
+
+ALL_SPECS = CUES + DESCRIPTOR_SPECS
+
 VOICING_FEATURE = "F0semitoneFrom27.5Hz_sma3nz_amean"
 
 
@@ -122,6 +138,11 @@ def _smile() -> Any:
         return _SMILE[0]
 
 
+def warm_up() -> None:
+    """Import and configure opensmile now (about a second) rather than on the first utterance."""
+    _smile()
+
+
 def analyse_functionals(audio: np.ndarray, sample_rate: int = SAMPLE_RATE) -> Functionals:
     """eGeMAPSv02 functionals of one mono utterance (opensmile, ~17 ms per audio second)."""
     clip = np.ascontiguousarray(np.asarray(audio, dtype=np.float32).reshape(-1))
@@ -177,7 +198,7 @@ class SpeakerBaseline:
 
     def update(self, functionals: Functionals) -> None:
         """Add one utterance; F0-based features only count when it was voiced."""
-        for spec in CUES:
+        for spec in ALL_SPECS:
             if spec.needs_voice and not functionals.voiced:
                 continue
             self._stats.setdefault(spec.feature, _Welford()).add(functionals.values[spec.feature])
@@ -188,11 +209,15 @@ class SpeakerBaseline:
         return stats.count if stats else 0
 
 
-def cue_tokens(functionals: Functionals, baseline: SpeakerBaseline | None = None) -> CueTokens:
+def cue_tokens(
+    functionals: Functionals,
+    baseline: SpeakerBaseline | None = None,
+    specs: tuple[CueSpec, ...] = CUES,
+) -> CueTokens:
     """Categorical cues of one utterance relative to `baseline` (population when None)."""
     baseline = baseline or SpeakerBaseline()
     cues, used_speaker = [], []
-    for spec in CUES:
+    for spec in specs:
         if spec.needs_voice and not functionals.voiced:
             continue
         z, speaker = baseline.z(spec, functionals.values[spec.feature])
@@ -238,10 +263,24 @@ def audio_seed(audio: np.ndarray) -> int:
 
 @dataclass(frozen=True)
 class Analysis:
-    """One utterance's functionals (for descriptors) and cue tokens (for the ALM)."""
+    """One utterance's functionals, cue tokens (for the ALM) and descriptors (published)."""
 
     functionals: Functionals
     cues: CueTokens
+    descriptors: CueTokens
+    """Every spec of ALL_SPECS that applies, relative to the same baseline as the cues."""
+
+    def descriptors_message(self) -> dict[str, Any]:
+        """The `descriptors` object of a published result: level word, z-score, raw value."""
+        values = self.functionals.values
+        features = {spec.name: spec.feature for spec in ALL_SPECS}
+        described: dict[str, Any] = {
+            cue.name: {"level": cue.word, "z": cue.z, "value": round(values[features[cue.name]], 4)}
+            for cue in self.descriptors.cues
+        }
+        described["baseline"] = self.descriptors.baseline
+        described["voiced"] = self.functionals.voiced
+        return described
 
 
 class StreamAcoustics:
@@ -254,5 +293,6 @@ class StreamAcoustics:
         """Functionals and cues of one utterance; the utterance then joins the baseline."""
         functionals = analyse_functionals(audio, sample_rate)
         cues = cue_tokens(functionals, self.baseline)
+        descriptors = cue_tokens(functionals, self.baseline, ALL_SPECS)
         self.baseline.update(functionals)
-        return Analysis(functionals=functionals, cues=cues)
+        return Analysis(functionals=functionals, cues=cues, descriptors=descriptors)

@@ -8,17 +8,25 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from stream_ser import __version__, evaluate, plot, tail
+from stream_ser.alm.base import AlmBackend
+from stream_ser.alm.batcher import AlmBatcher
 from stream_ser.errors import ConfigError, StreamSerError
+from stream_ser.fusion import FusionConfig, load_fusion
 from stream_ser.messages import StreamInfo
 from stream_ser.pipeline import (
+    Analyzer,
     Recognizer,
     StreamPipeline,
+    UtteranceStages,
     install_stop_handlers,
     new_session_id,
     run_streams,
@@ -126,12 +134,45 @@ def _make_sink(settings: Settings, stream_id: str) -> Sink:
     return TeeSink(mqtt, JsonlSink()) if settings.output.jsonl else mqtt
 
 
+def _fusion_config(settings: Settings, labels: tuple[str, ...]) -> FusionConfig:
+    """The fusion file (if any) with the flags' overrides; labels default to the specialist's."""
+    fusion = settings.fusion
+    config = load_fusion(Path(fusion.file), labels) if fusion.file else FusionConfig(labels)
+    overrides: dict[str, Any] = {}
+    if fusion.rule is not None:
+        overrides["rule"] = fusion.rule
+    if fusion.deadline_ms is not None:
+        overrides["deadline_ms"] = fusion.deadline_ms
+    return replace(config, **overrides)
+
+
+def _load_alm(settings: Settings, labels: tuple[str, ...]) -> AlmBackend | None:
+    """The ALM backend named by --alm, loaded now so a bad path fails at start-up."""
+    if settings.alm.spec is None:
+        return None
+    from stream_ser import alm
+
+    log.info("loading ALM %s", settings.alm.spec)
+    return alm.load(settings.alm.spec, labels, settings.alm.options())
+
+
 async def _run(settings: Settings, specialist: Specialist, sink: Sink, stream_id: str) -> None:
     card = specialist.card
+    fusion = _fusion_config(settings, card.labels)
+    backend = _load_alm(settings, fusion.labels)
     stats = SourceStats()
     stop = asyncio.Event()
     install_stop_handlers(stop)
-    async with Recognizer(specialist, settings.output.max_pending_windows) as recognizer:
+    analyzer = Analyzer() if settings.output.descriptors else None
+    async with contextlib.AsyncExitStack() as stack:
+        recognizer = await stack.enter_async_context(
+            Recognizer(specialist, settings.output.max_pending_windows)
+        )
+        alm_stage = None
+        if backend is not None:
+            alm_stage = await stack.enter_async_context(AlmBatcher(backend))
+            # every final result is out when the streams end: answers still pending are moot
+            stack.push_async_callback(alm_stage.close, False)
         stream = StreamPipeline(
             stream=StreamInfo(stream_id, new_session_id(), card.model_id, card.labels),
             source=open_source(settings.source, stats),
@@ -140,11 +181,14 @@ async def _run(settings: Settings, specialist: Specialist, sink: Sink, stream_id
             sink=sink,
             window_ms=settings.model.window_ms or card.window_ms,
             hop_ms=settings.model.hop_ms or card.hop_ms,
+            stages=UtteranceStages(fusion, analyzer, alm_stage),
             windows=settings.model.windows,
             source_stats=stats,
         )
         async with sink:
             await run_streams([stream], sink, stop, settings.mqtt.status_interval_s)
+    if analyzer is not None:
+        analyzer.close()
     counters = stream.counters
     log.info(
         "done: %d utterance(s), %d window(s), %d window(s) dropped, %d model error(s)",

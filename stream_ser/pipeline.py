@@ -21,6 +21,7 @@ Queues and their overflow rules:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import signal
@@ -28,14 +29,18 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
 from stream_ser import SAMPLE_RATE
-from stream_ser.errors import ModelError
+from stream_ser.acoustics import Analysis, StreamAcoustics, warm_up
+from stream_ser.adaptation import StreamBaseline
+from stream_ser.alm.base import AlmResult
+from stream_ser.alm.batcher import AlmBatcher
+from stream_ser.errors import ModelError, StreamSerError
 from stream_ser.events import (
     AudioChunk,
     Recognition,
@@ -44,16 +49,24 @@ from stream_ser.events import (
     UtteranceStart,
     samples_to_ms,
 )
-from stream_ser.messages import StreamInfo, result_message, status_message
+from stream_ser.fusion import FusionConfig
+from stream_ser.messages import (
+    StreamInfo,
+    final_fields,
+    result_message,
+    speaking_message,
+    status_message,
+)
 from stream_ser.publish import Sink
 from stream_ser.source import SourceStats
-from stream_ser.specialist import Specialist
+from stream_ser.specialist import Baseline, Specialist
 from stream_ser.vad import Segmenter, segment
 
 log = logging.getLogger(__name__)
 
 MAX_PENDING_RESULTS = 64
 MAX_WINDOW_BATCH = 32
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -67,6 +80,7 @@ class Job:
     end_ms: int
     ready_s: float  # time.monotonic() when the audio was complete
     reason: str | None = None
+    baseline: Baseline | None = None  # the stream's speaker baseline (adaptive models)
 
 
 @dataclass
@@ -118,7 +132,15 @@ class Windower:
         return jobs
 
 
-Outcome = np.ndarray | None  # probabilities, or None for a dropped window
+@dataclass(frozen=True)
+class Scored:
+    """The specialist's answer for one job."""
+
+    probabilities: np.ndarray  # float64, one per label
+    embedding: np.ndarray | None  # adaptive models' pooled embedding (utterances only)
+
+
+Outcome = Scored | None  # None: a window dropped by the overflow rule
 
 
 @dataclass
@@ -131,7 +153,7 @@ class Recognizer:
     """The specialist shared by all streams: one inference thread, windows batched.
 
     `submit` never blocks. Utterances run one per model call (their lengths differ);
-    windows waiting together, all of one length, run as one batch.
+    windows waiting together, of one length and one speaker baseline, run as one batch.
     """
 
     def __init__(self, specialist: Specialist, max_pending_windows: int = 8) -> None:
@@ -160,7 +182,7 @@ class Recognizer:
             self._executor.shutdown(wait=True)
 
     def submit(self, job: Job) -> asyncio.Future[Outcome]:
-        """Queue a job; the future gives its probabilities (None: window dropped)."""
+        """Queue a job; the future gives its Scored outcome (None: window dropped)."""
         future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
         if job.kind == "window":
             windows = [q for q in self._queue if q.job.kind == "window"]
@@ -178,37 +200,94 @@ class Recognizer:
                 self._arrived.clear()
                 await self._arrived.wait()
             batch = self._take_batch()
-            samples = [queued.job.samples for queued in batch]
             try:
-                probabilities = await loop.run_in_executor(
-                    self._executor, self.specialist.predict, samples
-                )
+                scored = await loop.run_in_executor(self._executor, self._infer, batch)
             except ModelError as err:
                 for queued in batch:
                     queued.future.set_exception(err)
                 continue
-            for queued, row in zip(batch, probabilities, strict=True):
-                queued.future.set_result(row)
+            for queued, outcome in zip(batch, scored, strict=True):
+                queued.future.set_result(outcome)
+
+    def _infer(self, batch: list[_Queued]) -> list[Scored]:
+        """Runs in the inference thread."""
+        first = batch[0].job
+        samples = [queued.job.samples for queued in batch]
+        if first.kind == "window":
+            rows = self.specialist.predict_windows(samples, first.baseline)
+            return [Scored(row, None) for row in rows]
+        probabilities, embeddings = self.specialist.analyze(samples, first.baseline)
+        return [Scored(probabilities[0], None if embeddings is None else embeddings[0])]
 
     def _take_batch(self) -> list[_Queued]:
-        """The oldest job, plus every waiting window of the same length if it is a window."""
+        """The oldest job, plus every waiting window that can share its model call."""
         first = self._queue.popleft()
         if first.job.kind != "window":
             return [first]
-        length = len(first.job.samples)
         batch = [first]
         for queued in list(self._queue):
             if len(batch) == MAX_WINDOW_BATCH:
                 break
-            if queued.job.kind == "window" and len(queued.job.samples) == length:
+            job = queued.job
+            if (
+                job.kind == "window"
+                and len(job.samples) == len(first.job.samples)
+                and job.baseline is first.job.baseline
+            ):
                 self._queue.remove(queued)
                 batch.append(queued)
         return batch
 
 
+class Analyzer:
+    """Per-utterance acoustics (eGeMAPS: descriptors and ALM cues) in its own thread."""
+
+    def __init__(self) -> None:
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="acoustics")
+        self._executor.submit(warm_up)  # opensmile loads while the pipeline starts
+
+    async def analyse(self, acoustics: StreamAcoustics, samples: np.ndarray) -> Analysis:
+        """One utterance, against (then into) its stream's speaker baseline."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, acoustics.analyse, samples)
+
+    def close(self) -> None:
+        """Stop the thread once the work queued so far is done."""
+        self._executor.shutdown(wait=True)
+
+
+@dataclass
+class UtteranceStages:
+    """What happens to a finished utterance besides the specialist (shared by all streams)."""
+
+    fusion: FusionConfig
+    analyzer: Analyzer | None = None  # descriptors (and cues for the ALM)
+    alm: AlmBatcher | None = None
+
+    @property
+    def has_alm(self) -> bool:
+        """An ALM result is awaited: utterances get a provisional result first."""
+        return self.alm is not None
+
+
+@dataclass(frozen=True)
+class _Final:
+    """An utterance waiting for its final result."""
+
+    job: Job
+    scored: Scored | None  # None if the specialist failed
+    specialist_error: str | None
+    analysis: asyncio.Future[Analysis] | None
+    alm: asyncio.Future[AlmResult] | None
+
+
+Pending = tuple[Job, asyncio.Future[Outcome], "asyncio.Future[Analysis] | None",
+                "asyncio.Future[AlmResult] | None"]  # fmt: skip
+
+
 @dataclass
 class StreamPipeline:
-    """One stream from its source to the sink, through the shared Recognizer."""
+    """One stream from its source to the sink, through the shared stages."""
 
     stream: StreamInfo
     source: AsyncIterator[AudioChunk]
@@ -217,18 +296,24 @@ class StreamPipeline:
     sink: Sink
     window_ms: int
     hop_ms: int
+    stages: UtteranceStages
     windows: bool = True
     source_stats: SourceStats = field(default_factory=SourceStats)
     counters: Counters = field(default_factory=Counters)
 
+    def __post_init__(self) -> None:
+        adaptation = self.recognizer.specialist.card.adaptation
+        self.baseline = StreamBaseline(adaptation) if adaptation is not None else None
+        self.acoustics = StreamAcoustics() if self.stages.analyzer is not None else None
+
     async def run(self, stop: asyncio.Event) -> None:
         """Run until the source ends (or `stop` is set), then publish what is pending."""
-        pending: asyncio.Queue[tuple[Job, asyncio.Future[Outcome]] | None] = asyncio.Queue(
-            MAX_PENDING_RESULTS
-        )
+        pending: asyncio.Queue[Pending | None] = asyncio.Queue(MAX_PENDING_RESULTS)
+        finals: asyncio.Queue[_Final | None] = asyncio.Queue(MAX_PENDING_RESULTS)
         async with asyncio.TaskGroup() as group:
             group.create_task(self._capture(pending, stop), name=f"capture-{self.stream_id}")
-            group.create_task(self._publish(pending), name=f"publish-{self.stream_id}")
+            group.create_task(self._publish(pending, finals), name=f"publish-{self.stream_id}")
+            group.create_task(self._finalize(finals), name=f"finalize-{self.stream_id}")
 
     @property
     def stream_id(self) -> str:
@@ -240,55 +325,146 @@ class StreamPipeline:
         self.counters.short_segments = self.segmenter.short_segments
         return asdict(self.counters) | asdict(self.source_stats)
 
-    async def _capture(
-        self,
-        pending: asyncio.Queue[tuple[Job, asyncio.Future[Outcome]] | None],
-        stop: asyncio.Event,
-    ) -> None:
+    async def _capture(self, pending: asyncio.Queue[Pending | None], stop: asyncio.Event) -> None:
         windower = Windower(self.window_ms, self.hop_ms)
         try:
             async for event in segment(until_stopped(self.source, stop), self.segmenter):
+                await self._speaking(event)
                 for job in self._jobs(event, windower):
-                    await pending.put((job, self.recognizer.submit(job)))
+                    await pending.put(self._submit(job))
         finally:
             await pending.put(None)
 
+    async def _speaking(self, event: object) -> None:
+        if isinstance(event, UtteranceStart | UtteranceEnd):
+            speaking = isinstance(event, UtteranceStart)
+            at_ms = event.start_ms if isinstance(event, UtteranceStart) else event.end_ms
+            await self.sink.speaking(
+                self.stream_id, speaking_message(self.stream, event.utterance_id, speaking, at_ms)
+            )
+
     def _jobs(self, event: object, windower: Windower) -> list[Job]:
+        baseline = self.baseline.current() if self.baseline is not None else None
         if isinstance(event, UtteranceStart):
             windower.start(event)
         elif isinstance(event, SpeechAudio) and self.windows:
-            return windower.add(event)
+            return [replace(job, baseline=baseline) for job in windower.add(event)]
         elif isinstance(event, UtteranceEnd):
             return [
                 Job("utterance", event.utterance_id, event.samples, event.start_ms,
-                    event.end_ms, time.monotonic(), event.reason)
+                    event.end_ms, time.monotonic(), event.reason, baseline)
             ]  # fmt: skip
         return []
 
+    def _submit(self, job: Job) -> Pending:
+        """Start every stage the job needs; nothing here waits."""
+        scored = self.recognizer.submit(job)
+        if job.kind == "window":
+            return job, scored, None, None
+        analysis = None
+        if self.stages.analyzer is not None and self.acoustics is not None:
+            analysis = asyncio.ensure_future(
+                self.stages.analyzer.analyse(self.acoustics, job.samples)
+            )
+            analysis.add_done_callback(_retrieve)
+        alm = None
+        if self.stages.alm is not None:
+            alm = asyncio.ensure_future(_ask_alm(self.stages.alm, job.samples, analysis))
+            alm.add_done_callback(_retrieve)
+        return job, scored, analysis, alm
+
     async def _publish(
-        self, pending: asyncio.Queue[tuple[Job, asyncio.Future[Outcome]] | None]
+        self, pending: asyncio.Queue[Pending | None], finals: asyncio.Queue[_Final | None]
     ) -> None:
+        """Windows and provisional utterance results, in stream order, as soon as ready."""
         while (item := await pending.get()) is not None:
-            job, future = item
-            try:
-                probabilities = await future
-            except ModelError as err:
-                self.counters.model_errors += 1
-                log.error("%s: %s %d: %s", self.stream_id, job.kind, job.utterance_id, err)
+            job, future, analysis, alm = item
+            scored, error = await self._scored(job, future)
+            if job.kind == "window":
+                if scored is not None:
+                    await self._send(job, scored.probabilities, "window", {})
+                    self.counters.windows += 1
                 continue
-            if probabilities is None:
-                self.counters.windows_dropped += 1
-                continue
-            latency_ms = (time.monotonic() - job.ready_s) * 1000
-            result = Recognition(
-                job.kind, job.utterance_id, job.start_ms, job.end_ms, probabilities,
-                latency_ms, job.reason,
+            if scored is not None and self.baseline is not None and scored.embedding is not None:
+                self.baseline.update(scored.embedding)
+            if scored is not None and self.stages.has_alm:
+                await self._send(job, scored.probabilities, "provisional", {})
+            await finals.put(_Final(job, scored, error, analysis, alm))
+        await finals.put(None)
+
+    async def _scored(
+        self, job: Job, future: asyncio.Future[Outcome]
+    ) -> tuple[Scored | None, str | None]:
+        try:
+            scored = await future
+        except ModelError as err:
+            self.counters.model_errors += 1
+            log.error("%s: %s %d: %s", self.stream_id, job.kind, job.utterance_id, err)
+            return None, str(err)
+        if scored is None:
+            self.counters.windows_dropped += 1
+        return scored, None
+
+    async def _finalize(self, finals: asyncio.Queue[_Final | None]) -> None:
+        """Exactly one final result per utterance, at the latest at the fusion deadline."""
+        while (item := await finals.get()) is not None:
+            deadline_s = item.job.ready_s + self.stages.fusion.deadline_ms / 1000
+            analysis = await _by_deadline(item.analysis, deadline_s)
+            alm = await _by_deadline(item.alm, deadline_s)
+            probabilities, extras = final_fields(
+                self.stream, self.stages.fusion, item.scored, item.specialist_error,
+                item.alm is not None, alm, analysis,
             )  # fmt: skip
-            await self.sink.result(self.stream_id, result_message(self.stream, result))
-            if job.kind == "utterance":
-                self.counters.utterances += 1
-            else:
-                self.counters.windows += 1
+            await self._send(item.job, probabilities, "final", extras, self.stages.fusion.labels)
+            self.counters.utterances += 1
+
+    async def _send(
+        self,
+        job: Job,
+        probabilities: np.ndarray,
+        stage: str,
+        extras: dict[str, Any],
+        labels: tuple[str, ...] | None = None,
+    ) -> None:
+        kind = "window" if stage == "window" else "utterance"
+        result = Recognition(
+            kind, job.utterance_id, job.start_ms, job.end_ms, probabilities,
+            (time.monotonic() - job.ready_s) * 1000, job.reason,
+        )  # fmt: skip
+        message = result_message(self.stream, result, stage, labels) | extras
+        await self.sink.result(self.stream_id, message)
+
+
+async def _ask_alm(
+    alm: AlmBatcher, samples: np.ndarray, analysis: asyncio.Future[Analysis] | None
+) -> AlmResult:
+    """Submit to the ALM, with the utterance's cue tokens when the cue mode needs them."""
+    cues = None
+    if analysis is not None and alm.options.cues != "none":
+        with contextlib.suppress(StreamSerError):
+            cues = (await analysis).cues
+    return await alm.submit(samples, cues=cues)
+
+
+async def _by_deadline(future: asyncio.Future[T] | None, deadline_s: float) -> T | Exception | None:
+    """The future's result, its exception, or None if it is absent or not done by the deadline."""
+    if future is None:
+        return None
+    if future.done():
+        return future.exception() or future.result()  # type: ignore[return-value]
+    try:
+        async with asyncio.timeout(max(0.0, deadline_s - time.monotonic())):
+            return await asyncio.shield(future)
+    except TimeoutError:
+        return None
+    except StreamSerError as err:
+        return err
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    """Mark a background future's exception as seen; its consumer reports it (or it timed out)."""
+    if not future.cancelled():
+        future.exception()
 
 
 async def until_stopped(

@@ -24,6 +24,10 @@ from typing import Any, Protocol
 from urllib.parse import unquote, urlsplit
 
 import aiomqtt
+import paho.mqtt.client as paho
+from aiomqtt.exceptions import MqttConnectError
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
 
 from stream_ser.errors import ConfigError, PublishError
 from stream_ser.messages import encode, status_message
@@ -52,31 +56,56 @@ class BrokerAddress:
         return f"{'mqtts' if self.tls else 'mqtt'}://{user}{self.host}:{self.port}"
 
 
-def parse_broker_url(url: str, password_file: str | None = None) -> BrokerAddress:
-    """mqtt://[user[:pass]@]host[:port] or mqtts://...; the password may come from a file or env."""
+def parse_broker_url(
+    url: str, password_file: str | None = None, username: str | None = None
+) -> BrokerAddress:
+    """mqtt://[user[:pass]@]host[:port] or mqtts://...; the password may come from a file or env.
+
+    Precedence for the password: `password_file`, then $STREAM_SER_MQTT_PASSWORD, then the URL;
+    `username` replaces the URL's. No error message quotes the URL (it may hold a password).
+    """
     parts = urlsplit(url)
     if parts.scheme not in ("mqtt", "mqtts"):
         raise ConfigError(f"--mqtt must start with mqtt:// or mqtts://, got {parts.scheme!r}")
     try:
         port = parts.port
     except ValueError as err:
-        raise ConfigError(f"--mqtt: invalid port ({err})") from err
+        raise ConfigError("--mqtt: the port must be a number from 0 to 65535") from err
     if not parts.hostname:
         raise ConfigError("--mqtt: the URL names no host")
-    if parts.path not in ("", "/") or parts.query:
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
         raise ConfigError("--mqtt: the URL must be scheme://[user@]host[:port] only")
+    if parts.password:
+        log.warning(
+            "the broker password is part of --mqtt, where process listings show it; "
+            "use --mqtt-password-file or $%s instead",
+            PASSWORD_ENV,
+        )
     password = unquote(parts.password) if parts.password else None
     if os.environ.get(PASSWORD_ENV):
         password = os.environ[PASSWORD_ENV]
     if password_file:
-        password = Path(password_file).read_text(encoding="utf-8").strip()
+        password = _read_password(password_file)
     return BrokerAddress(
         host=parts.hostname,
         port=port or (8883 if parts.scheme == "mqtts" else 1883),
         tls=parts.scheme == "mqtts",
-        username=unquote(parts.username) if parts.username else None,
+        username=username or (unquote(parts.username) if parts.username else None),
         password=password,
     )
+
+
+def _read_password(path: str) -> str:
+    """The first line of the file, without its line break; never echoed in errors."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        reason = err.strerror if isinstance(err, OSError) else "not UTF-8 text"
+        raise ConfigError(f"--mqtt-password-file: cannot read {path}: {reason}") from err
+    lines = text.splitlines()
+    if not lines or not lines[0]:
+        raise ConfigError(f"--mqtt-password-file: {path} is empty")
+    return lines[0]
 
 
 class Sink(Protocol):
@@ -93,6 +122,9 @@ class Sink(Protocol):
 
     async def status(self, message: dict[str, Any]) -> None:
         """Deliver the process status."""
+
+    async def speaking(self, stream_id: str, message: dict[str, Any]) -> None:
+        """Deliver a stream's voice-activity change."""
 
     def counters(self) -> dict[str, int]:
         """Delivery counters for the status topic."""
@@ -116,6 +148,9 @@ class JsonlSink:
     async def status(self, message: dict[str, Any]) -> None:
         """Log the status at debug level."""
         log.debug("status %s", message)
+
+    async def speaking(self, stream_id: str, message: dict[str, Any]) -> None:
+        """Voice activity is not written to stdout (it is not a result)."""
 
     def counters(self) -> dict[str, int]:
         """Nothing to count."""
@@ -152,6 +187,11 @@ class TeeSink:
         for sink in self._sinks:
             await sink.status(message)
 
+    async def speaking(self, stream_id: str, message: dict[str, Any]) -> None:
+        """To each sink."""
+        for sink in self._sinks:
+            await sink.speaking(stream_id, message)
+
     def counters(self) -> dict[str, int]:
         """Every sink's counters."""
         merged: dict[str, int] = {}
@@ -171,6 +211,80 @@ def default_spool_path(client_id: str) -> Path:
     return Path(state) / "stream-ser" / "spool" / f"{client_id}.sqlite3"
 
 
+class CheckedClient(aiomqtt.Client):
+    """An aiomqtt client that also reports a broker's refusal of a QoS 1 publish.
+
+    Over MQTT v5 a broker answers a publish it refuses (an ACL denial, say) with a PUBACK
+    whose reason code is >= 0x80 (0x87: not authorized); MQTT 3.1.1 has no such code and
+    the message just vanishes. aiomqtt 2.x completes `publish` without the code, so it is
+    caught in the paho callback aiomqtt registers (`_on_publish`; aiomqtt is pinned < 3).
+    Checked publishes go one at a time, so a refusal belongs to the publish in flight.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, protocol=aiomqtt.ProtocolVersion.V5, **kwargs)
+        self._one_at_a_time = asyncio.Lock()
+        self._refusal: ReasonCode | None = None
+
+    def _on_publish(
+        self,
+        client: paho.Client,
+        userdata: Any,
+        mid: int,
+        reason_code: ReasonCode,
+        properties: Properties,
+    ) -> None:
+        if reason_code.is_failure and mid in self._pending_publishes:
+            self._refusal = reason_code
+        super()._on_publish(client, userdata, mid, reason_code, properties)
+
+    async def publish_checked(
+        self, topic: str, payload: bytes, qos: int, retain: bool = False
+    ) -> ReasonCode | None:
+        """Publish; the broker's reason for refusing it, or None if accepted (or QoS 0)."""
+        async with self._one_at_a_time:
+            self._refusal = None
+            await self.publish(topic, payload, qos=qos, retain=retain)
+            return self._refusal
+
+
+class LastError(logging.Filter):
+    """Remembers the last error paho logged: during a TLS handshake the broker's alert
+    (a client certificate required, say) is logged there and the connect call just times out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.message: str | None = None
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR:
+            self.message = record.getMessage()
+        return True
+
+
+def describe_connect_error(err: BaseException, logged: str | None = None) -> str:
+    """A one-line reason for a failed connection, with a hint where the cause is clear.
+
+    `logged` is the last error the MQTT library logged while connecting, if any.
+    """
+    reason = str(err) or type(err).__name__
+    if isinstance(err, TimeoutError) and logged:
+        reason = f"{logged}, then no answer (TimeoutError)"
+    if "CERTIFICATE_REQUIRED" in reason:
+        reason += "; the broker wants a client certificate: --mqtt-cert-file, --mqtt-key-file"
+    code = getattr(err, "rc", None)
+    if isinstance(err, MqttConnectError) and isinstance(code, ReasonCode):
+        reason = f"the broker refused the connection: {code} (reason code {code.value})"
+        if code.value in (0x86, 0x87, 0x8C):  # bad user name or password, not authorized
+            reason += (
+                "; check the username and the password (--mqtt-password-file or "
+                f"${PASSWORD_ENV}) and the broker's password file"
+            )
+    elif "CERTIFICATE_VERIFY_FAILED" in reason or isinstance(err, ssl.SSLCertVerificationError):
+        reason = f"TLS: the broker's certificate was not accepted ({reason}); check --mqtt-ca-file"
+    return reason
+
+
 class MqttSink:
     """Publishes to a broker through the on-disk spool.
 
@@ -184,21 +298,26 @@ class MqttSink:
         self, settings: MqttSettings, client_id: str, stream_ids: list[str], spool: Spool
     ) -> None:
         assert settings.url is not None
-        self.address = parse_broker_url(settings.url, settings.password_file)
+        self.address = parse_broker_url(settings.url, settings.password_file, settings.username)
         self.settings = settings
         self.client_id = client_id
         self.spool = spool
         self.status_topic = f"{settings.topic_prefix}/status/{client_id}"
         self._offline = encode(status_message("offline", stream_ids, {}))
-        self._client: aiomqtt.Client | None = None
+        self._client: CheckedClient | None = None
         self._last_status: bytes | None = None
         self._last_state: str | None = None
+        self._final_status: dict[str, Any] | None = None
         self._closing = False
         self._wake = asyncio.Event()
         self._delivery: asyncio.Task[None] | None = None
+        self._denied_topics: set[str] = set()
+        self._paho_log = logging.getLogger(f"{__name__}.paho")
+        self._paho_errors = LastError()
         self.reconnects = 0
+        self.publish_denied = 0  # results the broker refused (ACL); dropped, not retried
 
-    def _make_client(self) -> aiomqtt.Client:
+    def _make_client(self) -> CheckedClient:
         tls = None
         if self.address.tls:
             tls = aiomqtt.TLSParameters(
@@ -207,7 +326,7 @@ class MqttSink:
                 keyfile=self.settings.key_file,
                 cert_reqs=ssl.CERT_REQUIRED,
             )
-        return aiomqtt.Client(
+        return CheckedClient(
             self.address.host,
             self.address.port,
             identifier=self.client_id,
@@ -217,10 +336,16 @@ class MqttSink:
             timeout=self.settings.connect_timeout_s,
             tls_params=tls,
             will=aiomqtt.Will(self.status_topic, self._offline, qos=1, retain=True),
+            logger=self._paho_log,
         )
 
     async def __aenter__(self) -> MqttSink:
-        await self._connect()
+        self._paho_log.addFilter(self._paho_errors)
+        try:
+            await self._connect()
+        except BaseException:
+            self._paho_log.removeFilter(self._paho_errors)
+            raise
         self._delivery = asyncio.create_task(self._deliver(), name="mqtt-delivery")
         return self
 
@@ -229,13 +354,17 @@ class MqttSink:
         self._wake.set()
         if self._delivery is not None:
             await self._delivery
-        offline = self._last_status if self._last_state == "offline" else self._offline
+        offline = self._offline  # the last will's text, or the final status with its counters
+        if self._final_status is not None:  # with delivery counters as they are now
+            counters = self._final_status["counters"] | self.counters()
+            offline = encode(self._final_status | {"counters": counters})
         if self._client is not None:
             try:
-                await self._client.publish(self.status_topic, offline, qos=1, retain=True)
+                await self._publish_status(offline)
             except aiomqtt.MqttError as err:
                 log.warning("could not publish the offline status: %s", err)
         await self._disconnect()
+        self._paho_log.removeFilter(self._paho_errors)
         if len(self.spool):
             log.warning(
                 "%d result(s) not delivered are kept in %s for the next run",
@@ -250,6 +379,12 @@ class MqttSink:
         self.spool.append(kind, topic, QOS_BY_KIND[kind], encode(message))
         self._wake.set()
 
+    async def speaking(self, stream_id: str, message: dict[str, Any]) -> None:
+        """Retained on {prefix}/{stream_id}/speaking, through the spool (in order with results)."""
+        topic = f"{self.settings.topic_prefix}/{stream_id}/speaking"
+        self.spool.append("speaking", topic, 1, encode(message), retain=True)
+        self._wake.set()
+
     async def status(self, message: dict[str, Any]) -> None:
         """Retained; while disconnected only the latest is kept, sent on reconnect.
 
@@ -257,31 +392,54 @@ class MqttSink:
         """
         self._last_status = encode(message)
         self._last_state = message["state"]
-        if self._client is None or self._last_state == "offline":
+        if self._last_state == "offline":
+            self._final_status = dict(message)
+            return
+        if self._client is None:
             return
         try:
-            await self._client.publish(self.status_topic, self._last_status, qos=1, retain=True)
+            await self._publish_status(self._last_status)
         except aiomqtt.MqttError as err:
             log.debug("status not published now (%s); it will be after reconnecting", err)
 
     def counters(self) -> dict[str, int]:
-        """Spool size, spool drops and reconnections."""
-        return {"spool_waiting": len(self.spool), "reconnects": self.reconnects} | asdict(
-            self.spool.stats
-        )
+        """Spool size, spool drops, reconnections and results the broker refused."""
+        return {
+            "spool_waiting": len(self.spool),
+            "reconnects": self.reconnects,
+            "publish_denied": self.publish_denied,
+        } | asdict(self.spool.stats)
 
     async def _connect(self) -> None:
         client = self._make_client()  # a fresh client: no state left from a lost link
+        self._paho_errors.message = None
         try:
             async with asyncio.timeout(self.settings.connect_timeout_s):
                 await client.__aenter__()
         except (aiomqtt.MqttError, TimeoutError, OSError, ssl.SSLError) as err:
-            reason = str(err) or type(err).__name__
+            reason = describe_connect_error(err, self._paho_errors.message)
             raise PublishError(f"cannot connect to broker {self.address}: {reason}") from err
         self._client = client
         log.info("connected to %s as %s", self.address, self.client_id)
         if self._last_status is not None:
-            await client.publish(self.status_topic, self._last_status, qos=1, retain=True)
+            await self._publish_status(self._last_status)
+
+    async def _publish_status(self, payload: bytes) -> None:
+        assert self._client is not None
+        refusal = await self._client.publish_checked(self.status_topic, payload, 1, retain=True)
+        if refusal is not None:
+            self._refused(self.status_topic, refusal, "status")
+
+    def _refused(self, topic: str, reason: ReasonCode, what: str) -> None:
+        """Log a refusal once per topic (the counter keeps the rest)."""
+        if topic not in self._denied_topics:
+            self._denied_topics.add(topic)
+            log.error(
+                "the broker refused a %s message on %s: %s (reason code %d); check the "
+                "broker's ACL for this user; such messages are dropped and counted "
+                "(publish_denied)",
+                what, topic, reason, reason.value,
+            )  # fmt: skip
 
     async def _disconnect(self) -> None:
         client, self._client = self._client, None
@@ -319,5 +477,9 @@ class MqttSink:
             self.reconnects += 1
         assert self._client is not None
         for message in batch:
-            await self._client.publish(message.topic, message.payload, qos=message.qos)
+            client = self._client
+            refusal = await client.publish_checked(message.topic, message.payload, message.qos)
+            if refusal is not None:  # final: retrying would be refused again
+                self.publish_denied += 1
+                self._refused(message.topic, refusal, message.kind)
             self.spool.remove(message.seq)

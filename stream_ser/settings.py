@@ -15,7 +15,9 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from stream_ser.alm.base import AlmOptions
 from stream_ser.errors import ConfigError
+from stream_ser.fusion import RULES
 
 FRAME_MS_CHOICES = (10, 20, 30)
 
@@ -51,6 +53,10 @@ class SourceSettings:
     realtime: bool = setting(False, "pace file input like a live stream", "--realtime")
     speed: float = setting(1.0, "with --realtime: play the file this many times faster", "--speed")
     chunk_ms: int = setting(100, "capture block length (ms)", "--chunk-ms")
+    mic_retries: int = setting(
+        3, "times a microphone that stopped or stalled is reopened before giving up"
+    )
+    mic_retry_delay_s: float = setting(1.0, "first wait before reopening it; doubles each try (s)")
     stream_id: str | None = setting(
         None, "stream id in results (default: file stem, 'stdin' or 'mic')", "--stream-id"
     )
@@ -60,6 +66,8 @@ class SourceSettings:
         _require(1 <= self.channels <= 64, "--channels must be between 1 and 64")
         _require(10 <= self.chunk_ms <= 1000, "--chunk-ms must be between 10 and 1000")
         _require(0.1 <= self.speed <= 1000, "--speed must be between 0.1 and 1000")
+        _require(0 <= self.mic_retries <= 100, "--source-mic-retries must be 0..100")
+        _require(0 < self.mic_retry_delay_s <= 60, "--source-mic-retry-delay-s must be 0..60")
         _require(self.stream_id != "", "--stream-id must not be empty")
         if self.stream_id is not None:
             _require(
@@ -134,8 +142,11 @@ class MqttSettings:
     ca_file: str | None = setting(None, "CA certificate file for mqtts:// (default: system CAs)")
     cert_file: str | None = setting(None, "client certificate file for mqtts://")
     key_file: str | None = setting(None, "client private key file for mqtts://")
+    username: str | None = setting(None, "broker username (default: the URL's user, if any)")
     password_file: str | None = setting(
-        None, "file holding the broker password (else $STREAM_SER_MQTT_PASSWORD or the URL)"
+        None,
+        "file whose first line is the broker password (else $STREAM_SER_MQTT_PASSWORD; "
+        "a password in the URL shows in process listings)",
     )
     keepalive_s: int = setting(30, "MQTT keep-alive (s)")
     connect_timeout_s: float = setting(10.0, "give up connecting after this long (s)")
@@ -166,6 +177,52 @@ class MqttSettings:
             path = getattr(self, name)
             flag = "--mqtt-" + name.replace("_", "-")
             _require(path is None or Path(path).is_file(), f"{flag}: no such file: {path}")
+        _require(self.username != "", "--mqtt-username must not be empty")
+        _require(
+            self.key_file is None or self.cert_file is not None,
+            "--mqtt-key-file needs --mqtt-cert-file",
+        )
+        tls_files = (self.ca_file, self.cert_file, self.key_file)
+        _require(  # a forgotten 's' must not silently send in clear text what was meant for TLS
+            self.url is None or self.url.startswith("mqtts://") or tls_files == (None,) * 3,
+            "--mqtt-ca-file/--mqtt-cert-file/--mqtt-key-file need an mqtts:// broker URL",
+        )
+
+
+@dataclass(frozen=True)
+class AlmSettings(AlmOptions):
+    """The audio-language-model stage (`alm` extra); every AlmOptions field is a setting."""
+
+    spec: str | None = setting(
+        None, "audio-language model KIND:PATH, KIND qwen2-audio, clap or openai", "--alm"
+    )
+
+    def options(self) -> AlmOptions:
+        """The backend and batcher options."""
+        return AlmOptions(**{item.name: getattr(self, item.name) for item in fields(AlmOptions)})
+
+
+@dataclass(frozen=True)
+class FusionSettings:
+    """How the final utterance result combines the recognizers."""
+
+    file: str | None = setting(
+        None, "fusion file (TOML; `stream-ser calibrate` writes one)", "--fusion"
+    )
+    rule: str | None = setting(None, "mean or geometric (default: the file's, else geometric)")
+    deadline_ms: int | None = setting(
+        None, "how long the final result waits for the ALM (default: the file's, else 3000)"
+    )
+
+    def __post_init__(self) -> None:
+        _require(self.rule is None or self.rule in RULES, f"--fusion-rule must be one of {RULES}")
+        _require(
+            self.deadline_ms is None or 0 <= self.deadline_ms <= 600_000,
+            "--fusion-deadline-ms must be 0..600000",
+        )
+        _require(
+            self.file is None or Path(self.file).is_file(), f"--fusion: no such file: {self.file}"
+        )
 
 
 @dataclass(frozen=True)
@@ -178,6 +235,9 @@ class OutputSettings:
     log_level: str = setting("info", "debug, info, warning or error", "--log-level")
     max_pending_windows: int = setting(
         8, "window jobs waiting for the model; more are dropped (counted)"
+    )
+    descriptors: bool = setting(
+        True, "publish eGeMAPS descriptors with each utterance (opensmile)", "--descriptors"
     )
 
     def __post_init__(self) -> None:
@@ -194,6 +254,8 @@ class Settings:
     vad: VadSettings = field(default_factory=VadSettings)
     model: ModelSettings = field(default_factory=ModelSettings)
     mqtt: MqttSettings = field(default_factory=MqttSettings)
+    alm: AlmSettings = field(default_factory=AlmSettings)
+    fusion: FusionSettings = field(default_factory=FusionSettings)
     output: OutputSettings = field(default_factory=OutputSettings)
 
 
@@ -202,12 +264,16 @@ SECTIONS: dict[str, type[Any]] = {
     "vad": VadSettings,
     "model": ModelSettings,
     "mqtt": MqttSettings,
+    "alm": AlmSettings,
+    "fusion": FusionSettings,
     "output": OutputSettings,
 }
 
+TOML_ONLY = {("alm", "api_key")}  # secrets never go on the command line
+
 
 def _flag(section: str, name: str, metadata: Any) -> str:
-    return metadata["flag"] or f"--{section}-{name}".replace("_", "-")
+    return metadata.get("flag") or f"--{section}-{name}".replace("_", "-")
 
 
 def _dest(section: str, name: str) -> str:
@@ -229,11 +295,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         group = parser.add_argument_group(f"[{section}] settings")
         hints = typing.get_type_hints(cls)
         for item in fields(cls):
+            if (section, item.name) in TOML_ONLY:
+                continue
             kind = _base_type(hints[item.name])
+            described = item.metadata.get("help", f"see docs/{section}.md")
             options: dict[str, Any] = {
                 "dest": _dest(section, item.name),
                 "default": argparse.SUPPRESS,
-                "help": f"{item.metadata['help']} (default: {_show(item.default)})",
+                "help": f"{described} (default: {_show(item.default)})",
             }
             if kind is bool:
                 options["action"] = argparse.BooleanOptionalAction
@@ -241,7 +310,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                 options["type"] = lambda text: tuple(p.strip() for p in text.split(",") if p)
             else:
                 options["type"] = kind
-            options.update(item.metadata["argparse"])
+            options.update(item.metadata.get("argparse", {}))
             group.add_argument(_flag(section, item.name, item.metadata), **options)
 
 

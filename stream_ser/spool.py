@@ -25,6 +25,7 @@ CREATE TABLE IF NOT EXISTS outbox (
     kind TEXT NOT NULL,
     topic TEXT NOT NULL,
     qos INTEGER NOT NULL,
+    retain INTEGER NOT NULL DEFAULT 0,
     payload BLOB NOT NULL
 )
 """
@@ -35,10 +36,11 @@ class Spooled:
     """One waiting message."""
 
     seq: int
-    kind: str  # "utterance" or "window"
+    kind: str  # "utterance", "window" or "speaking"
     topic: str
     qos: int
     payload: bytes
+    retain: bool = False
 
 
 @dataclass
@@ -74,26 +76,33 @@ class Spool:
     def __len__(self) -> int:
         return int(self._waiting)
 
-    def append(self, kind: str, topic: str, qos: int, payload: bytes) -> None:
-        """Store one message, applying the overflow rule first."""
+    def append(
+        self, kind: str, topic: str, qos: int, payload: bytes, retain: bool = False
+    ) -> None:
+        """Store one message, applying the overflow rule first (speaking changes count as
+        window results: they are the first to go)."""
         waiting = len(self)
-        if waiting >= self.max_messages and self._drop_oldest("window"):
+        if waiting >= self.max_messages and self._drop_oldest(("window", "speaking")):
             self.stats.spool_dropped_windows += 1
-        elif waiting >= self.hard_limit and self._drop_oldest("utterance"):
+        elif waiting >= self.hard_limit and self._drop_oldest(("utterance",)):
             self.stats.spool_dropped_utterances += 1
             log.error("spool full (%d): dropped the oldest utterance result", self.hard_limit)
         self._db.execute(
-            "INSERT INTO outbox (kind, topic, qos, payload) VALUES (?, ?, ?, ?)",
-            (kind, topic, qos, payload),
+            "INSERT INTO outbox (kind, topic, qos, retain, payload) VALUES (?, ?, ?, ?, ?)",
+            (kind, topic, qos, int(retain), payload),
         )
         self._waiting += 1
 
     def oldest(self, limit: int) -> list[Spooled]:
         """Up to `limit` waiting messages, oldest first."""
         rows = self._db.execute(
-            "SELECT seq, kind, topic, qos, payload FROM outbox ORDER BY seq LIMIT ?", (limit,)
+            "SELECT seq, kind, topic, qos, payload, retain FROM outbox ORDER BY seq LIMIT ?",
+            (limit,),
         ).fetchall()
-        return [Spooled(seq, kind, topic, qos, bytes(data)) for seq, kind, topic, qos, data in rows]
+        return [
+            Spooled(seq, kind, topic, qos, bytes(data), bool(retain))
+            for seq, kind, topic, qos, data, retain in rows
+        ]
 
     def remove(self, seq: int) -> None:
         """Forget a delivered message."""
@@ -104,9 +113,10 @@ class Spool:
         """Close the database; waiting messages stay for the next run."""
         self._db.close()
 
-    def _drop_oldest(self, kind: str) -> bool:
+    def _drop_oldest(self, kinds: tuple[str, ...]) -> bool:
+        marks = ", ".join("?" for _ in kinds)
         row = self._db.execute(
-            "SELECT seq FROM outbox WHERE kind = ? ORDER BY seq LIMIT 1", (kind,)
+            f"SELECT seq FROM outbox WHERE kind IN ({marks}) ORDER BY seq LIMIT 1", kinds
         ).fetchone()
         if row is None:
             return False

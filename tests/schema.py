@@ -32,7 +32,9 @@ def check_result(message: dict[str, Any], labels: tuple[str, ...] | None = None)
     assert not missing, f"missing fields {missing}"
     assert message["schema_version"] == 1
     assert message["type"] in ("window", "utterance")
-    assert message["final"] is (message["type"] == "utterance")
+    assert isinstance(message["final"], bool)
+    if message["type"] == "window":
+        assert message["final"] is False
     assert isinstance(message["utterance_id"], int) and message["utterance_id"] >= 1
     assert 0 <= message["start_ms"] < message["end_ms"]
     datetime.fromisoformat(message["wall_time"].replace("Z", "+00:00"))
@@ -46,8 +48,13 @@ def check_result(message: dict[str, Any], labels: tuple[str, ...] | None = None)
     assert math.isclose(message["top_probability"], distribution[top], abs_tol=1e-6)
     assert 0.0 <= message["entropy"] <= math.log2(len(distribution)) + 1e-6
     assert message["latency_ms"] >= 0
+    for axis in ("arousal", "valence"):
+        assert message[axis] is None or -1.0 <= message[axis] <= 1.0
     if message["type"] == "utterance":
         assert message["end_reason"] in ("silence", "max_length", "stream_end")
+    if message["final"]:
+        assert isinstance(message["flags"], list)
+        assert "specialist" in message["sources"]
 
 
 def parse_lines(stdout: str) -> list[dict[str, Any]]:
@@ -57,4 +64,4 @@ def parse_lines(stdout: str) -> list[dict[str, Any]]:
 
 def utterances(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Only the final utterance results."""
-    return [m for m in messages if m["type"] == "utterance"]
+    return [m for m in messages if m["type"] == "utterance" and m["final"]]

@@ -21,12 +21,15 @@ class GatedSpecialist:
         self.gate = threading.Event()
         self.fail_on = fail_on
 
-    def predict(self, batch: Sequence[np.ndarray]) -> np.ndarray:
+    def predict_windows(self, batch: Sequence[np.ndarray], baseline: object) -> np.ndarray:
         self.gate.wait(timeout=10)
         self.batches.append([int(clip[0]) for clip in batch])
         if self.fail_on is not None and int(batch[0][0]) == self.fail_on:
             raise ModelError("boom")
         return np.array([[clip[0], 1.0] for clip in batch])
+
+    def analyze(self, batch: Sequence[np.ndarray], baseline: object) -> tuple[np.ndarray, None]:
+        return self.predict_windows(batch, baseline), None
 
 
 def job(kind: str, tag: int, samples: int = 1600) -> Job:
@@ -48,7 +51,7 @@ async def test_waiting_windows_of_one_length_share_a_model_call() -> None:
         specialist.gate.set()
         results = await collect([first, *windows, odd])
     assert specialist.batches == [[0], [1, 2, 3, 4], [9]]
-    assert [row[0] for row in results] == [0, 1, 2, 3, 4, 9]
+    assert [scored.probabilities[0] for scored in results] == [0, 1, 2, 3, 4, 9]
 
 
 async def test_too_many_waiting_windows_drop_the_oldest_never_utterances() -> None:
@@ -62,7 +65,7 @@ async def test_too_many_waiting_windows_drop_the_oldest_never_utterances() -> No
         specialist.gate.set()
         results = await collect([busy, *futures])
     assert results[1] is None  # window 1 was the oldest window when window 4 arrived
-    assert [r[0] for r in results if r is not None] == [0, 2, 3, 4, 5]
+    assert [r.probabilities[0] for r in results if r is not None] == [0, 2, 3, 4, 5]
 
 
 async def test_model_error_reaches_only_its_job() -> None:
@@ -71,5 +74,5 @@ async def test_model_error_reaches_only_its_job() -> None:
     async with Recognizer(specialist) as recognizer:  # type: ignore[arg-type]
         futures = [recognizer.submit(job("utterance", tag, 800 + tag)) for tag in (1, 2, 3)]
         results = await collect(futures)
-    assert results[0][0] == 1 and results[2][0] == 3
+    assert results[0].probabilities[0] == 1 and results[2].probabilities[0] == 3
     assert isinstance(results[1], ModelError)

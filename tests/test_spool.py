@@ -63,12 +63,13 @@ class Subscriber:
         self.broker = broker
         self.messages: list[dict[str, Any]] = []
         self.offline = asyncio.Event()
+        self.identifier = f"spool-sub-{id(self)}"
 
     async def run(self) -> None:
         while True:
             try:
                 async with aiomqtt.Client(
-                    "127.0.0.1", self.broker.port, identifier="spool-sub", clean_session=False
+                    "127.0.0.1", self.broker.port, identifier=self.identifier, clean_session=False
                 ) as client:
                     await client.subscribe(f"{PREFIX}/#", qos=1)
                     async for message in client.messages:
@@ -136,18 +137,25 @@ async def test_results_spooled_while_down_are_delivered_by_the_next_run(
                "restarted", "--mqtt-spool-dir", str(spool_dir), "--no-model-windows",
                "--mqtt-connect-timeout-s", "2"]  # fmt: skip
     # a run whose broker vanishes right after start-up keeps its results on disk
+    watcher = Subscriber(broker)
+    watching = asyncio.create_task(watcher.run())
     process = subprocess.Popen(
         [sys.executable, "-m", "stream_ser", "run", "--input", str(path), "--realtime", "--speed",
          "3", "--mqtt", broker.url, *options],
         cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )  # fmt: skip
-    await asyncio.sleep(1.0)
+    async with asyncio.timeout(60):  # connected: its online status arrived
+        while not any(m.get("state") == "online" for m in watcher.messages):
+            await asyncio.sleep(0.05)
+    watching.cancel()
     broker.stop()
     _, stderr = await asyncio.to_thread(process.communicate, timeout=120)
     assert process.returncode == 0, stderr.decode()
     assert b"kept in" in stderr
     spool = Spool(spool_dir / "restarted.sqlite3")
-    assert len(spool) == clip_count
+    kept = spool.oldest(1000)
+    assert [m.kind for m in kept].count("utterance") == clip_count
+    assert {m.kind for m in kept} == {"utterance", "speaking"}  # speaking changes wait too
     spool.close()
 
     broker.start()

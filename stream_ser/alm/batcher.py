@@ -99,7 +99,13 @@ class AlmBatcher:
         self, exc_type: type[BaseException] | None, exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if exc_type is None:
+        await self.close(drain=exc_type is None)
+
+    async def close(self, drain: bool = True) -> None:
+        """Stop the worker; with `drain`, first finish every queued utterance. Without it,
+        queued utterances get a flagged "shutdown" result at once (a model call in progress
+        still finishes in its thread)."""
+        if drain:
             await self.drain()
         await self._stop()
 

@@ -1,0 +1,130 @@
+"""The ALM stage in the running pipeline: provisional then final results, fusion, deadlines.
+
+The ALM is a local fake of an OpenAI-compatible server (tools/fake_openai_alm.py) reached over
+real HTTP by the real remote backend; the CLI runs as a subprocess.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from alm.alm_helpers import tool
+from conftest import LABELS, run_cli
+from schema import check_result, parse_lines
+
+fake = tool("fake_openai_alm")
+
+
+def run_with_alm(path: Path, model: Path, url: str, *extra: str) -> list[dict[str, Any]]:
+    done = run_cli(
+        "run", "--input", str(path), "--model", str(model), "--no-model-windows",
+        "--alm", f"openai:{url}", "--alm-max-wait-ms", "20", *extra,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    messages = parse_lines(done.stdout)
+    for message in messages:
+        check_result(message)
+    return messages
+
+
+def by_stage(messages: list[dict[str, Any]]) -> tuple[list[dict], list[dict]]:
+    provisional = [m for m in messages if m["type"] == "utterance" and not m["final"]]
+    finals = [m for m in messages if m["type"] == "utterance" and m["final"]]
+    return provisional, finals
+
+
+def test_provisional_then_one_fused_final_per_utterance(
+    tiny_model: Path, speech_with_pauses: tuple[Path, int]
+) -> None:
+    path, clip_count = speech_with_pauses
+    with fake.FakeOpenAIServer(latency_s=0.05) as server:
+        messages = run_with_alm(path, tiny_model, server.url)
+        assert len(server.requests) >= clip_count  # every utterance reached the ALM
+    provisional, finals = by_stage(messages)
+    assert [m["utterance_id"] for m in provisional] == list(range(1, clip_count + 1))
+    assert [m["utterance_id"] for m in finals] == list(range(1, clip_count + 1))
+    for early, final in zip(provisional, finals, strict=True):
+        assert messages.index(early) < messages.index(final)
+        assert early["id"] != final["id"]
+        assert final["flags"] == []
+        alm = final["sources"]["alm"]
+        assert alm["ok"] is True and alm["backend"].startswith("openai:")
+        assert (alm["audio_repeats"], alm["text_repeats"], alm["cue_mode"]) == (1, 1, "none")
+        assert alm["latency_ms"] >= 50
+        assert final["fusion"]["sources"] == ["specialist", "alm"]
+        specialist = final["sources"]["specialist"]["distribution"]
+        assert specialist == early["distribution"]
+        assert tuple(final["distribution"]) == LABELS
+        # the geometric mean of the two sources, renormalised
+        alm_p = np.maximum([alm["distribution"][k] for k in LABELS], 1e-6)
+        expected = np.sqrt(np.maximum([specialist[k] for k in LABELS], 1e-6) * alm_p)
+        np.testing.assert_allclose(
+            [final["distribution"][k] for k in LABELS], expected / expected.sum(), atol=2e-5
+        )
+        assert "descriptors" in final
+
+
+def test_slow_alm_meets_the_deadline_with_flagged_specialist_only_results(
+    tiny_model: Path, speech_with_pauses: tuple[Path, int]
+) -> None:
+    path, clip_count = speech_with_pauses
+    with fake.FakeOpenAIServer(latency_s=4.0) as server:
+        started = time.monotonic()
+        messages = run_with_alm(
+            path, tiny_model, server.url, "--fusion-deadline-ms", "400", "--alm-max-batch", "1"
+        )
+        elapsed_s = time.monotonic() - started
+    provisional, finals = by_stage(messages)
+    assert len(finals) == clip_count
+    for early, final in zip(provisional, finals, strict=True):
+        assert final["flags"] == ["alm_deadline", "specialist_only"]
+        assert final["sources"]["alm"]["ok"] is False
+        assert final["fusion"]["sources"] == ["specialist"]
+        np.testing.assert_allclose(
+            list(final["distribution"].values()), list(early["distribution"].values()), atol=1e-5
+        )
+        assert 400 <= final["latency_ms"] < 2000  # the deadline, not the ALM, decides
+    # answering every utterance would take the ALM >= 3 utterances x 3 templates x 4 s = 36 s;
+    # the run ends long before (only the one request in flight at exit is waited for)
+    assert elapsed_s < 25
+
+
+def test_failing_alm_gives_flagged_results(
+    tiny_model: Path, speech_with_pauses: tuple[Path, int]
+) -> None:
+    path, clip_count = speech_with_pauses
+    with fake.FakeOpenAIServer(fail_status=500) as server:
+        messages = run_with_alm(path, tiny_model, server.url)
+    _, finals = by_stage(messages)
+    assert len(finals) == clip_count
+    for final in finals:
+        assert final["flags"] == ["alm_failed", "specialist_only"]
+        assert "500" in final["sources"]["alm"]["error"]
+
+
+def test_fusion_file_weights_and_mapping(
+    tmp_path: Path, tiny_model: Path, speech_with_pauses: tuple[Path, int]
+) -> None:
+    path, _ = speech_with_pauses
+    fusion = tmp_path / "fusion.toml"
+    fusion.write_text(
+        'labels = ["neutral", "happy", "sad", "angry"]\nrule = "mean"\n'
+        "[sources.specialist]\nweight = 0.0\n"
+        '[sources.specialist.mapping]\ncalm = "neutral"\nfearful = ""\ndisgust = ""\n'
+        'surprise = ""\n[sources.alm]\nweight = 1.0\n'
+    )
+    with fake.FakeOpenAIServer() as server:
+        messages = run_with_alm(path, tiny_model, server.url, "--fusion", str(fusion))
+    _, finals = by_stage(messages)
+    for final in finals:
+        assert tuple(final["distribution"]) == ("neutral", "happy", "sad", "angry")
+        alm = final["sources"]["alm"]["distribution"]  # the ALM was asked the output labels
+        assert tuple(alm) == ("neutral", "happy", "sad", "angry")
+        # specialist weight 0: the final is the ALM's distribution
+        np.testing.assert_allclose(
+            list(final["distribution"].values()), list(alm.values()), atol=2e-5
+        )
+        assert final["fusion"]["dropped_mass"]["specialist"] > 0
