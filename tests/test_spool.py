@@ -63,6 +63,7 @@ class Subscriber:
         self.broker = broker
         self.messages: list[dict[str, Any]] = []
         self.offline = asyncio.Event()
+        self.online = asyncio.Event()
         self.identifier = f"spool-sub-{id(self)}"
 
     async def run(self) -> None:
@@ -78,6 +79,8 @@ class Subscriber:
                         self.messages.append(payload)
                         if payload.get("state") == "offline" and payload.get("counters"):
                             self.offline.set()
+                        if payload.get("state") == "online":
+                            self.online.set()
             except aiomqtt.MqttError:
                 await asyncio.sleep(0.2)
 
@@ -145,8 +148,7 @@ async def test_results_spooled_while_down_are_delivered_by_the_next_run(
         cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )  # fmt: skip
     async with asyncio.timeout(60):  # connected: its online status arrived
-        while not any(m.get("state") == "online" for m in watcher.messages):
-            await asyncio.sleep(0.05)
+        await watcher.online.wait()
     watching.cancel()
     broker.stop()
     _, stderr = await asyncio.to_thread(process.communicate, timeout=120)
