@@ -48,9 +48,9 @@ def _functionals(loudness: float, pitch: float = 30.0) -> acoustics.Functionals:
 
 def test_cues_are_relative_to_the_speaker_once_the_baseline_forms() -> None:
     baseline = acoustics.SpeakerBaseline(min_count=3)
-    quiet_speaker = [_functionals(0.2), _functionals(0.25), _functionals(0.3)]
-    probe = _functionals(0.45)
-    assert acoustics.cue_tokens(probe, baseline).levels()["loudness"] == "quiet"  # population
+    quiet_speaker = [_functionals(0.1), _functionals(0.12), _functionals(0.15)]
+    probe = _functionals(0.4)  # about the population's mean loudness
+    assert acoustics.cue_tokens(probe, baseline).levels()["loudness"] == "moderate"
     assert acoustics.cue_tokens(probe, baseline).baseline == "population"
     for functionals in quiet_speaker:
         baseline.update(functionals)
