@@ -40,7 +40,7 @@ def test_welford_matches_numpy() -> None:
 
 
 def _functionals(loudness: float, pitch: float = 30.0) -> acoustics.Functionals:
-    values = {spec.feature: spec.population_mean for spec in acoustics.CUES}
+    values = {spec.feature: spec.population_mean for spec in acoustics.ALL_SPECS}
     values[acoustics.VOICING_FEATURE] = pitch
     values["loudness_sma3_amean"] = loudness
     return acoustics.Functionals(values=values, duration_ms=1000)
