@@ -19,9 +19,12 @@ from typing import Any
 from stream_ser import __version__, evaluate, plot, tail
 from stream_ser.alm.base import AlmBackend
 from stream_ser.alm.batcher import AlmBatcher
+from stream_ser.discovery import discovery_messages
 from stream_ser.errors import ConfigError, StreamSerError
 from stream_ser.fusion import FusionConfig, load_fusion
+from stream_ser.logs import configure_logging
 from stream_ser.messages import StreamInfo
+from stream_ser.metrics import Metrics
 from stream_ser.pipeline import (
     Analyzer,
     Recognizer,
@@ -92,15 +95,9 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(), format="stream-ser: %(levelname)s: %(message)s", stream=sys.stderr
-    )
-
-
 def _run_command(args: argparse.Namespace) -> int:
     settings = build_settings(args)
-    _configure_logging(settings.output.log_level)
+    configure_logging(settings.output.log_level, settings.output.log_json)
     if settings.source.input is None and settings.source.mic is None:
         raise ConfigError("no audio source: give --input FILE, --input - or --mic [DEVICE]")
     if settings.source.input is not None and settings.source.mic is not None:
@@ -185,8 +182,11 @@ async def _run(settings: Settings, specialist: Specialist, sink: Sink, stream_id
             windows=settings.model.windows,
             source_stats=stats,
         )
+        metrics = await _serve_metrics(settings, stack)
+        stream.observer = metrics
         async with sink:
-            await run_streams([stream], sink, stop, settings.mqtt.status_interval_s)
+            await _announce(settings, sink, [stream_id])
+            await run_streams([stream], sink, stop, settings.mqtt.status_interval_s, metrics)
     if analyzer is not None:
         analyzer.close()
     counters = stream.counters
@@ -194,6 +194,30 @@ async def _run(settings: Settings, specialist: Specialist, sink: Sink, stream_id
         "done: %d utterance(s), %d window(s), %d window(s) dropped, %d model error(s)",
         counters.utterances, counters.windows, counters.windows_dropped, counters.model_errors,
     )  # fmt: skip
+
+
+async def _serve_metrics(settings: Settings, stack: contextlib.AsyncExitStack) -> Metrics | None:
+    """The Prometheus endpoint, when --metrics-port is given."""
+    if settings.metrics.port is None:
+        return None
+    metrics = Metrics()
+    server = stack.enter_context(metrics.serve(settings.metrics.host, settings.metrics.port))
+    log.info("metrics on http://%s:%d/metrics", settings.metrics.host, server.port)
+    return metrics
+
+
+async def _announce(settings: Settings, sink: Sink, stream_ids: list[str]) -> None:
+    """Home Assistant discovery configs, retained, when --ha-discovery is given."""
+    if not settings.ha.discovery or settings.mqtt.url is None:
+        return
+    for stream_id in stream_ids:
+        client_id = settings.mqtt.client_id or default_client_id(stream_id)
+        status_topic = f"{settings.mqtt.topic_prefix}/status/{client_id}"
+        for topic, payload in discovery_messages(
+            settings.mqtt.topic_prefix, stream_id, status_topic,
+            settings.ha.discovery_prefix, settings.ha.device_name,
+        ):  # fmt: skip
+            await sink.announce(topic, payload)
 
 
 def _devices_command(args: argparse.Namespace) -> int:

@@ -6,7 +6,7 @@ Published retained (QoS 1) under `{discovery_prefix}/{component}/{node_id}/{obje
                               distribution as attributes
     sensor          arousal   expected arousal of the latest final utterance, -1..1
     sensor          valence   expected valence of the latest final utterance, -1..1
-    binary_sensor   speaking  `ON`/`OFF` from the retained `{prefix}/{stream_id}/speaking`
+    binary_sensor   speaking  from the retained `{prefix}/{stream_id}/speaking` JSON (`speaking`)
 
 Every entity is available while the retained status of the publishing process says `online`
 (the status is JSON; the availability template reads its `state`), so a crash or a clean exit
@@ -149,6 +149,7 @@ def discovery_configs(
             "name": "Speaking",
             "device_class": "sound",
             "state_topic": f"{prefix}/{stream_id}/speaking",
+            "value_template": "{{ 'ON' if value_json.speaking else 'OFF' }}",
             "payload_on": "ON",
             "payload_off": "OFF",
         }),

@@ -27,11 +27,11 @@ import secrets
 import signal
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
@@ -92,6 +92,7 @@ class Counters:
     windows_dropped: int = 0  # skipped because the specialist fell behind
     short_segments: int = 0  # voiced blips below min_utterance_ms
     model_errors: int = 0
+    lag_ms: int = 0  # now: how far capture is behind real time (a gauge, not a count)
 
 
 class Windower:
@@ -138,6 +139,7 @@ class Scored:
 
     probabilities: np.ndarray  # float64, one per label
     embedding: np.ndarray | None  # adaptive models' pooled embedding (utterances only)
+    model_ms: float  # inference time of the model call that held this job
 
 
 Outcome = Scored | None  # None: a window dropped by the overflow rule
@@ -213,11 +215,15 @@ class Recognizer:
         """Runs in the inference thread."""
         first = batch[0].job
         samples = [queued.job.samples for queued in batch]
+        started = time.perf_counter()
         if first.kind == "window":
             rows = self.specialist.predict_windows(samples, first.baseline)
-            return [Scored(row, None) for row in rows]
+            model_ms = (time.perf_counter() - started) * 1000
+            return [Scored(row, None, model_ms) for row in rows]
         probabilities, embeddings = self.specialist.analyze(samples, first.baseline)
-        return [Scored(probabilities[0], None if embeddings is None else embeddings[0])]
+        model_ms = (time.perf_counter() - started) * 1000
+        embedding = None if embeddings is None else embeddings[0]
+        return [Scored(probabilities[0], embedding, model_ms)]
 
     def _take_batch(self) -> list[_Queued]:
         """The oldest job, plus every waiting window that can share its model call."""
@@ -254,6 +260,22 @@ class Analyzer:
     def close(self) -> None:
         """Stop the thread once the work queued so far is done."""
         self._executor.shutdown(wait=True)
+
+
+class Observer(Protocol):
+    """Receives what the pipeline publishes and counts (the Prometheus exporter is one)."""
+
+    def observe_result(self, stream_id: str, message: Mapping[str, Any]) -> None:
+        """One published result."""
+
+    def update_counters(self, stream_id: str, counters: Mapping[str, int | float]) -> None:
+        """A stream's counters, as on the status topic."""
+
+    def update_sink_counters(self, counters: Mapping[str, int | float]) -> None:
+        """The sink's delivery counters."""
+
+    def set_health(self, ok: bool, reason: str = "") -> None:
+        """Whether the process is healthy."""
 
 
 @dataclass
@@ -300,8 +322,10 @@ class StreamPipeline:
     windows: bool = True
     source_stats: SourceStats = field(default_factory=SourceStats)
     counters: Counters = field(default_factory=Counters)
+    observer: Observer | None = None
 
     def __post_init__(self) -> None:
+        self._origin_s: float | None = None  # monotonic time of the stream's time zero
         adaptation = self.recognizer.specialist.card.adaptation
         self.baseline = StreamBaseline(adaptation) if adaptation is not None else None
         self.acoustics = StreamAcoustics() if self.stages.analyzer is not None else None
@@ -325,10 +349,19 @@ class StreamPipeline:
         self.counters.short_segments = self.segmenter.short_segments
         return asdict(self.counters) | asdict(self.source_stats)
 
+    def _track_lag(self, chunk: AudioChunk) -> None:
+        """Lag: how far capture is behind real time (0 for a file read faster than that)."""
+        end_s = (chunk.start_ms + len(chunk.samples) * 1000 // SAMPLE_RATE) / 1000
+        now_s = time.monotonic()
+        if self._origin_s is None:
+            self._origin_s = now_s - end_s
+        self.counters.lag_ms = max(0, round((now_s - self._origin_s - end_s) * 1000))
+
     async def _capture(self, pending: asyncio.Queue[Pending | None], stop: asyncio.Event) -> None:
         windower = Windower(self.window_ms, self.hop_ms)
         try:
-            async for event in segment(until_stopped(self.source, stop), self.segmenter):
+            chunks = until_stopped(self.source, stop, self._track_lag)
+            async for event in segment(chunks, self.segmenter):
                 await self._speaking(event)
                 for job in self._jobs(event, windower):
                     await pending.put(self._submit(job))
@@ -382,13 +415,15 @@ class StreamPipeline:
             scored, error = await self._scored(job, future)
             if job.kind == "window":
                 if scored is not None:
-                    await self._send(job, scored.probabilities, "window", {})
+                    timing = {"model_ms": round(scored.model_ms, 3)}
+                    await self._send(job, scored.probabilities, "window", timing)
                     self.counters.windows += 1
                 continue
             if scored is not None and self.baseline is not None and scored.embedding is not None:
                 self.baseline.update(scored.embedding)
             if scored is not None and self.stages.has_alm:
-                await self._send(job, scored.probabilities, "provisional", {})
+                timing = {"model_ms": round(scored.model_ms, 3)}
+                await self._send(job, scored.probabilities, "provisional", timing)
             await finals.put(_Final(job, scored, error, analysis, alm))
         await finals.put(None)
 
@@ -415,6 +450,8 @@ class StreamPipeline:
                 self.stream, self.stages.fusion, item.scored, item.specialist_error,
                 item.alm is not None, alm, analysis,
             )  # fmt: skip
+            if item.scored is not None:
+                extras["model_ms"] = round(item.scored.model_ms, 3)
             await self._send(item.job, probabilities, "final", extras, self.stages.fusion.labels)
             self.counters.utterances += 1
 
@@ -432,7 +469,10 @@ class StreamPipeline:
             (time.monotonic() - job.ready_s) * 1000, job.reason,
         )  # fmt: skip
         message = result_message(self.stream, result, stage, labels) | extras
+        message["lag_ms"] = self.counters.lag_ms
         await self.sink.result(self.stream_id, message)
+        if self.observer is not None:
+            self.observer.observe_result(self.stream_id, message)
 
 
 async def _ask_alm(
@@ -468,9 +508,11 @@ def _retrieve(future: asyncio.Future[Any]) -> None:
 
 
 async def until_stopped(
-    source: AsyncIterator[AudioChunk], stop: asyncio.Event
+    source: AsyncIterator[AudioChunk],
+    stop: asyncio.Event,
+    on_chunk: Callable[[AudioChunk], None] | None = None,
 ) -> AsyncIterator[AudioChunk]:
-    """The source's chunks until it ends or `stop` is set."""
+    """The source's chunks until it ends or `stop` is set; `on_chunk` sees each one first."""
     chunks = aiter(source)
     stopping = asyncio.ensure_future(stop.wait())
     try:
@@ -482,9 +524,12 @@ async def until_stopped(
                 await asyncio.gather(next_chunk, return_exceptions=True)
                 return
             try:
-                yield next_chunk.result()
+                chunk = next_chunk.result()
             except StopAsyncIteration:
                 return
+            if on_chunk is not None:
+                on_chunk(chunk)
+            yield chunk
     finally:
         stopping.cancel()
 
@@ -494,12 +539,19 @@ async def run_streams(
     sink: Sink,
     stop: asyncio.Event,
     status_interval_s: float = 10.0,
+    observer: Observer | None = None,
 ) -> None:
     """Run every stream to its end, with the retained status kept up to date."""
 
     def status(state: str) -> dict[str, Any]:
         counters = {s.stream_id: s.status_counters() for s in streams}
-        totals = _totals(counters) | sink.counters()
+        sink_counters = sink.counters()
+        if observer is not None:
+            for stream_id, values in counters.items():
+                observer.update_counters(stream_id, values)
+            observer.update_sink_counters(sink_counters)
+            observer.set_health(state == "online", state)
+        totals = _totals(counters) | sink_counters
         return status_message(state, [s.stream_id for s in streams], totals, counters)
 
     async def report() -> None:

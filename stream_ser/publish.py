@@ -126,6 +126,9 @@ class Sink(Protocol):
     async def speaking(self, stream_id: str, message: dict[str, Any]) -> None:
         """Deliver a stream's voice-activity change."""
 
+    async def announce(self, topic: str, payload: bytes) -> None:
+        """Publish a retained configuration message (Home Assistant discovery)."""
+
     def counters(self) -> dict[str, int]:
         """Delivery counters for the status topic."""
         return {}
@@ -151,6 +154,9 @@ class JsonlSink:
 
     async def speaking(self, stream_id: str, message: dict[str, Any]) -> None:
         """Voice activity is not written to stdout (it is not a result)."""
+
+    async def announce(self, topic: str, payload: bytes) -> None:
+        """Nothing to announce to on stdout."""
 
     def counters(self) -> dict[str, int]:
         """Nothing to count."""
@@ -191,6 +197,11 @@ class TeeSink:
         """To each sink."""
         for sink in self._sinks:
             await sink.speaking(stream_id, message)
+
+    async def announce(self, topic: str, payload: bytes) -> None:
+        """To each sink."""
+        for sink in self._sinks:
+            await sink.announce(topic, payload)
 
     def counters(self) -> dict[str, int]:
         """Every sink's counters."""
@@ -385,6 +396,11 @@ class MqttSink:
         self.spool.append("speaking", topic, 1, encode(message), retain=True)
         self._wake.set()
 
+    async def announce(self, topic: str, payload: bytes) -> None:
+        """Retained QoS 1, through the spool like results."""
+        self.spool.append("announce", topic, 1, payload, retain=True)
+        self._wake.set()
+
     async def status(self, message: dict[str, Any]) -> None:
         """Retained; while disconnected only the latest is kept, sent on reconnect.
 
@@ -478,7 +494,9 @@ class MqttSink:
         assert self._client is not None
         for message in batch:
             client = self._client
-            refusal = await client.publish_checked(message.topic, message.payload, message.qos)
+            refusal = await client.publish_checked(
+                message.topic, message.payload, message.qos, retain=message.retain
+            )
             if refusal is not None:  # final: retrying would be refused again
                 self.publish_denied += 1
                 self._refused(message.topic, refusal, message.kind)

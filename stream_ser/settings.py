@@ -18,6 +18,7 @@ from typing import Any
 from stream_ser.alm.base import AlmOptions
 from stream_ser.errors import ConfigError
 from stream_ser.fusion import RULES
+from stream_ser.metrics import MetricsSettings
 
 FRAME_MS_CHOICES = (10, 20, 30)
 
@@ -226,6 +227,23 @@ class FusionSettings:
 
 
 @dataclass(frozen=True)
+class HomeAssistantSettings:
+    """Home Assistant MQTT discovery (needs --mqtt)."""
+
+    discovery: bool = setting(
+        False, "publish retained Home Assistant discovery configs for each stream", "--ha-discovery"
+    )
+    discovery_prefix: str = setting("homeassistant", "Home Assistant's discovery topic prefix")
+    device_name: str | None = setting(None, "device name shown in Home Assistant")
+
+    def __post_init__(self) -> None:
+        _require(
+            bool(self.discovery_prefix) and not any(c in self.discovery_prefix for c in "#+"),
+            "--ha-discovery-prefix must be non-empty and contain no '#' or '+'",
+        )
+
+
+@dataclass(frozen=True)
 class OutputSettings:
     """Local output and logging."""
 
@@ -233,6 +251,7 @@ class OutputSettings:
         False, "write results as JSON Lines on stdout (even with --mqtt)", "--jsonl"
     )
     log_level: str = setting("info", "debug, info, warning or error", "--log-level")
+    log_json: bool = setting(False, "log JSON lines on stderr (for log collectors)", "--log-json")
     max_pending_windows: int = setting(
         8, "window jobs waiting for the model; more are dropped (counted)"
     )
@@ -256,6 +275,8 @@ class Settings:
     mqtt: MqttSettings = field(default_factory=MqttSettings)
     alm: AlmSettings = field(default_factory=AlmSettings)
     fusion: FusionSettings = field(default_factory=FusionSettings)
+    ha: HomeAssistantSettings = field(default_factory=HomeAssistantSettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
     output: OutputSettings = field(default_factory=OutputSettings)
 
 
@@ -266,6 +287,8 @@ SECTIONS: dict[str, type[Any]] = {
     "mqtt": MqttSettings,
     "alm": AlmSettings,
     "fusion": FusionSettings,
+    "ha": HomeAssistantSettings,
+    "metrics": MetricsSettings,
     "output": OutputSettings,
 }
 
