@@ -16,7 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from stream_ser import __version__, evaluate, plot, tail
+from stream_ser import __version__, evaluate, fusion_eval, plot, tail
 from stream_ser.alm.base import AlmBackend
 from stream_ser.alm.batcher import AlmBatcher
 from stream_ser.discovery import discovery_messages
@@ -90,9 +90,54 @@ def _parser() -> argparse.ArgumentParser:
     scores = commands.add_parser("eval", help="evaluate a model on a labelled manifest of clips")
     evaluate.add_arguments(scores)
     scores.set_defaults(command=evaluate.eval_command)
+    calibrate = commands.add_parser(
+        "calibrate", help="learn fusion weights and temperatures on a development manifest"
+    )
+    _calibrate_arguments(calibrate)
+    calibrate.set_defaults(command=fusion_eval.calibrate_command)
     plot.register(commands)
     tail.register(commands)
     return parser
+
+
+def _calibrate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("manifest", metavar="DEV.csv", help="development manifest path,label[,...]")
+    parser.add_argument("--out", "-o", required=True, metavar="FUSION.toml", help="file to write")
+    parser.add_argument("--root", metavar="DIR", help="clip paths are relative to DIR")
+    parser.add_argument("--model", metavar="DIR", help="specialist directory (default: bundled)")
+    parser.add_argument("--adapt", choices=("auto", "stream", "none"), default="auto",
+                        help="speaker adaptation while scoring (as in eval)")  # fmt: skip
+    parser.add_argument("--per-class", action="store_true", help="also learn per-class weights")
+    parser.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads")
+    fusion_eval.add_source_arguments(parser)
+
+
+def source_settings(args: argparse.Namespace) -> Settings:
+    """The [alm] and [fusion] settings of `eval` and `calibrate`."""
+    return build_settings(args)
+
+
+def load_recognizers(
+    settings: Settings, model: str | None, extras: Sequence[str], threads: int = 1
+) -> tuple[fusion_eval.Recognizers, FusionConfig]:
+    """The specialist, further specialists and ALM that `eval`/`calibrate` run, and the base
+    fusion settings (the fusion file's, or defaults on the specialist's labels)."""
+    specialist = _load_specialist(model, threads)
+    fusion = _fusion_config(settings, specialist.labels)
+    recognizers = fusion_eval.Recognizers(
+        specialist,
+        [_load_specialist(path, threads) for path in extras],
+        _load_alm(settings, fusion.labels),
+        settings.alm.max_batch,
+    )
+    return recognizers, fusion
+
+
+def _load_specialist(path: str | None, threads: int = 1) -> Specialist:
+    model_dir = Path(path) if path else bundled_model_dir()
+    if not model_dir.is_dir():
+        raise ConfigError(f"--model: no such model directory: {model_dir}")
+    return Specialist(model_dir, intra_op_threads=threads)
 
 
 def _run_command(args: argparse.Namespace) -> int:

@@ -37,6 +37,7 @@ ADAPT_CHOICES = ("auto", "stream", "none")
 ECE_BINS = 15
 PROGRESS_MIN_CLIPS = 20
 TOOLS_HINT = "pip install 'stream-ser[tools]'"
+VOTE_PREFIX = "votes_"
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,7 @@ class Clip:
     path: Path
     label: str
     speaker: str | None  # None: the manifest has no speaker column
+    votes: dict[str, float] | None = None  # annotators' votes per label (votes_<label> columns)
 
 
 @dataclass(frozen=True)
@@ -179,11 +181,13 @@ def read_manifest(path: Path, root: Path | None = None) -> list[Clip]:
             if not {"path", "label"} <= columns:
                 raise ConfigError(f"{path}: a manifest needs the columns path,label")
             has_speaker = "speaker" in columns
+            vote_columns = sorted(c for c in columns if c.startswith(VOTE_PREFIX))
             clips = [
                 Clip(
                     base / row["path"],
                     row["label"].strip(),
                     row["speaker"] if has_speaker else None,
+                    _votes(row, vote_columns, path) if vote_columns else None,
                 )
                 for row in reader
             ]
@@ -194,6 +198,16 @@ def read_manifest(path: Path, root: Path | None = None) -> list[Clip]:
     if not clips:
         raise ConfigError(f"{path}: the manifest lists no clips")
     return clips
+
+
+def _votes(row: dict[str, str], columns: Sequence[str], path: Path) -> dict[str, float]:
+    try:
+        votes = {c[len(VOTE_PREFIX) :]: float(row[c] or 0) for c in columns}
+    except ValueError as err:
+        raise ConfigError(f"{path}: vote columns must be numbers ({err})") from err
+    if any(v < 0 for v in votes.values()):
+        raise ConfigError(f"{path}: vote counts must be >= 0")
+    return votes
 
 
 def load_audio(path: Path) -> np.ndarray:
@@ -421,6 +435,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    from stream_ser import fusion_eval
+
+    fusion_eval.add_source_arguments(parser)
+
+
+def _eval_sources(args: argparse.Namespace, clips: list[Clip]) -> int:
+    """`eval` with an ALM, further specialists or a fusion file: every source and the fusion."""
+    from stream_ser import fusion_eval
+    from stream_ser.cli import load_recognizers, source_settings
+
+    settings = source_settings(args)
+    recognizers, fusion = load_recognizers(settings, args.model, args.model_extra, args.threads)
+    scores = fusion_eval.score(recognizers, clips, args.adapt)
+    fusion_eval.print_report(fusion_eval.evaluate_sources(scores, fusion), args.json)
+    return 0
 
 
 def eval_command(args: argparse.Namespace) -> int:
@@ -435,6 +464,10 @@ def eval_command(args: argparse.Namespace) -> int:
     if root is not None and not root.is_dir():
         raise ConfigError(f"--root: no such directory: {root}")
     clips = read_manifest(Path(args.manifest), root)
+    from stream_ser import fusion_eval
+
+    if fusion_eval.uses_sources(args):
+        return _eval_sources(args, clips)
     specialist = Specialist(model_dir, intra_op_threads=args.threads)
     report = evaluate(specialist, clips, args.adapt, progress=not args.no_progress)
     if args.plots:

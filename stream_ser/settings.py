@@ -11,6 +11,7 @@ import argparse
 import tomllib
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -311,10 +312,14 @@ def _base_type(annotation: Any) -> Any:
     return typing.get_origin(annotation) or annotation
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add every setting as a flag; unset flags stay absent from the namespace."""
+def add_arguments(
+    parser: argparse.ArgumentParser, sections: Sequence[str] | None = None
+) -> None:
+    """Add every setting (of `sections`, default all) as a flag; unset flags stay absent."""
     parser.add_argument("--config", metavar="TOML", help="settings file (same keys as flags)")
     for section, cls in SECTIONS.items():
+        if sections is not None and section not in sections:
+            continue
         group = parser.add_argument_group(f"[{section}] settings")
         hints = typing.get_type_hints(cls)
         for item in fields(cls):
