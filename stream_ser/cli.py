@@ -28,6 +28,7 @@ from stream_ser.metrics import Metrics
 from stream_ser.pipeline import (
     Analyzer,
     Recognizer,
+    SideSpecialists,
     StreamPipeline,
     UtteranceStages,
     install_stop_handlers,
@@ -206,6 +207,9 @@ async def _run(settings: Settings, specialist: Specialist, sink: Sink, stream_id
     stop = asyncio.Event()
     install_stop_handlers(stop)
     analyzer = Analyzer() if settings.output.descriptors else None
+    side = None
+    if settings.model.extra:
+        side = SideSpecialists([_load_specialist(path) for path in settings.model.extra])
     async with contextlib.AsyncExitStack() as stack:
         recognizer = await stack.enter_async_context(
             Recognizer(specialist, settings.output.max_pending_windows)
@@ -223,7 +227,7 @@ async def _run(settings: Settings, specialist: Specialist, sink: Sink, stream_id
             sink=sink,
             window_ms=settings.model.window_ms or card.window_ms,
             hop_ms=settings.model.hop_ms or card.hop_ms,
-            stages=UtteranceStages(fusion, analyzer, alm_stage),
+            stages=UtteranceStages(fusion, analyzer, alm_stage, side),
             windows=settings.model.windows,
             source_stats=stats,
         )
@@ -232,8 +236,9 @@ async def _run(settings: Settings, specialist: Specialist, sink: Sink, stream_id
         async with sink:
             await _announce(settings, sink, [stream_id])
             await run_streams([stream], sink, stop, settings.mqtt.status_interval_s, metrics)
-    if analyzer is not None:
-        analyzer.close()
+    for stage in (analyzer, side):
+        if stage is not None:
+            stage.close()
     counters = stream.counters
     log.info(
         "done: %d utterance(s), %d window(s), %d window(s) dropped, %d model error(s)",

@@ -103,6 +103,7 @@ def final_fields(
     alm_expected: bool,
     alm: AlmResult | Exception | None,
     analysis: Analysis | Exception | None,
+    side: Mapping[str, Mapping[str, float]] | None = None,
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """The fused distribution of a final utterance result and its extra fields.
 
@@ -123,6 +124,9 @@ def final_fields(
     else:
         flags.append("specialist_failed")
         sources["specialist"] = {"model_id": stream.model_id, "error": specialist_error}
+    for name, distribution in (side or {}).items():
+        distributions[name] = dict(distribution)
+        sources[name] = {"distribution": _rounded(distribution)}
     if alm_expected:
         sources["alm"] = _alm_source(alm)
         if isinstance(alm, AlmResult) and alm.ok:

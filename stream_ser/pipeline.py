@@ -278,6 +278,37 @@ class Observer(Protocol):
         """Whether the process is healthy."""
 
 
+class SideSpecialists:
+    """Further ONNX specialists, run once per utterance in their own thread (fusion sources
+    named specialist:<model id>)."""
+
+    def __init__(self, specialists: Sequence[Specialist]) -> None:
+        self.specialists = list(specialists)
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="side-specialists")
+
+    async def predict(self, samples: np.ndarray) -> dict[str, dict[str, float]]:
+        """Each specialist's distribution; one that fails is left out (and logged)."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._predict, samples)
+
+    def _predict(self, samples: np.ndarray) -> dict[str, dict[str, float]]:
+        found = {}
+        for specialist in self.specialists:
+            try:
+                row = specialist.predict([samples])[0]
+            except ModelError as err:
+                log.error("%s: %s", specialist.card.model_id, err)
+                continue
+            found[f"specialist:{specialist.card.model_id}"] = dict(
+                zip(specialist.labels, map(float, row), strict=True)
+            )
+        return found
+
+    def close(self) -> None:
+        """Stop the thread once the work queued so far is done."""
+        self._executor.shutdown(wait=True)
+
+
 @dataclass
 class UtteranceStages:
     """What happens to a finished utterance besides the specialist (shared by all streams)."""
@@ -285,6 +316,7 @@ class UtteranceStages:
     fusion: FusionConfig
     analyzer: Analyzer | None = None  # descriptors (and cues for the ALM)
     alm: AlmBatcher | None = None
+    side: SideSpecialists | None = None
 
     @property
     def has_alm(self) -> bool:
@@ -301,10 +333,18 @@ class _Final:
     specialist_error: str | None
     analysis: asyncio.Future[Analysis] | None
     alm: asyncio.Future[AlmResult] | None
+    side: asyncio.Future[dict[str, dict[str, float]]] | None
 
 
-Pending = tuple[Job, asyncio.Future[Outcome], "asyncio.Future[Analysis] | None",
-                "asyncio.Future[AlmResult] | None"]  # fmt: skip
+@dataclass(frozen=True)
+class Pending:
+    """A job and the futures of every stage working on it."""
+
+    job: Job
+    scored: asyncio.Future[Outcome]
+    analysis: asyncio.Future[Analysis] | None = None
+    alm: asyncio.Future[AlmResult] | None = None
+    side: asyncio.Future[dict[str, dict[str, float]]] | None = None
 
 
 @dataclass
@@ -393,7 +433,7 @@ class StreamPipeline:
         """Start every stage the job needs; nothing here waits."""
         scored = self.recognizer.submit(job)
         if job.kind == "window":
-            return job, scored, None, None
+            return Pending(job, scored)
         analysis = None
         if self.stages.analyzer is not None and self.acoustics is not None:
             analysis = asyncio.ensure_future(
@@ -404,15 +444,19 @@ class StreamPipeline:
         if self.stages.alm is not None:
             alm = asyncio.ensure_future(_ask_alm(self.stages.alm, job.samples, analysis))
             alm.add_done_callback(_retrieve)
-        return job, scored, analysis, alm
+        side = None
+        if self.stages.side is not None:
+            side = asyncio.ensure_future(self.stages.side.predict(job.samples))
+            side.add_done_callback(_retrieve)
+        return Pending(job, scored, analysis, alm, side)
 
     async def _publish(
         self, pending: asyncio.Queue[Pending | None], finals: asyncio.Queue[_Final | None]
     ) -> None:
         """Windows and provisional utterance results, in stream order, as soon as ready."""
         while (item := await pending.get()) is not None:
-            job, future, analysis, alm = item
-            scored, error = await self._scored(job, future)
+            job = item.job
+            scored, error = await self._scored(job, item.scored)
             if job.kind == "window":
                 if scored is not None:
                     timing = {"model_ms": round(scored.model_ms, 3)}
@@ -424,7 +468,7 @@ class StreamPipeline:
             if scored is not None and self.stages.has_alm:
                 timing = {"model_ms": round(scored.model_ms, 3)}
                 await self._send(job, scored.probabilities, "provisional", timing)
-            await finals.put(_Final(job, scored, error, analysis, alm))
+            await finals.put(_Final(job, scored, error, item.analysis, item.alm, item.side))
         await finals.put(None)
 
     async def _scored(
@@ -446,9 +490,11 @@ class StreamPipeline:
             deadline_s = item.job.ready_s + self.stages.fusion.deadline_ms / 1000
             analysis = await _by_deadline(item.analysis, deadline_s)
             alm = await _by_deadline(item.alm, deadline_s)
+            side = await _by_deadline(item.side, deadline_s)
             probabilities, extras = final_fields(
                 self.stream, self.stages.fusion, item.scored, item.specialist_error,
                 item.alm is not None, alm, analysis,
+                side if isinstance(side, dict) else {},
             )  # fmt: skip
             if item.scored is not None:
                 extras["model_ms"] = round(item.scored.model_ms, 3)

@@ -121,9 +121,14 @@ class ModelSettings:
     window_ms: int | None = setting(None, "sliding window length (default: the model card's)")
     hop_ms: int | None = setting(None, "window hop (default: the model card's)")
     windows: bool = setting(True, "recognise and publish sliding windows during speech")
+    extra: tuple[str, ...] = setting(
+        (), "further specialist model directories, comma-separated: fusion sources per utterance"
+    )
 
     def __post_init__(self) -> None:
         _require(len(self.providers) > 0, "--model-providers must name at least one")
+        for path in self.extra:
+            _require(Path(path).is_dir(), f"--model-extra: no such model directory: {path}")
         _require(1 <= self.intra_op_threads <= 64, "--model-intra-op-threads must be 1..64")
         _require(1 <= self.inter_op_threads <= 64, "--model-inter-op-threads must be 1..64")
         for name, value in (("window-ms", self.window_ms), ("hop-ms", self.hop_ms)):
@@ -312,9 +317,7 @@ def _base_type(annotation: Any) -> Any:
     return typing.get_origin(annotation) or annotation
 
 
-def add_arguments(
-    parser: argparse.ArgumentParser, sections: Sequence[str] | None = None
-) -> None:
+def add_arguments(parser: argparse.ArgumentParser, sections: Sequence[str] | None = None) -> None:
     """Add every setting (of `sections`, default all) as a flag; unset flags stay absent."""
     parser.add_argument("--config", metavar="TOML", help="settings file (same keys as flags)")
     for section, cls in SECTIONS.items():

@@ -76,9 +76,7 @@ class Spool:
     def __len__(self) -> int:
         return int(self._waiting)
 
-    def append(
-        self, kind: str, topic: str, qos: int, payload: bytes, retain: bool = False
-    ) -> None:
+    def append(self, kind: str, topic: str, qos: int, payload: bytes, retain: bool = False) -> None:
         """Store one message, applying the overflow rule first (speaking changes count as
         window results: they are the first to go)."""
         waiting = len(self)

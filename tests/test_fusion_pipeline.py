@@ -6,13 +6,14 @@ real HTTP by the real remote backend; the CLI runs as a subprocess.
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from alm.alm_helpers import tool
-from conftest import LABELS, run_cli
+from conftest import LABELS, build_tiny_model, run_cli
 from schema import check_result, parse_lines
 
 fake = tool("fake_openai_alm")
@@ -128,3 +129,28 @@ def test_fusion_file_weights_and_mapping(
             list(final["distribution"].values()), list(alm.values()), atol=2e-5
         )
         assert final["fusion"]["dropped_mass"]["specialist"] > 0
+
+
+def test_a_further_specialist_is_fused_per_utterance(
+    tmp_path: Path, tiny_model: Path, speech_with_pauses: tuple[Path, int]
+) -> None:
+    path, clip_count = speech_with_pauses
+    extra = build_tiny_model(tmp_path / "extra", seed=5)
+    card = json.loads((extra / "card.json").read_text()) | {"id": "tiny-extra"}
+    (extra / "card.json").write_text(json.dumps(card))
+    done = run_cli("run", "--input", str(path), "--model", str(tiny_model), "--no-model-windows",
+                   "--model-extra", str(extra))  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    finals = [m for m in parse_lines(done.stdout) if m["final"]]
+    assert len(finals) == clip_count
+    for final in finals:
+        check_result(final, LABELS)
+        assert final["fusion"]["sources"] == ["specialist", "specialist:tiny-extra"]
+        a = np.maximum([final["sources"]["specialist"]["distribution"][k] for k in LABELS], 1e-6)
+        b = np.maximum(
+            [final["sources"]["specialist:tiny-extra"]["distribution"][k] for k in LABELS], 1e-6
+        )
+        expected = np.sqrt(a * b)
+        np.testing.assert_allclose(
+            [final["distribution"][k] for k in LABELS], expected / expected.sum(), atol=2e-5
+        )

@@ -43,7 +43,7 @@ __all__ = [
 
 
 def parse_spec(spec: str) -> tuple[str, str]:
-    """"KIND:PATH" -> (kind, path); PATH may itself contain colons (URLs)."""
+    """ "KIND:PATH" -> (kind, path); PATH may itself contain colons (URLs)."""
     kind, sep, path = spec.partition(":")
     if not sep or kind not in KINDS or not path:
         raise ConfigError(f"--alm must be KIND:PATH with KIND one of {KINDS}, got {spec!r}")

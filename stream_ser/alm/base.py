@@ -68,10 +68,21 @@ class AlmOptions:
 
     def __post_init__(self) -> None:
         problems = [
-            *_positive(self, ("max_batch", "max_queue", "audio_repeats", "text_repeats",
-                              "explain_tokens", "top_logprobs")),
-            *_choice(self, {"device": DEVICES, "dtype": DTYPES, "cues": CUE_MODES,
-                            "token_mode": TOKEN_MODES}),
+            *_positive(
+                self,
+                (
+                    "max_batch",
+                    "max_queue",
+                    "audio_repeats",
+                    "text_repeats",
+                    "explain_tokens",
+                    "top_logprobs",
+                ),
+            ),
+            *_choice(
+                self,
+                {"device": DEVICES, "dtype": DTYPES, "cues": CUE_MODES, "token_mode": TOKEN_MODES},
+            ),
         ]
         if self.max_wait_ms < 0 or self.cpu_threads < 0 or self.timeout_s <= 0:
             problems.append("max_wait_ms and cpu_threads must be >= 0, timeout_s > 0")
@@ -96,13 +107,19 @@ class AlmOptions:
 
 
 def _positive(options: AlmOptions, names: Sequence[str]) -> list[str]:
-    return [f"{name} must be a positive integer" for name in names
-            if not isinstance(getattr(options, name), int) or getattr(options, name) < 1]
+    return [
+        f"{name} must be a positive integer"
+        for name in names
+        if not isinstance(getattr(options, name), int) or getattr(options, name) < 1
+    ]
 
 
 def _choice(options: AlmOptions, choices: Mapping[str, Sequence[str]]) -> list[str]:
-    return [f"{name} must be one of {tuple(allowed)}, not {getattr(options, name)!r}"
-            for name, allowed in choices.items() if getattr(options, name) not in allowed]
+    return [
+        f"{name} must be one of {tuple(allowed)}, not {getattr(options, name)!r}"
+        for name, allowed in choices.items()
+        if getattr(options, name) not in allowed
+    ]
 
 
 @dataclass(frozen=True)

@@ -96,7 +96,9 @@ class AlmBatcher:
         return self
 
     async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
         await self.close(drain=exc_type is None)
@@ -116,8 +118,9 @@ class AlmBatcher:
         loop = asyncio.get_running_loop()
         if len(self._queue) >= self.options.max_queue:
             self._drop_oldest(loop.time())
-        pending = _Pending(np.asarray(audio, dtype=np.float32).reshape(-1), cues,
-                           loop.create_future(), loop.time())
+        pending = _Pending(
+            np.asarray(audio, dtype=np.float32).reshape(-1), cues, loop.create_future(), loop.time()
+        )
         self._queue.append(pending)
         self.stats.submitted += 1
         self.stats.waiting = len(self._queue)
@@ -137,8 +140,12 @@ class AlmBatcher:
     def _drop_oldest(self, now_s: float) -> None:
         oldest = self._queue.popleft()
         self.stats.dropped += 1
-        log.warning("alm: queue full (max_queue=%d), dropped the oldest waiting utterance "
-                    "(%d dropped so far)", self.options.max_queue, self.stats.dropped)
+        log.warning(
+            "alm: queue full (max_queue=%d), dropped the oldest waiting utterance "
+            "(%d dropped so far)",
+            self.options.max_queue,
+            self.stats.dropped,
+        )
         reason = f"dropped: ALM queue full (max_queue={self.options.max_queue})"
         _resolve(oldest, self._result(oldest, _Outcome(None, reason, 0.0, 0), now_s))
 
@@ -146,8 +153,9 @@ class AlmBatcher:
         loop = asyncio.get_running_loop()
         while True:
             await self._wait_for_batch(loop)
-            batch = [self._queue.popleft()
-                     for _ in range(min(self.options.max_batch, len(self._queue)))]
+            batch = [
+                self._queue.popleft() for _ in range(min(self.options.max_batch, len(self._queue)))
+            ]
             self.stats.waiting = len(self._queue)
             self._current = batch
             try:
@@ -237,8 +245,9 @@ class AlmBatcher:
             self._splits += 1
             log.warning("alm: out of memory on a batch of %d, splitting", len(audio))
             half = (len(audio) + 1) // 2
-            return (self._predict_split(audio[:half], cues[:half])
-                    + self._predict_split(audio[half:], cues[half:]))
+            return self._predict_split(audio[:half], cues[:half]) + self._predict_split(
+                audio[half:], cues[half:]
+            )
         except StreamSerError as err:
             log.error("alm: batch of %d failed: %s", len(audio), err)
             return [_Outcome(None, str(err), _ms(start_s), len(audio)) for _ in audio]
@@ -246,8 +255,9 @@ class AlmBatcher:
         elapsed_ms = _ms(start_s)
         return [
             _Outcome(distribution, None, elapsed_ms, len(audio), phrase, rationale)
-            for distribution, phrase, rationale in zip(distributions, phrases, rationales,
-                                                       strict=True)
+            for distribution, phrase, rationale in zip(
+                distributions, phrases, rationales, strict=True
+            )
         ]
 
     def _explain(

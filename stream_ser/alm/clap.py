@@ -46,8 +46,10 @@ class ClapBackend:
 
     def __init__(self, path: str, labels: Sequence[str], options: AlmOptions) -> None:
         if options.cues != "none":
-            raise ConfigError("alm: cue tokens need a generative backend (qwen2-audio, openai); "
-                              "clap has no per-utterance text prompt - use cues = 'none'")
+            raise ConfigError(
+                "alm: cue tokens need a generative backend (qwen2-audio, openai); "
+                "clap has no per-utterance text prompt - use cues = 'none'"
+            )
         self._torch, transformers = import_torch_stack()
         self.spec = f"{self.kind}:{path}"
         self.labels = check_labels(labels)
@@ -84,8 +86,10 @@ class ClapBackend:
     ) -> list[str]:
         """A dual encoder cannot generate text: the rationale lists the top labels."""
         return [
-            "clap similarity ranking: " + ", ".join(
-                f"{label} {p:.2f}" for label, p in sorted(d.items(), key=lambda kv: -kv[1])[:3])
+            "clap similarity ranking: "
+            + ", ".join(
+                f"{label} {p:.2f}" for label, p in sorted(d.items(), key=lambda kv: -kv[1])[:3]
+            )
             for d in self.predict(batch)
         ]
 
@@ -101,7 +105,9 @@ class ClapBackend:
 
             clip = soxr.resample(clip, SAMPLE_RATE, self._sample_rate).astype(np.float32)
         clip = np.tile(clip, self.options.audio_repeats)
-        return [clip[start:start + self._window] for start in range(0, clip.shape[0], self._window)]
+        return [
+            clip[start : start + self._window] for start in range(0, clip.shape[0], self._window)
+        ]
 
     def _embed_audio(self, windows: list[np.ndarray]) -> np.ndarray:
         features = self._processor.feature_extractor(

@@ -73,8 +73,11 @@ def map_labels(
             owners.setdefault(token, set()).add(index)
     shared = sorted(decode(token) for token, holders in owners.items() if len(holders) > 1)
     if shared:
-        log.warning("alm: first tokens %s start several labels; their probability is split "
-                    "equally - token_mode 'mean' tells such labels apart", shared)
+        log.warning(
+            "alm: first tokens %s start several labels; their probability is split "
+            "equally - token_mode 'mean' tells such labels apart",
+            shared,
+        )
     first = tuple(_weighted(labels[i], ids, owners) for i, ids in enumerate(candidates))
     return LabelTokens(labels=tuple(labels), forms=forms, first=first)
 

@@ -84,8 +84,13 @@ class OpenAIRemoteBackend:
         clips = check_batch(batch)
         phrases = self.cue_phrases(clips, cues)
         bodies = [
-            self._body(clip, question_text(template, self.labels, self.options.text_repeats,
-                                           phrase, self.prompts.cues), scoring=True)
+            self._body(
+                clip,
+                question_text(
+                    template, self.labels, self.options.text_repeats, phrase, self.prompts.cues
+                ),
+                scoring=True,
+            )
             for clip, phrase in zip(clips, phrases, strict=True)
             for template in self.prompts.questions
         ]
@@ -117,7 +122,7 @@ class OpenAIRemoteBackend:
 
     def _body(self, clip: np.ndarray, question: str, scoring: bool) -> dict[str, Any]:
         window = WINDOW_S * SAMPLE_RATE
-        parts = [clip[start:start + window] for start in range(0, clip.shape[0], window)]
+        parts = [clip[start : start + window] for start in range(0, clip.shape[0], window)]
         content: list[dict[str, Any]] = [
             {"type": "input_audio", "input_audio": {"data": wav_base64(part), "format": "wav"}}
             for part in parts * self.options.audio_repeats
@@ -125,8 +130,10 @@ class OpenAIRemoteBackend:
         content.append({"type": "text", "text": question})
         body: dict[str, Any] = {
             "model": self.model,
-            "messages": [{"role": "system", "content": self.prompts.system},
-                         {"role": "user", "content": content}],
+            "messages": [
+                {"role": "system", "content": self.prompts.system},
+                {"role": "user", "content": content},
+            ],
             "temperature": 0,
         }
         if scoring:
@@ -154,8 +161,9 @@ class OpenAIRemoteBackend:
         headers = {"Content-Type": "application/json"}
         if self._key:
             headers["Authorization"] = f"Bearer {self._key}"
-        request = urllib.request.Request(self._base + path, data=data, headers=headers,
-                                         method=method)
+        request = urllib.request.Request(
+            self._base + path, data=data, headers=headers, method=method
+        )
         try:
             with urllib.request.urlopen(request, timeout=self.options.timeout_s) as response:
                 reply = json.loads(response.read())

@@ -92,12 +92,15 @@ def load_clap(path: str | None, name: str) -> ClapPrompts:
     descriptions = table.get("descriptions", {})
     if not isinstance(descriptions, dict):
         raise ConfigError(f"{where}: descriptions must be a table label -> words")
-    return ClapPrompts(name=name, templates=templates,
-                       descriptions={str(k): str(v) for k, v in descriptions.items()})
+    return ClapPrompts(
+        name=name,
+        templates=templates,
+        descriptions={str(k): str(v) for k, v in descriptions.items()},
+    )
 
 
 def label_list(labels: Sequence[str]) -> str:
-    """"a, b, c or d"."""
+    """ "a, b, c or d"."""
     return f"{', '.join(labels[:-1])} or {labels[-1]}"
 
 
@@ -115,7 +118,11 @@ def question_text(
 def class_texts(prompts: ClapPrompts, labels: Sequence[str], repeats: int) -> list[list[str]]:
     """[template][label] class descriptions, each repeated `repeats` times."""
     return [
-        [". ".join([template.replace("{label}", prompts.descriptions.get(label, label))] * repeats)
-         for label in labels]
+        [
+            ". ".join(
+                [template.replace("{label}", prompts.descriptions.get(label, label))] * repeats
+            )
+            for label in labels
+        ]
         for template in prompts.templates
     ]

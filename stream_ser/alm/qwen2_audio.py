@@ -50,7 +50,10 @@ class Qwen2AudioBackend:
     kind = "qwen2-audio"
 
     def __init__(
-        self, path: str, labels: Sequence[str], options: AlmOptions,
+        self,
+        path: str,
+        labels: Sequence[str],
+        options: AlmOptions,
         model_class: str = "Qwen2AudioForConditionalGeneration",
     ) -> None:
         self._torch, transformers = import_torch_stack()
@@ -83,8 +86,9 @@ class Qwen2AudioBackend:
         for clip, phrase in zip(clips, phrases, strict=True):
             parts = self._audio_parts(clip)
             for template in self.prompts.questions:
-                question = question_text(template, self.labels, self.options.text_repeats,
-                                         phrase, self.prompts.cues)
+                question = question_text(
+                    template, self.labels, self.options.text_repeats, phrase, self.prompts.cues
+                )
                 texts.append(self._chat(len(parts), question))
                 audios.extend(parts)
         scores = self._scores(texts, audios)
@@ -108,9 +112,11 @@ class Qwen2AudioBackend:
         inputs = self._inputs(texts, audios)
         with self._guard():
             generated = self._model.generate(
-                **inputs, max_new_tokens=self.options.explain_tokens, do_sample=False,
+                **inputs,
+                max_new_tokens=self.options.explain_tokens,
+                do_sample=False,
             )
-        new_tokens = generated[:, inputs["input_ids"].shape[1]:]
+        new_tokens = generated[:, inputs["input_ids"].shape[1] :]
         decoded = self._processor.batch_decode(new_tokens, skip_special_tokens=True)
         return [str(text).strip() for text in decoded]
 
@@ -127,7 +133,7 @@ class Qwen2AudioBackend:
 
             clip = soxr.resample(clip, 16000, self._sample_rate).astype(np.float32)
         step = self._window
-        windows = [clip[start:start + step] for start in range(0, clip.shape[0], step)]
+        windows = [clip[start : start + step] for start in range(0, clip.shape[0], step)]
         return windows * self.options.audio_repeats
 
     def _chat(self, n_audio: int, question: str) -> str:
@@ -139,19 +145,26 @@ class Qwen2AudioBackend:
             {"role": "system", "content": self.prompts.system},
             {"role": "user", "content": content},
         ]
-        text = str(self._processor.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=False
-        ))
+        text = str(
+            self._processor.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=False
+            )
+        )
         audio_token = getattr(self._processor, "audio_token", "<|AUDIO|>")
         if text.count(audio_token) != n_audio:
-            raise ModelError(f"{self.spec}: the chat template rendered {text.count(audio_token)} "
-                             f"audio tokens for {n_audio} audio entries")
+            raise ModelError(
+                f"{self.spec}: the chat template rendered {text.count(audio_token)} "
+                f"audio tokens for {n_audio} audio entries"
+            )
         return text
 
     def _inputs(self, texts: list[str], audios: list[np.ndarray]) -> Any:
         inputs = self._processor(
-            text=texts, audio=audios, sampling_rate=self._sample_rate,
-            return_tensors="pt", padding=True,
+            text=texts,
+            audio=audios,
+            sampling_rate=self._sample_rate,
+            return_tensors="pt",
+            padding=True,
         )
         inputs = inputs.to(self._device)
         inputs["input_features"] = inputs["input_features"].to(self._model.dtype)
@@ -176,8 +189,10 @@ class Qwen2AudioBackend:
         first_logprobs = torch.log_softmax(last, dim=-1)
         scores = np.empty((last.shape[0], len(self.labels)))
         for index, forms in enumerate(self.mapping.forms):
-            per_form = [self._form_logprobs(form, first_logprobs, cache, mask, last_position)
-                        for form in forms]
+            per_form = [
+                self._form_logprobs(form, first_logprobs, cache, mask, last_position)
+                for form in forms
+            ]
             for row in range(last.shape[0]):
                 scores[row, index] = label_rules.mean_form_scores([lp[row] for lp in per_form])
         return scores
@@ -194,8 +209,13 @@ class Qwen2AudioBackend:
             positions = last_position[:, None] + torch.arange(1, fed + 1, device=self._device)
             ones = torch.ones(n, fed, dtype=mask.dtype, device=self._device)
             extended = torch.cat([mask, ones], dim=-1)
-            output = self._model(input_ids=tokens, attention_mask=extended, position_ids=positions,
-                                 past_key_values=cache, use_cache=True)
+            output = self._model(
+                input_ids=tokens,
+                attention_mask=extended,
+                position_ids=positions,
+                past_key_values=cache,
+                use_cache=True,
+            )
             cache.crop(-fed)  # back to the prompt for the next form
             logprobs = torch.log_softmax(output.logits.float(), dim=-1)
             for step, token in enumerate(form[1:]):
