@@ -139,18 +139,18 @@ def model_id(model_dir: Path) -> str:
 # --------------------------------------------------------------------------- audio
 
 
-def ravdess_clips(actor: int) -> list[Path]:
-    """All clips of one RAVDESS actor (1..24)."""
-    folder = RAVDESS / f"Actor_{actor:02d}"
-    if not folder.is_dir():
-        raise SystemExit(f"dataset not found: {folder} (see ../shared/datasets)")
-    return sorted(folder.glob("*.flac"))
+def ravdess_clips(index: int) -> list[Path]:
+    """All clips of one RAVDESS actor: the index-th (cyclically) of those present."""
+    actors = sorted(p for p in RAVDESS.glob("Actor_*") if p.is_dir())
+    if not actors:
+        raise SystemExit(f"dataset not found: {RAVDESS} (see ../shared/datasets)")
+    return sorted(actors[index % len(actors)].glob("*.flac"))
 
 
 def speech_file(
     directory: Path, index: int, seconds: float, gap_s: float = 0.5, dense: bool = False
 ) -> Path:
-    """A 16 kHz WAV of real speech: clips of actor (index % 24) + 1, rotated by index, with
+    """A 16 kHz WAV of real speech: clips of the index-th actor (cyclic), rotated by index, with
     `gap_s` of silence after each clip (RAVDESS clips also hold ~1 s of their own silence).
 
     `dense`: each clip trimmed to its speech (frames within 35 dB of its loudest) and joined
@@ -161,7 +161,7 @@ def speech_file(
     path = directory / f"speech-{index:03d}-{int(seconds)}s{'-dense' if dense else ''}.wav"
     if path.exists():
         return path
-    clips = ravdess_clips(index % 24 + 1)
+    clips = ravdess_clips(index)
     offset = (index * 7) % len(clips)
     clips = clips[offset:] + clips[:offset]
     pieces: list[np.ndarray] = []

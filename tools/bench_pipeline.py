@@ -163,6 +163,11 @@ def bench_rtf(args: argparse.Namespace, ctx: dict[str, Any]) -> dict[str, Any]:
          "streams/core (1/cpu RTF)", "windows dropped"],
         rows,
     )  # fmt: skip
+    if bc.descriptors_default() and max(args.rtf_streams) > 1:
+        print(
+            "\nnote: with descriptors on, unpaced multi-stream rows undercount: eGeMAPS analyses "
+            "queued past the fusion deadline are skipped; use the paced `streams` figures"
+        )
     return figures
 
 
