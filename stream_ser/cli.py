@@ -11,8 +11,8 @@ import asyncio
 import contextlib
 import logging
 import sys
-from collections.abc import Callable, Sequence
-from dataclasses import replace
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from stream_ser.alm.base import AlmBackend
 from stream_ser.alm.batcher import AlmBatcher
 from stream_ser.discovery import discovery_messages
 from stream_ser.errors import ConfigError, StreamSerError
+from stream_ser.events import AudioChunk
 from stream_ser.fusion import FusionConfig, load_fusion
 from stream_ser.logs import configure_logging
 from stream_ser.messages import StreamInfo
@@ -42,8 +43,15 @@ from stream_ser.publish import (
     TeeSink,
     default_client_id,
     default_spool_path,
+    parse_broker_url,
 )
-from stream_ser.settings import Settings, add_arguments, build_settings
+from stream_ser.settings import (
+    Settings,
+    SourceSettings,
+    add_arguments,
+    build_settings,
+    split_sources,
+)
 from stream_ser.source import (
     SourceStats,
     default_stream_id,
@@ -53,6 +61,7 @@ from stream_ser.source import (
 from stream_ser.specialist import Specialist, bundled_model_dir
 from stream_ser.spool import Spool
 from stream_ser.vad import Segmenter
+from stream_ser.worker import AudioWorker, RemoteStream
 
 log = logging.getLogger("stream_ser")
 
@@ -134,46 +143,62 @@ def load_recognizers(
     return recognizers, fusion
 
 
-def _load_specialist(path: str | None, threads: int = 1) -> Specialist:
+def _load_specialist(
+    path: str | None, threads: int = 1, settings: Settings | None = None
+) -> Specialist:
     model_dir = Path(path) if path else bundled_model_dir()
     if not model_dir.is_dir():
         raise ConfigError(f"--model: no such model directory: {model_dir}")
-    return Specialist(model_dir, intra_op_threads=threads)
+    if settings is None:
+        return Specialist(model_dir, intra_op_threads=threads)
+    model = settings.model
+    return Specialist(model_dir, model.providers, model.intra_op_threads, model.inter_op_threads)
 
 
 def _run_command(args: argparse.Namespace) -> int:
-    settings = build_settings(args)
+    per_source = [build_settings(variant) for variant in split_sources(args)]
+    settings = per_source[0]
     configure_logging(settings.output.log_level, settings.output.log_json)
-    if settings.source.input is None and settings.source.mic is None:
-        raise ConfigError("no audio source: give --input FILE, --input - or --mic [DEVICE]")
-    if settings.source.input is not None and settings.source.mic is not None:
-        raise ConfigError("give either --input or --mic, not both")
-    model_dir = Path(settings.model.path) if settings.model.path else bundled_model_dir()
-    if not model_dir.is_dir():
-        raise ConfigError(f"--model: no such model directory: {model_dir}")
-    specialist = Specialist(
-        model_dir,
-        settings.model.providers,
-        settings.model.intra_op_threads,
-        settings.model.inter_op_threads,
-    )
-    stream_id = default_stream_id(settings.source)
-    sink = _make_sink(settings, stream_id)
-    asyncio.run(_run(settings, specialist, sink, stream_id))
+    sources = [s.source for s in per_source if s.source.input or s.source.mic]
+    if not sources and not settings.source.mqtt_audio:
+        raise ConfigError(
+            "no audio source: give --input FILE, --input -, --mic [DEVICE] or --mqtt-audio"
+        )
+    if any(source.input is not None and source.mic is not None for source in sources):
+        raise ConfigError("a source is either --input or --mic, not both")
+    if [source.input for source in sources].count("-") > 1:
+        raise ConfigError("stdin (--input -) can be read only once")
+    if settings.source.mqtt_audio and settings.mqtt.url is None:
+        raise ConfigError("--mqtt-audio needs --mqtt URL")
+    specialist = _load_specialist(settings.model.path, settings.model.intra_op_threads, settings)
+    stream_ids = _unique([default_stream_id(source) for source in sources])
+    only = stream_ids[0] if len(stream_ids) == 1 and not settings.source.mqtt_audio else "worker"
+    client_id = settings.mqtt.client_id or default_client_id(only)
+    sink = _make_sink(settings, client_id, stream_ids)
+    asyncio.run(_run(settings, sources, stream_ids, specialist, sink, client_id))
     return 0
 
 
-def _make_sink(settings: Settings, stream_id: str) -> Sink:
+def _unique(stream_ids: list[str]) -> list[str]:
+    """mic, mic-2, mic-3 ... when several sources would share an id."""
+    seen: dict[str, int] = {}
+    unique = []
+    for stream_id in stream_ids:
+        seen[stream_id] = seen.get(stream_id, 0) + 1
+        unique.append(stream_id if seen[stream_id] == 1 else f"{stream_id}-{seen[stream_id]}")
+    return unique
+
+
+def _make_sink(settings: Settings, client_id: str, stream_ids: list[str]) -> Sink:
     if settings.mqtt.url is None:
         return JsonlSink()
-    client_id = settings.mqtt.client_id or default_client_id(stream_id)
     spool_path = (
         Path(settings.mqtt.spool_dir) / f"{client_id}.sqlite3"
         if settings.mqtt.spool_dir
         else default_spool_path(client_id)
     )
     spool = Spool(spool_path, settings.mqtt.spool_max_messages, settings.mqtt.spool_hard_limit)
-    mqtt = MqttSink(settings.mqtt, client_id, [stream_id], spool)
+    mqtt = MqttSink(settings.mqtt, client_id, stream_ids, spool)
     return TeeSink(mqtt, JsonlSink()) if settings.output.jsonl else mqtt
 
 
@@ -199,11 +224,48 @@ def _load_alm(settings: Settings, labels: tuple[str, ...]) -> AlmBackend | None:
     return alm.load(settings.alm.spec, labels, settings.alm.options())
 
 
-async def _run(settings: Settings, specialist: Specialist, sink: Sink, stream_id: str) -> None:
-    card = specialist.card
-    fusion = _fusion_config(settings, card.labels)
+@dataclass
+class _Shared:
+    """What every stream of the process shares."""
+
+    settings: Settings
+    specialist: Specialist
+    recognizer: Recognizer
+    stages: UtteranceStages
+    sink: Sink
+    session_id: str
+    observer: Metrics | None = None
+
+    def pipeline(self, stream_id: str, source: AsyncIterator[AudioChunk],
+                 stats: SourceStats) -> StreamPipeline:  # fmt: skip
+        """A new stream's pipeline."""
+        card = self.specialist.card
+        model = self.settings.model
+        return StreamPipeline(
+            stream=StreamInfo(stream_id, self.session_id, card.model_id, card.labels),
+            source=source,
+            segmenter=Segmenter(self.settings.vad),
+            recognizer=self.recognizer,
+            sink=self.sink,
+            window_ms=model.window_ms or card.window_ms,
+            hop_ms=model.hop_ms or card.hop_ms,
+            stages=self.stages,
+            windows=model.windows,
+            source_stats=stats,
+            observer=self.observer,
+        )
+
+
+async def _run(
+    settings: Settings,
+    sources: list[SourceSettings],
+    stream_ids: list[str],
+    specialist: Specialist,
+    sink: Sink,
+    client_id: str,
+) -> None:
+    fusion = _fusion_config(settings, specialist.labels)
     backend = _load_alm(settings, fusion.labels)
-    stats = SourceStats()
     stop = asyncio.Event()
     install_stop_handlers(stop)
     analyzer = Analyzer() if settings.output.descriptors else None
@@ -219,31 +281,59 @@ async def _run(settings: Settings, specialist: Specialist, sink: Sink, stream_id
             alm_stage = await stack.enter_async_context(AlmBatcher(backend))
             # every final result is out when the streams end: answers still pending are moot
             stack.push_async_callback(alm_stage.close, False)
-        stream = StreamPipeline(
-            stream=StreamInfo(stream_id, new_session_id(), card.model_id, card.labels),
-            source=open_source(settings.source, stats),
-            segmenter=Segmenter(settings.vad),
-            recognizer=recognizer,
-            sink=sink,
-            window_ms=settings.model.window_ms or card.window_ms,
-            hop_ms=settings.model.hop_ms or card.hop_ms,
-            stages=UtteranceStages(fusion, analyzer, alm_stage, side),
-            windows=settings.model.windows,
-            source_stats=stats,
-        )
+        stages = UtteranceStages(fusion, analyzer, alm_stage, side)
         metrics = await _serve_metrics(settings, stack)
-        stream.observer = metrics
+        shared = _Shared(settings, specialist, recognizer, stages, sink, new_session_id(), metrics)
+        streams = []
+        for source, stream_id in zip(sources, stream_ids, strict=True):
+            stats = SourceStats()
+            streams.append(shared.pipeline(stream_id, open_source(source, stats), stats))
         async with sink:
-            await _announce(settings, sink, [stream_id])
-            await run_streams([stream], sink, stop, settings.mqtt.status_interval_s, metrics)
+            await _announce(settings, sink, stream_ids)
+            await _run_all(settings, shared, streams, stop, client_id)
     for stage in (analyzer, side):
         if stage is not None:
             stage.close()
-    counters = stream.counters
-    log.info(
-        "done: %d utterance(s), %d window(s), %d window(s) dropped, %d model error(s)",
-        counters.utterances, counters.windows, counters.windows_dropped, counters.model_errors,
-    )  # fmt: skip
+    for stream in streams:
+        counters = stream.counters
+        log.info(
+            "%s done: %d utterance(s), %d window(s), %d window(s) dropped, %d model error(s)",
+            stream.stream_id, counters.utterances, counters.windows, counters.windows_dropped,
+            counters.model_errors,
+        )  # fmt: skip
+
+
+async def _run_all(
+    settings: Settings,
+    shared: _Shared,
+    streams: list[StreamPipeline],
+    stop: asyncio.Event,
+    client_id: str,
+) -> None:
+    """The local streams, and the remote ones a worker claims (--mqtt-audio), to the end."""
+    interval = settings.mqtt.status_interval_s
+    if not settings.source.mqtt_audio:
+        await run_streams(streams, shared.sink, stop, interval, shared.observer)
+        return
+    assert settings.mqtt.url is not None
+
+    def remote_pipeline(remote: RemoteStream) -> StreamPipeline:
+        pipeline = shared.pipeline(remote.stream_id, remote.chunks(), remote.source_stats)
+        pipeline.more_counters = remote.counters
+        return pipeline
+
+    worker = AudioWorker(
+        settings.mqtt,
+        parse_broker_url(settings.mqtt.url, settings.mqtt.password_file, settings.mqtt.username),
+        client_id,
+        settings.source.mqtt_audio_group,
+        remote_pipeline,
+    )
+    async with asyncio.TaskGroup() as group:
+        group.create_task(worker.run(stop), name="audio-worker")
+        group.create_task(
+            run_streams(streams, shared.sink, stop, interval, shared.observer, worker.streams())
+        )
 
 
 async def _serve_metrics(settings: Settings, stack: contextlib.AsyncExitStack) -> Metrics | None:

@@ -363,8 +363,10 @@ class StreamPipeline:
     source_stats: SourceStats = field(default_factory=SourceStats)
     counters: Counters = field(default_factory=Counters)
     observer: Observer | None = None
+    more_counters: Callable[[], dict[str, int]] | None = None  # e.g. a remote stream's
 
     def __post_init__(self) -> None:
+        self.finished = asyncio.Event()
         self._origin_s: float | None = None  # monotonic time of the stream's time zero
         adaptation = self.recognizer.specialist.card.adaptation
         self.baseline = StreamBaseline(adaptation) if adaptation is not None else None
@@ -374,10 +376,13 @@ class StreamPipeline:
         """Run until the source ends (or `stop` is set), then publish what is pending."""
         pending: asyncio.Queue[Pending | None] = asyncio.Queue(MAX_PENDING_RESULTS)
         finals: asyncio.Queue[_Final | None] = asyncio.Queue(MAX_PENDING_RESULTS)
-        async with asyncio.TaskGroup() as group:
-            group.create_task(self._capture(pending, stop), name=f"capture-{self.stream_id}")
-            group.create_task(self._publish(pending, finals), name=f"publish-{self.stream_id}")
-            group.create_task(self._finalize(finals), name=f"finalize-{self.stream_id}")
+        try:
+            async with asyncio.TaskGroup() as group:
+                group.create_task(self._capture(pending, stop), name=f"capture-{self.stream_id}")
+                group.create_task(self._publish(pending, finals), name=f"publish-{self.stream_id}")
+                group.create_task(self._finalize(finals), name=f"finalize-{self.stream_id}")
+        finally:
+            self.finished.set()
 
     @property
     def stream_id(self) -> str:
@@ -387,7 +392,8 @@ class StreamPipeline:
     def status_counters(self) -> dict[str, int]:
         """This stream's counters, the source's included."""
         self.counters.short_segments = self.segmenter.short_segments
-        return asdict(self.counters) | asdict(self.source_stats)
+        more = self.more_counters() if self.more_counters is not None else {}
+        return asdict(self.counters) | asdict(self.source_stats) | more
 
     def _track_lag(self, chunk: AudioChunk) -> None:
         """Lag: how far capture is behind real time (0 for a file read faster than that)."""
@@ -586,11 +592,17 @@ async def run_streams(
     stop: asyncio.Event,
     status_interval_s: float = 10.0,
     observer: Observer | None = None,
+    arriving: AsyncIterator[StreamPipeline] | None = None,
 ) -> None:
-    """Run every stream to its end, with the retained status kept up to date."""
+    """Run every stream to its end, with the retained status kept up to date.
+
+    `arriving` yields streams that start later (remote devices); the run ends when it is
+    exhausted and every stream has ended.
+    """
+    running = list(streams)
 
     def status(state: str) -> dict[str, Any]:
-        counters = {s.stream_id: s.status_counters() for s in streams}
+        counters = {s.stream_id: s.status_counters() for s in running}
         sink_counters = sink.counters()
         if observer is not None:
             for stream_id, values in counters.items():
@@ -598,7 +610,7 @@ async def run_streams(
             observer.update_sink_counters(sink_counters)
             observer.set_health(state == "online", state)
         totals = _totals(counters) | sink_counters
-        return status_message(state, [s.stream_id for s in streams], totals, counters)
+        return status_message(state, [s.stream_id for s in running], totals, counters)
 
     async def report() -> None:
         while True:
@@ -609,12 +621,20 @@ async def run_streams(
     reporter = asyncio.create_task(report(), name="status")
     try:
         async with asyncio.TaskGroup() as group:
-            for stream in streams:
+            for stream in running:
+                group.create_task(stream.run(stop), name=f"stream-{stream.stream_id}")
+            async for stream in arriving or _nothing():
+                running.append(stream)
                 group.create_task(stream.run(stop), name=f"stream-{stream.stream_id}")
     finally:
         reporter.cancel()
         await asyncio.gather(reporter, return_exceptions=True)
     await sink.status(status("offline"))
+
+
+async def _nothing() -> AsyncIterator[StreamPipeline]:
+    return
+    yield
 
 
 def _totals(per_stream: dict[str, dict[str, int]]) -> dict[str, int]:

@@ -216,6 +216,16 @@ def default_client_id(stream_id: str) -> str:
     return f"stream-ser-{socket.gethostname()}-{stream_id}"
 
 
+def tls_parameters(settings: MqttSettings) -> aiomqtt.TLSParameters:
+    """TLS with server verification (system CAs unless --mqtt-ca-file), optional client cert."""
+    return aiomqtt.TLSParameters(
+        ca_certs=settings.ca_file,
+        certfile=settings.cert_file,
+        keyfile=settings.key_file,
+        cert_reqs=ssl.CERT_REQUIRED,
+    )
+
+
 def default_spool_path(client_id: str) -> Path:
     """$XDG_STATE_HOME/stream-ser/spool/{client_id}.sqlite3 (~/.local/state by default)."""
     state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
@@ -329,14 +339,7 @@ class MqttSink:
         self.publish_denied = 0  # results the broker refused (ACL); dropped, not retried
 
     def _make_client(self) -> CheckedClient:
-        tls = None
-        if self.address.tls:
-            tls = aiomqtt.TLSParameters(
-                ca_certs=self.settings.ca_file,
-                certfile=self.settings.cert_file,
-                keyfile=self.settings.key_file,
-                cert_reqs=ssl.CERT_REQUIRED,
-            )
+        tls = tls_parameters(self.settings) if self.address.tls else None
         return CheckedClient(
             self.address.host,
             self.address.port,

@@ -40,15 +40,19 @@ class SourceSettings:
     """Where audio comes from."""
 
     input: str | None = setting(
-        None, "audio file (WAV/FLAC/OGG) or '-' for raw 16-bit PCM on stdin", "--input"
+        None,
+        "audio file (WAV/FLAC/OGG) or '-' for raw 16-bit PCM on stdin; repeat for several",
+        "--input",
+        action="append",
     )
     mic: str | None = setting(
         None,
-        "capture a microphone (index or name; default device if omitted)",
+        "capture a microphone (index or name; default device if omitted); repeat for several",
         "--mic",
         nargs="?",
         const="default",
         metavar="DEVICE",
+        action="append",
     )
     rate: int = setting(16000, "sample rate of raw PCM on stdin (Hz)", "--rate")
     channels: int = setting(1, "channel count of raw PCM on stdin", "--channels")
@@ -62,6 +66,14 @@ class SourceSettings:
     stream_id: str | None = setting(
         None, "stream id in results (default: file stem, 'stdin' or 'mic')", "--stream-id"
     )
+    mqtt_audio: bool = setting(
+        False, "also recognise remote devices streaming audio to the broker (--mqtt)",
+        "--mqtt-audio",
+    )  # fmt: skip
+    mqtt_audio_group: str = setting(
+        "stream-ser", "shared-subscription group the workers share remote streams in",
+        "--mqtt-audio-group",
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
         _require(8000 <= self.rate <= 384000, "--rate must be between 8000 and 384000 Hz")
@@ -71,6 +83,10 @@ class SourceSettings:
         _require(0 <= self.mic_retries <= 100, "--source-mic-retries must be 0..100")
         _require(0 < self.mic_retry_delay_s <= 60, "--source-mic-retry-delay-s must be 0..60")
         _require(self.stream_id != "", "--stream-id must not be empty")
+        _require(
+            bool(self.mqtt_audio_group) and not any(c in self.mqtt_audio_group for c in "/#+"),
+            "--mqtt-audio-group must be a non-empty name without '/', '#' or '+'",
+        )
         if self.stream_id is not None:
             _require(
                 not any(c in self.stream_id for c in "/#+"),
@@ -351,6 +367,28 @@ def _show(default: Any) -> str:
     return "none" if default is None else str(default)
 
 
+MULTI_SOURCE = ("source__input", "source__mic")  # repeatable flags: one stream each
+
+
+def split_sources(args: argparse.Namespace) -> list[argparse.Namespace]:
+    """One namespace per --input/--mic given (each with just that source); --stream-id
+    names a stream only when there is one source."""
+    given = [(dest, value) for dest in MULTI_SOURCE for value in getattr(args, dest, None) or []]
+    if len(given) <= 1:
+        return [args]
+    if getattr(args, "source__stream_id", None):
+        raise ConfigError("--stream-id names one stream: leave it out with several sources")
+    variants = []
+    for dest, value in given:
+        variant = argparse.Namespace(**vars(args))
+        for other in MULTI_SOURCE:
+            if hasattr(variant, other):
+                delattr(variant, other)
+        setattr(variant, dest, [value])
+        variants.append(variant)
+    return variants
+
+
 def build_settings(args: argparse.Namespace) -> Settings:
     """Merge defaults, the TOML file named by --config, and the flags; validate."""
     values = _read_toml(Path(args.config)) if getattr(args, "config", None) else {}
@@ -358,7 +396,12 @@ def build_settings(args: argparse.Namespace) -> Settings:
         for item in fields(cls):
             dest = _dest(section, item.name)
             if hasattr(args, dest):
-                values.setdefault(section, {})[item.name] = getattr(args, dest)
+                value = getattr(args, dest)
+                if dest in MULTI_SOURCE:
+                    if len(value) > 1:
+                        raise ConfigError("several sources: build one settings tree per source")
+                    value = value[0]
+                values.setdefault(section, {})[item.name] = value
     return Settings(**{name: _build_section(name, raw) for name, raw in values.items()})
 
 
