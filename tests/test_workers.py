@@ -79,6 +79,7 @@ class OwnerWatch:
     def __init__(self, broker: Broker) -> None:
         self.broker = broker
         self.claims: list[tuple[str, str]] = []  # (stream_id, worker)
+        self.changed = asyncio.Event()
 
     async def run(self) -> None:
         async with aiomqtt.Client("127.0.0.1", self.broker.port) as client:
@@ -88,6 +89,7 @@ class OwnerWatch:
                 if message.payload:
                     worker = json.loads(message.payload)["worker"]
                     self.claims.append((str(message.topic).split("/")[2], worker))
+                    self.changed.set()
 
     def owners(self, stream_id: str) -> list[str]:
         return [worker for stream, worker in self.claims if stream == stream_id]
@@ -122,7 +124,8 @@ async def test_two_workers_split_the_streams_and_one_takes_over(
         sending = asyncio.create_task(device(broker, "late", long_audio, speed=1.5))
         async with asyncio.timeout(20):
             while not watch.owners("late"):
-                await asyncio.sleep(0.1)
+                watch.changed.clear()
+                await watch.changed.wait()
         victim = watch.owners("late")[0]
         survivor = next(name for name in names if name != victim)
         await asyncio.sleep(2.0)
