@@ -25,6 +25,7 @@ from stream_ser.settings import SourceSettings
 
 log = logging.getLogger(__name__)
 
+FILE_RATES_HZ = (4000, 384000)  # sample rates accepted from files
 MIC_QUEUE_BLOCKS = 100  # capture blocks buffered for the loop; older ones are kept, newer dropped
 
 
@@ -35,6 +36,7 @@ class SourceStats:
     blocks_dropped: int = 0  # microphone blocks the loop could not take in time
     input_overflows: int = 0  # PortAudio reported lost input
     bad_samples: int = 0  # NaN/inf samples replaced by 0
+    device_errors: int = 0  # the microphone stopped or stalled and was reopened (or given up)
 
 
 class Converter:
@@ -55,14 +57,16 @@ class Converter:
         elif block.shape[1] == 1 and block.dtype == np.float32:
             mono = block[:, 0]  # the mean of one channel is that channel; skip the reduction
         else:
-            mono = block.mean(axis=1, dtype=np.float32)
+            with np.errstate(invalid="ignore", over="ignore"):  # inf - inf, overflow: counted below
+                mono = block.mean(axis=1, dtype=np.float32)
         finite = np.isfinite(mono)
         if not finite.all():
             self._stats.bad_samples += int((~finite).sum())
             mono = np.where(finite, mono, np.float32(0.0))
+        mono = np.clip(mono, -1.0, 1.0)  # before resampling too: huge values overflow soxr
         if self._resampler is not None:
-            mono = self._resampler.resample_chunk(mono, last=last)
-        mono = np.clip(mono, -1.0, 1.0).astype(np.float32, copy=False)
+            mono = np.clip(self._resampler.resample_chunk(mono, last=last), -1.0, 1.0)
+        mono = mono.astype(np.float32, copy=False)
         if len(mono) == 0:
             return None
         chunk = AudioChunk(mono, samples_to_ms(self._position))
@@ -84,7 +88,9 @@ def default_stream_id(settings: SourceSettings) -> str:
 def open_source(settings: SourceSettings, stats: SourceStats) -> AsyncIterator[AudioChunk]:
     """The source the settings name: --mic, --input -, or --input FILE."""
     if settings.mic is not None:
-        return mic_source(settings.mic, settings.chunk_ms, stats)
+        return mic_source(
+            settings.mic, settings.chunk_ms, stats, settings.mic_retries, settings.mic_retry_delay_s
+        )
     if settings.input == "-":
         return stdin_source(settings.rate, settings.channels, settings.chunk_ms, stats)
     if settings.input is None:
@@ -100,9 +106,16 @@ def _open_file(path: Path) -> soundfile.SoundFile:
     if path.is_dir():
         raise AudioInputError(f"{path}: is a directory, not an audio file")
     try:
-        return soundfile.SoundFile(str(path))
+        audio = soundfile.SoundFile(str(path))
     except (soundfile.LibsndfileError, RuntimeError, OSError) as err:
         raise AudioInputError(f"{path}: cannot decode audio ({err})") from err
+    if not FILE_RATES_HZ[0] <= audio.samplerate <= FILE_RATES_HZ[1]:
+        audio.close()  # a corrupt header's 1 Hz would be resampled 16000-fold in memory
+        raise AudioInputError(
+            f"{path}: unsupported sample rate {audio.samplerate} Hz "
+            f"(need {FILE_RATES_HZ[0]} to {FILE_RATES_HZ[1]})"
+        )
+    return audio
 
 
 async def file_source(
@@ -232,46 +245,152 @@ def _resolve_device(sd: Any, device: str) -> dict[str, Any]:
     return info
 
 
-async def mic_source(device: str, chunk_ms: int, stats: SourceStats) -> AsyncIterator[AudioChunk]:
-    """Capture a microphone at its native rate and channels; the callback never blocks."""
+@dataclass
+class _Capture:
+    """One open PortAudio input stream and the queue its callback fills."""
+
+    name: str
+    stream: Any
+    blocks: asyncio.Queue[np.ndarray | None]
+
+
+@dataclass
+class _Microphone:
+    """Opens (and reopens) one input device at a fixed rate and channel count."""
+
+    sd: Any
+    device: str  # index or name, as the user gave it
+    rate: int
+    channels: int
+    chunk_ms: int
+    stats: SourceStats
+
+    def open(self) -> _Capture:
+        """Find the device, open and start a stream; AudioInputError if it cannot."""
+        info = _resolve_device(self.sd, self.device)
+        loop = asyncio.get_running_loop()
+        blocks: asyncio.Queue[np.ndarray | None] = asyncio.Queue(MIC_QUEUE_BLOCKS)
+        stats = self.stats
+
+        def deliver(block: np.ndarray | None) -> None:
+            try:
+                blocks.put_nowait(block)
+            except asyncio.QueueFull:
+                if block is None:  # the end must get through: make room for it
+                    blocks.get_nowait()
+                    blocks.put_nowait(None)
+                stats.blocks_dropped += 1
+
+        def callback(indata: np.ndarray, frames: int, when: Any, status: Any) -> None:
+            if status.input_overflow:
+                stats.input_overflows += 1
+            loop.call_soon_threadsafe(deliver, indata.copy())
+
+        def finished() -> None:
+            loop.call_soon_threadsafe(deliver, None)
+
+        try:
+            stream = self.sd.InputStream(
+                device=info["index"],
+                samplerate=self.rate,
+                channels=self.channels,
+                dtype="float32",
+                blocksize=max(1, self.rate * self.chunk_ms // 1000),
+                callback=callback,
+                finished_callback=finished,
+            )
+            stream.start()
+        except self.sd.PortAudioError as err:
+            raise AudioInputError(f"cannot open input device {info['name']!r}: {err}") from err
+        return _Capture(info["name"], stream, blocks)
+
+    async def reopen(
+        self, failure: str, failures: int, retries: int, delay_s: float
+    ) -> tuple[_Capture, int]:
+        """Retry `open` with exponential backoff; AudioInputError after `retries` tries.
+
+        `failures` counts this failure and the ones right before it (no audio in between);
+        returns the stream and the failures counted so far.
+        """
+        for attempt in range(failures, retries + 1):
+            self.stats.device_errors += 1
+            wait_s = delay_s * 2 ** (attempt - 1)
+            log.warning("%s; reopening it in %.1f s (attempt %d of %d)", failure, wait_s,
+                        attempt, retries)  # fmt: skip
+            await asyncio.sleep(wait_s)
+            self._rescan()
+            try:
+                return self.open(), attempt
+            except AudioInputError as err:
+                failure = str(err)
+        self.stats.device_errors += 1
+        raise AudioInputError(f"{failure}; gave up after {retries} attempt(s) to reopen it")
+
+    def _rescan(self) -> None:
+        """PortAudio lists devices once, at initialisation: re-scan, as a device that came
+        back may have a new index. Possible only while no stream is open."""
+        try:
+            self.sd._terminate()
+            self.sd._initialize()
+        except (AttributeError, self.sd.PortAudioError) as err:
+            log.debug("could not re-scan audio devices: %s", err)
+
+
+async def mic_source(
+    device: str,
+    chunk_ms: int,
+    stats: SourceStats,
+    retries: int = 3,
+    retry_delay_s: float = 1.0,
+    stall_s: float = 10.0,
+) -> AsyncIterator[AudioChunk]:
+    """Capture a microphone at its native rate and channels; the callback never blocks.
+
+    If the device stops (unplugged, its sound server gone) or delivers nothing for
+    `stall_s`, it is found again by name and reopened, up to `retries` times in a row,
+    after `retry_delay_s`, then twice as long each time; the time it was away is filled
+    with silence, so stream times stay true and an utterance cut off by the failure ends.
+    After the last try: AudioInputError. A device that cannot be opened at start-up is
+    an error at once.
+    """
     sd = _sounddevice()
     info = _resolve_device(sd, device)
     rate = int(info["default_samplerate"])
     channels = min(2, int(info["max_input_channels"]))
-    loop = asyncio.get_running_loop()
-    blocks: asyncio.Queue[np.ndarray | None] = asyncio.Queue(MIC_QUEUE_BLOCKS)
-
-    def deliver(block: np.ndarray | None) -> None:
-        try:
-            blocks.put_nowait(block)
-        except asyncio.QueueFull:
-            stats.blocks_dropped += 1
-
-    def callback(indata: np.ndarray, frames: int, when: Any, status: Any) -> None:
-        if status.input_overflow:
-            stats.input_overflows += 1
-        loop.call_soon_threadsafe(deliver, indata.copy())
-
-    def finished() -> None:
-        loop.call_soon_threadsafe(deliver, None)
-
+    microphone = _Microphone(sd, device, rate, channels, chunk_ms, stats)
     converter = Converter(rate, channels, stats)
-    try:
-        stream = sd.InputStream(
-            device=info["index"],
-            samplerate=rate,
-            channels=channels,
-            dtype="float32",
-            blocksize=max(1, rate * chunk_ms // 1000),
-            callback=callback,
-            finished_callback=finished,
-        )
-    except sd.PortAudioError as err:
-        raise AudioInputError(f"cannot open input device {info['name']!r}: {err}") from err
-    log.info("capturing %r at %d Hz, %d channel(s)", info["name"], rate, channels)
-    with stream:
-        while (block := await blocks.get()) is not None:
-            chunk = converter.convert(block)
-            if chunk is not None:
-                yield chunk
-    raise AudioInputError(f"input device {info['name']!r} stopped delivering audio")
+    capture = microphone.open()
+    log.info("capturing %r at %d Hz, %d channel(s)", capture.name, rate, channels)
+    failures = 0
+    while True:
+        with capture.stream:
+            async for block in _captured_blocks(capture, stall_s):
+                failures = 0
+                if (chunk := converter.convert(block)) is not None:
+                    yield chunk
+        lost_at = time.monotonic()
+        failures += 1
+        failure = f"input device {capture.name!r} stopped delivering audio"
+        capture, failures = await microphone.reopen(failure, failures, retries, retry_delay_s)
+        away_s = time.monotonic() - lost_at
+        log.warning("input device %r is back after %.1f s", capture.name, away_s)
+        if (gap := converter.convert(_silence(away_s, rate, channels))) is not None:
+            yield gap
+
+
+async def _captured_blocks(capture: _Capture, stall_s: float) -> AsyncIterator[np.ndarray]:
+    """The stream's blocks until it ends or stalls for `stall_s`."""
+    while True:
+        try:
+            block = await asyncio.wait_for(capture.blocks.get(), stall_s)
+        except TimeoutError:
+            log.warning("no audio from the input device for %.0f s", stall_s)
+            return
+        if block is None:
+            return
+        yield block
+
+
+def _silence(seconds: float, rate: int, channels: int) -> np.ndarray:
+    """Zeros standing for audio lost while the device was away (at most a minute)."""
+    return np.zeros((int(min(seconds, 60.0) * rate), channels), dtype=np.float32)
