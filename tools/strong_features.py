@@ -16,12 +16,20 @@ from pathlib import Path
 
 import numpy as np
 import soundfile
+import soxr
 import torch
-from whisper_encoder import LogMel, load_pooled_whisper
+from whisper_encoder import (
+    LogMel,
+    encoder_frames,
+    load_pooled_whisper,
+    mean_std_pool,
+    speech_frames,
+)
 
 log = logging.getLogger("train_strong")
 
 WHISPER_LAYERS = (0, 1, 2, 3)  # cached: mean+std of every layer (4 x 768)
+SPEECH_DB = 35.0  # speech frames: loudest band within this many dB of the clip's loudest frame
 
 
 @dataclass(frozen=True)
@@ -64,6 +72,37 @@ def _whisper_and_logmel() -> Callable[[np.ndarray], dict[str, np.ndarray]]:
     return extract
 
 
+def speech_logmel_stats(mel: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """(batch, 240): mean, std and delta std of the log-mels over speech frames only."""
+    w = weights[:, None, :] / weights.sum(dim=1).clamp(min=1.0)[:, None, None]
+    mean = (mel * w).sum(-1)
+    std = torch.sqrt(((mel - mean[:, :, None]) ** 2 * w).sum(-1) + 1e-6)
+    delta = mel[:, :, 1:] - mel[:, :, :-1]
+    wd = weights[:, 1:] * weights[:, :-1]
+    wd = wd[:, None, :] / wd.sum(dim=1).clamp(min=1.0)[:, None, None]
+    dmean = (delta * wd).sum(-1)
+    dstd = torch.sqrt(((delta - dmean[:, :, None]) ** 2 * wd).sum(-1) + 1e-6)
+    return torch.cat([mean, std, dstd], dim=-1)
+
+
+def _speech_pooled() -> Callable[[np.ndarray], dict[str, np.ndarray]]:
+    model = load_pooled_whisper()
+
+    def extract(audio: np.ndarray) -> dict[str, np.ndarray]:
+        with torch.no_grad():
+            mel = model.logmel(torch.from_numpy(audio)[None])
+            hidden = model.encoder(mel)
+            frames = speech_frames(mel, SPEECH_DB)
+            weights = encoder_frames(frames, hidden[0].shape[1])
+            pooled = torch.cat([mean_std_pool(h, weights) for h in hidden], dim=-1)
+            return {
+                "whisper_speech": pooled[0].numpy(),
+                "logmel_speech": speech_logmel_stats(mel, frames)[0].numpy(),
+            }
+
+    return extract
+
+
 def _egemaps() -> Callable[[np.ndarray], dict[str, np.ndarray]]:
     import opensmile
 
@@ -79,7 +118,30 @@ def _egemaps() -> Callable[[np.ndarray], dict[str, np.ndarray]]:
     return extract
 
 
-EXTRACTORS = {"whisper": _whisper_and_logmel, "logmel": _whisper_and_logmel, "egemaps": _egemaps}
+EXTRACTORS = {
+    "whisper": _whisper_and_logmel,
+    "logmel": _whisper_and_logmel,
+    "egemaps": _egemaps,
+    "whisper_speech": _speech_pooled,
+    "logmel_speech": _speech_pooled,
+}
+
+
+def _speed(factor: float) -> Callable[[np.ndarray], dict[str, np.ndarray]]:
+    """Speech-pooled features of the clip played `factor` times faster (pitch shifts too)."""
+    inner = _speech_pooled()
+
+    def extract(audio: np.ndarray) -> dict[str, np.ndarray]:
+        faster = soxr.resample(audio, round(16000 * factor), 16000).astype(np.float32)
+        return {f"{name}@{factor}": value for name, value in inner(faster).items()}
+
+    return extract
+
+
+SPEEDS = (0.9, 1.1)  # speed perturbation for training-set augmentation
+for _factor in SPEEDS:
+    EXTRACTORS[f"whisper_speech@{_factor}"] = lambda f=_factor: _speed(f)
+    EXTRACTORS[f"logmel_speech@{_factor}"] = lambda f=_factor: _speed(f)
 
 
 def cached_features(

