@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from stream_ser import __version__, evaluate, fusion_eval, plot, tail
+from stream_ser import __version__, evaluate, fusion_eval, plot, send, tail
 from stream_ser.alm.base import AlmBackend
 from stream_ser.alm.batcher import AlmBatcher
 from stream_ser.discovery import discovery_messages
@@ -106,6 +106,7 @@ def _parser() -> argparse.ArgumentParser:
     _calibrate_arguments(calibrate)
     calibrate.set_defaults(command=fusion_eval.calibrate_command)
     plot.register(commands)
+    send.register(commands)
     tail.register(commands)
     return parser
 

@@ -1,0 +1,572 @@
+"""`stream-ser send`: stream a file, stdin or a microphone to the broker; no model here.
+
+The device side of remote recognition: audio goes out as chunks in the format of
+`stream_ser.remote` (int16 PCM at the source's own rate and channel count when the format
+allows them, else converted to 16 kHz mono), a hello every HELLO_INTERVAL_S announces the
+stream, and a worker (`run --mqtt-audio`) recognises it. Nothing on this path imports
+onnxruntime or opensmile, so a Raspberry-class box needs neither.
+
+Chunks wait in a bounded outbox while the broker is away (the link is re-established with
+backoff): a live source (microphone, paced file) drops the oldest chunk when it is full,
+counted and logged; an unpaced file or stdin waits for room instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import random
+import socket
+import ssl
+import time
+from collections import deque
+from collections.abc import AsyncGenerator, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+import numpy as np
+import soundfile
+
+from stream_ser import SAMPLE_RATE, source
+from stream_ser.errors import AudioInputError, ConfigError, PublishError
+from stream_ser.logs import configure_logging
+from stream_ser.pipeline import install_stop_handlers
+from stream_ser.publish import (
+    BrokerAddress,
+    CheckedClient,
+    LastError,
+    describe_connect_error,
+    parse_broker_url,
+    tls_parameters,
+)
+from stream_ser.remote import (
+    HELLO_INTERVAL_S,
+    MAX_CHANNELS,
+    MAX_CHUNK_MS,
+    RATES,
+    encode_chunk,
+)
+from stream_ser.settings import MqttSettings, Settings, add_arguments, build_settings
+
+log = logging.getLogger(__name__)
+
+MAX_BACKOFF_S = 30.0
+Block = tuple[np.ndarray, bool]  # int16 (frames, channels); True for the end of the input
+
+
+@dataclass(frozen=True)
+class SendSettings:
+    """How `send` chunks and publishes."""
+
+    chunk_ms: int = 100  # audio per published chunk
+    qos: int = 1  # of the pcm topic
+    buffer_s: float = 30.0  # audio kept while the broker is away
+
+    def __post_init__(self) -> None:
+        if not 10 <= self.chunk_ms <= MAX_CHUNK_MS:
+            raise ConfigError(f"--send-chunk-ms must be between 10 and {MAX_CHUNK_MS}")
+        if self.qos not in (0, 1):
+            raise ConfigError("--send-qos must be 0 or 1")
+        if not 1.0 <= self.buffer_s <= 3600.0:
+            raise ConfigError("--send-buffer-s must be between 1 and 3600")
+
+    @property
+    def outbox_chunks(self) -> int:
+        """Chunks the outbox holds: `buffer_s` of audio."""
+        return max(1, math.ceil(self.buffer_s * 1000 / self.chunk_ms))
+
+
+@dataclass(frozen=True)
+class Capture:
+    """An opened source: the format it is sent in and its blocks."""
+
+    sample_rate: int  # Hz, as sent
+    channels: int  # as sent
+    blocks: AsyncGenerator[Block, None]
+    live: bool  # live sources drop the oldest chunks when the outbox is full; others wait
+
+
+def fits_format(rate: int, channels: int) -> bool:
+    """Whether audio can be sent as it is (rate and channel count within the wire limits)."""
+    return RATES[0] <= rate <= RATES[1] and 1 <= channels <= MAX_CHANNELS
+
+
+def to_int16(audio: np.ndarray) -> np.ndarray:
+    """Float audio in [-1, 1] as int16 of shape (frames, 1) or (frames, channels)."""
+    scaled: np.ndarray = np.round(np.clip(audio, -1.0, 1.0) * 32767.0).astype(np.int16)
+    return scaled[:, np.newaxis] if scaled.ndim == 1 else scaled
+
+
+class WireConverter:
+    """Blocks the format cannot carry as they are: to 16 kHz mono int16."""
+
+    def __init__(self, rate: int, channels: int, stats: source.SourceStats) -> None:
+        self._converter = source.Converter(rate, channels, stats)
+
+    def convert(self, block: np.ndarray, last: bool) -> np.ndarray:
+        """`block` float (frames, channels); int16 (frames, 1), possibly empty."""
+        chunk = self._converter.convert(block, last=last)
+        return to_int16(chunk.samples if chunk is not None else np.zeros(0, np.float32))
+
+
+# --- sources -------------------------------------------------------------------------------
+
+
+def open_capture(settings: Settings, chunk_ms: int) -> Capture:
+    """The source the settings name, opened; AudioInputError if it cannot be."""
+    src = settings.source
+    stats = source.SourceStats()
+    if src.mic is not None:
+        return _open_mic(src.mic, chunk_ms, stats, src.mic_retries, src.mic_retry_delay_s)
+    if src.input == "-":
+        rate, channels = _wire_format(src.rate, src.channels)
+        blocks = stdin_blocks(src.rate, src.channels, chunk_ms, stats)
+        return Capture(rate, channels, blocks, live=False)
+    if src.input is None:
+        raise ConfigError("no audio source: give --input FILE, --input - or --mic [DEVICE]")
+    path = Path(src.input)
+    audio = source._open_file(path)
+    rate, channels = _wire_format(audio.samplerate, audio.channels)
+    pace = src.speed if src.realtime else None
+    return Capture(
+        rate, channels, file_blocks(path, audio, chunk_ms, pace, stats), pace is not None
+    )
+
+
+def _wire_format(rate: int, channels: int) -> tuple[int, int]:
+    return (rate, channels) if fits_format(rate, channels) else (SAMPLE_RATE, 1)
+
+
+async def file_blocks(
+    path: Path,
+    audio: soundfile.SoundFile,
+    chunk_ms: int,
+    speed: float | None,
+    stats: source.SourceStats,
+) -> AsyncGenerator[Block, None]:
+    """Blocks of an opened file, as fast as possible (`speed` None) or paced at `speed`."""
+    with audio:
+        exact = fits_format(audio.samplerate, audio.channels)
+        converter = None if exact else WireConverter(audio.samplerate, audio.channels, stats)
+        frames = max(1, audio.samplerate * chunk_ms // 1000)
+        started = time.monotonic()
+        read = 0
+        while True:
+            try:
+                block = audio.read(frames, dtype="int16" if exact else "float32", always_2d=True)
+            except (soundfile.LibsndfileError, RuntimeError) as err:
+                raise AudioInputError(
+                    f"{path}: decoding failed after {read} frames ({err})"
+                ) from err
+            read += len(block)
+            last = len(block) < frames
+            if speed is not None:
+                due = started + read / audio.samplerate / speed
+                await asyncio.sleep(max(0.0, due - time.monotonic()))
+            yield (block if converter is None else converter.convert(block, last)), last
+            if last:
+                return
+
+
+async def stdin_blocks(
+    rate: int, channels: int, chunk_ms: int, stats: source.SourceStats
+) -> AsyncGenerator[Block, None]:
+    """Raw little-endian 16-bit PCM on stdin, `channels` interleaved, at `rate` Hz."""
+    frame_bytes = 2 * channels
+    blocks = source._read_stdin_in_thread(frame_bytes * max(1, rate * chunk_ms // 1000))
+    converter = None if fits_format(rate, channels) else WireConverter(rate, channels, stats)
+    pending = b""
+    while True:
+        data = await blocks.get()
+        pending += data
+        whole = len(pending) - len(pending) % frame_bytes
+        pcm = np.frombuffer(pending[:whole], dtype="<i2").reshape(-1, channels)
+        pending = pending[whole:]
+        if converter is not None:
+            pcm = converter.convert(pcm.astype(np.float32) / 32768.0, last=not data)
+        if len(pcm) or not data:
+            yield pcm.astype(np.int16), not data
+        if not data:
+            break
+    if pending:
+        log.warning("stdin ended with %d stray bytes: not a whole frame; check --channels",
+                    len(pending))  # fmt: skip
+
+
+def _open_mic(
+    device: str, chunk_ms: int, stats: source.SourceStats, retries: int, retry_delay_s: float
+) -> Capture:
+    sd = source._sounddevice()
+    info = source._resolve_device(sd, device)
+    rate = int(info["default_samplerate"])
+    channels = min(2, int(info["max_input_channels"]))
+    microphone = source._Microphone(sd, device, rate, channels, chunk_ms, stats)
+    wire_rate, wire_channels = _wire_format(rate, channels)
+    blocks = mic_blocks(microphone, stats, retries, retry_delay_s)
+    return Capture(wire_rate, wire_channels, blocks, live=True)
+
+
+async def mic_blocks(
+    microphone: source._Microphone,
+    stats: source.SourceStats,
+    retries: int,
+    retry_delay_s: float,
+    stall_s: float = 10.0,
+) -> AsyncGenerator[Block, None]:
+    """A microphone at its native rate and channels, reopened as `source.mic_source` does;
+    the time it was away is sent as silence. Ends only with an AudioInputError (or a stop)."""
+    rate, channels = microphone.rate, microphone.channels
+    converter = None if fits_format(rate, channels) else WireConverter(rate, channels, stats)
+
+    def wire(block: np.ndarray) -> np.ndarray:
+        return to_int16(block) if converter is None else converter.convert(block, False)
+
+    capture = microphone.open()
+    log.info("capturing %r at %d Hz, %d channel(s)", capture.name, rate, channels)
+    failures = 0
+    while True:
+        with capture.stream:
+            async for block in source._captured_blocks(capture, stall_s):
+                failures = 0
+                yield wire(block), False
+        lost_at = time.monotonic()
+        failures += 1
+        failure = f"input device {capture.name!r} stopped delivering audio"
+        capture, failures = await microphone.reopen(failure, failures, retries, retry_delay_s)
+        yield wire(source._silence(time.monotonic() - lost_at, rate, channels)), False
+
+
+# --- outbox --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """One encoded chunk waiting for the broker."""
+
+    seq: int
+    payload: bytes
+
+
+class Outbox:
+    """Encoded chunks between the source and the broker, at most `capacity` of them.
+
+    Overflow rule: with `drop_oldest` (live sources) the oldest waiting chunk is dropped,
+    counted and logged; otherwise `put` waits for room. `close` marks the end of the input.
+    """
+
+    def __init__(self, capacity: int, drop_oldest: bool) -> None:
+        self.capacity = capacity
+        self.drop_oldest = drop_oldest
+        self.dropped = 0
+        self.closed = False
+        self._items: deque[Outgoing] = deque()
+        self._changed = asyncio.Event()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    async def put(self, item: Outgoing, force: bool = False) -> None:
+        """Queue a chunk; waits for room unless dropping (or `force`, for the final chunk)."""
+        while len(self._items) >= self.capacity and not (self.drop_oldest or force):
+            await self._wait()
+        if len(self._items) >= self.capacity:
+            self._items.popleft()
+            self.dropped += 1
+            if self.dropped == 1 or self.dropped % 100 == 0:
+                log.warning("outbox full: %d chunk(s) dropped so far, oldest first",
+                            self.dropped)  # fmt: skip
+        self._items.append(item)
+        self._notify()
+
+    def close(self) -> None:
+        """No more chunks will come."""
+        self.closed = True
+        self._notify()
+
+    async def get(self, timeout_s: float) -> Outgoing | None:
+        """The oldest chunk, left in place until `done`; None after `timeout_s` or when
+        closed and empty."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout_s):
+                while not self._items and not self.closed:
+                    await self._wait()
+        return self._items[0] if self._items else None
+
+    def done(self, item: Outgoing) -> None:
+        """The broker has `item` (the oldest, unless it was dropped meanwhile)."""
+        if self._items and self._items[0] is item:
+            self._items.popleft()
+            self._notify()
+
+    @property
+    def finished(self) -> bool:
+        """Closed and everything delivered (or dropped)."""
+        return self.closed and not self._items
+
+    async def _wait(self) -> None:
+        self._changed.clear()
+        await self._changed.wait()
+
+    def _notify(self) -> None:
+        self._changed.set()
+
+
+def chunk_pieces(pcm: np.ndarray, max_frames: int, last: bool) -> Iterator[tuple[np.ndarray, bool]]:
+    """`pcm` in pieces of at most `max_frames`; only the final piece carries `last`.
+    An empty block yields one empty piece only when it is the last."""
+    starts = range(0, len(pcm), max_frames) if len(pcm) else ([0] if last else [])
+    for start in starts:
+        yield pcm[start : start + max_frames], last and start + max_frames >= len(pcm)
+
+
+class Chunker:
+    """Numbers blocks and stamps them with their capture time; fills the outbox."""
+
+    def __init__(self, capture: Capture, chunk_ms: int, outbox: Outbox) -> None:
+        self.capture = capture
+        self.outbox = outbox
+        self.max_frames = max(1, capture.sample_rate * chunk_ms // 1000)
+        self.seq = 0  # of the next chunk
+        self.frames = 0  # sent so far, per channel
+        self.ended = False  # the chunk flagged last is queued
+        self._start_ms = time.time_ns() // 1_000_000
+
+    async def run(self) -> None:
+        """Queue every block of the capture until its end."""
+        async with contextlib.aclosing(self.capture.blocks) as blocks:
+            async for pcm, last in blocks:
+                for piece, piece_last in chunk_pieces(pcm, self.max_frames, last):
+                    await self.put(piece, piece_last)
+
+    async def end(self) -> None:
+        """Queue an empty chunk flagged last unless the last chunk is queued already."""
+        if not self.ended:
+            empty = np.zeros((0, self.capture.channels), dtype=np.int16)
+            await self.put(empty, True, force=True)
+
+    async def put(self, pcm: np.ndarray, last: bool, force: bool = False) -> None:
+        """Encode one chunk and queue it."""
+        captured_ms = self._start_ms + self.frames * 1000 // self.capture.sample_rate
+        payload = encode_chunk(self.seq, self.capture.sample_rate, pcm, captured_ms, last)
+        await self.outbox.put(Outgoing(self.seq, payload), force=force)
+        self.seq += 1
+        self.frames += len(pcm)
+        self.ended = last
+
+
+# --- broker --------------------------------------------------------------------------------
+
+
+class Uplink:
+    """Publishes the outbox and hellos; reconnects with backoff when the broker drops."""
+
+    def __init__(
+        self,
+        settings: MqttSettings,
+        client_id: str,
+        stream_id: str,
+        capture: Capture,
+        qos: int,
+    ) -> None:
+        assert settings.url is not None
+        self.address: BrokerAddress = parse_broker_url(
+            settings.url, settings.password_file, settings.username
+        )
+        self.settings = settings
+        self.client_id = client_id
+        self.stream_id = stream_id
+        self.capture = capture
+        self.qos = qos
+        topic = f"{settings.topic_prefix}/audio/{stream_id}"
+        self.pcm_topic = f"{topic}/pcm"
+        self.hello_topic = f"{topic}/hello"
+        self.sent = 0
+        self.reconnects = 0
+        self.publish_denied = 0
+        self._paho_log = logging.getLogger(f"{__name__}.paho")
+        self._paho_errors = LastError()
+        self._paho_log.addFilter(self._paho_errors)
+
+    async def connect(self) -> CheckedClient:
+        """A connected client; PublishError with a one-line reason if there is none."""
+        client = CheckedClient(
+            self.address.host,
+            self.address.port,
+            identifier=self.client_id,
+            username=self.address.username,
+            password=self.address.password,
+            keepalive=self.settings.keepalive_s,
+            timeout=self.settings.connect_timeout_s,
+            tls_params=tls_parameters(self.settings) if self.address.tls else None,
+            logger=self._paho_log,
+        )
+        self._paho_errors.message = None
+        try:
+            async with asyncio.timeout(self.settings.connect_timeout_s):
+                await client.__aenter__()
+        except (aiomqtt.MqttError, TimeoutError, OSError, ssl.SSLError) as err:
+            reason = describe_connect_error(err, self._paho_errors.message)
+            raise PublishError(f"cannot connect to broker {self.address}: {reason}") from err
+        log.info("connected to %s as %s; streaming %s at %d Hz, %d channel(s)", self.address,
+                 self.client_id, self.pcm_topic, self.capture.sample_rate,
+                 self.capture.channels)  # fmt: skip
+        return client
+
+    async def run(
+        self, client: CheckedClient | None, outbox: Outbox, seq: Callable[[], int]
+    ) -> None:
+        """Deliver until the outbox is finished; `client` is the first connection (or None).
+
+        `seq()` is the next sequence number (sent in hellos)."""
+        backoff = 0.5
+        while True:
+            try:
+                if client is None:
+                    client = await self.connect()
+                    self.reconnects += 1
+                await self._pump(client, outbox, seq)
+                await _close(client)
+                return
+            except (aiomqtt.MqttError, PublishError, TimeoutError) as err:
+                await _close(client)
+                client = None
+                delay = backoff * random.uniform(0.5, 1.5)
+                log.warning("broker %s: %s; %d chunk(s) waiting; retrying in %.1f s",
+                            self.address, err, len(outbox), delay)  # fmt: skip
+                await asyncio.sleep(delay)
+                backoff = min(MAX_BACKOFF_S, backoff * 2)
+
+    async def _pump(self, client: CheckedClient, outbox: Outbox, seq: Callable[[], int]) -> None:
+        next_hello = time.monotonic()
+        while not outbox.finished:
+            if time.monotonic() >= next_hello:
+                await self._publish(client, self.hello_topic, self._hello(seq()), 1)
+                next_hello = time.monotonic() + HELLO_INTERVAL_S
+            item = await outbox.get(max(0.0, next_hello - time.monotonic()))
+            if item is not None:
+                await self._publish(client, self.pcm_topic, item.payload, self.qos)
+                outbox.done(item)
+                self.sent += 1
+
+    def _hello(self, seq: int) -> bytes:
+        return json.dumps({
+            "stream_id": self.stream_id,
+            "sample_rate": self.capture.sample_rate,
+            "channels": self.capture.channels,
+            "seq": seq,
+        }).encode()  # fmt: skip
+
+    async def _publish(self, client: CheckedClient, topic: str, payload: bytes, qos: int) -> None:
+        async with asyncio.timeout(self.settings.connect_timeout_s + 1.0):
+            refusal = await client.publish_checked(topic, payload, qos)
+        if refusal is not None:  # final: it would be refused again
+            self.publish_denied += 1
+            if self.publish_denied == 1:
+                log.error("the broker refused a message on %s: %s (reason code %d); check the "
+                          "broker's ACL for this user; refused chunks are dropped and counted",
+                          topic, refusal, refusal.value)  # fmt: skip
+
+
+async def _close(client: CheckedClient | None) -> None:
+    if client is not None:
+        with contextlib.suppress(aiomqtt.MqttError, TimeoutError):
+            async with asyncio.timeout(2.0):
+                await client.__aexit__(None, None, None)
+
+
+# --- the command ---------------------------------------------------------------------------
+
+
+async def stream(
+    capture: Capture, uplink: Uplink, send: SendSettings, stop: asyncio.Event
+) -> tuple[Chunker, Outbox]:
+    """Connect, then send the capture until its end or `stop`; returns what was done."""
+    outbox = Outbox(send.outbox_chunks, drop_oldest=capture.live)
+    chunker = Chunker(capture, send.chunk_ms, outbox)
+    client = await uplink.connect()  # an unreachable broker at start-up is an error
+    delivery = asyncio.create_task(uplink.run(client, outbox, lambda: chunker.seq), name="uplink")
+    reading = asyncio.create_task(chunker.run(), name="capture")
+    stopping = asyncio.create_task(stop.wait(), name="stop")
+    try:
+        await asyncio.wait({reading, stopping, delivery}, return_when=asyncio.FIRST_COMPLETED)
+        if not reading.done():
+            log.info("stopping: sending the last chunk")
+        reading.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reading  # an AudioInputError surfaces here
+        await chunker.end()
+        outbox.close()
+        await asyncio.wait({delivery}, timeout=uplink.settings.connect_timeout_s + 5.0)
+        if delivery.done() and not delivery.cancelled() and delivery.exception() is not None:
+            raise delivery.exception()  # type: ignore[misc]
+    finally:
+        for task in (reading, stopping, delivery):
+            task.cancel()
+        await asyncio.gather(reading, stopping, delivery, return_exceptions=True)
+    return chunker, outbox
+
+
+def register(subparsers: Any) -> None:
+    """Add the `send` command."""
+    parser = subparsers.add_parser(
+        "send", help="stream a file, stdin or a microphone to the broker for a remote worker"
+    )
+    add_arguments(parser, sections=("source", "mqtt"))
+    parser.set_defaults(source__realtime=True)  # a device streams live: files are paced
+    group = parser.add_argument_group("[send] settings")
+    group.add_argument("--send-chunk-ms", type=int, metavar="MS",
+                       help="audio per published chunk (default: --chunk-ms, 100)")  # fmt: skip
+    group.add_argument("--send-qos", type=int, default=1, help="QoS of the pcm topic (default: 1)")
+    group.add_argument("--send-buffer-s", type=float, default=30.0,
+                       help="audio kept while the broker is away; live sources drop the oldest "
+                            "beyond it (default: 30)")  # fmt: skip
+    group.add_argument("--log-level", dest="output__log_level", default=argparse.SUPPRESS,
+                       help="debug, info, warning or error (default: info)")  # fmt: skip
+    group.add_argument(
+        "--log-json",
+        dest="output__log_json",
+        default=argparse.SUPPRESS,
+        action=argparse.BooleanOptionalAction,
+        help="log JSON lines on stderr",
+    )
+    parser.set_defaults(command=send_command)
+
+
+def send_command(args: argparse.Namespace) -> int:
+    """Run `stream-ser send`."""
+    settings = build_settings(args)
+    configure_logging(settings.output.log_level, settings.output.log_json)
+    if settings.mqtt.url is None:
+        raise ConfigError("send needs a broker: give --mqtt URL")
+    if settings.source.input is not None and settings.source.mic is not None:
+        raise ConfigError("give either --input or --mic, not both")
+    send = SendSettings(
+        chunk_ms=args.send_chunk_ms or settings.source.chunk_ms,
+        qos=args.send_qos,
+        buffer_s=args.send_buffer_s,
+    )
+    stream_id = source.default_stream_id(settings.source)
+    client_id = settings.mqtt.client_id or f"stream-ser-send-{socket.gethostname()}-{stream_id}"
+    capture = open_capture(settings, send.chunk_ms)
+    uplink = Uplink(settings.mqtt, client_id, stream_id, capture, send.qos)
+    return asyncio.run(_main(capture, uplink, send))
+
+
+async def _main(capture: Capture, uplink: Uplink, send: SendSettings) -> int:
+    stop = asyncio.Event()
+    install_stop_handlers(stop)
+    chunker, outbox = await stream(capture, uplink, send, stop)
+    log.info("sent %d chunk(s) (%.1f s of audio) on %s; %d dropped, %d refused, %d reconnect(s)",
+             uplink.sent, chunker.frames / capture.sample_rate, uplink.pcm_topic, outbox.dropped,
+             uplink.publish_denied, uplink.reconnects)  # fmt: skip
+    if len(outbox):
+        raise PublishError(
+            f"{len(outbox)} chunk(s) not delivered: broker {uplink.address} unreachable at exit"
+        )
+    return 0
