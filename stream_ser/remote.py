@@ -43,6 +43,7 @@ MAX_CHUNK_MS = 1000
 MAX_PAYLOAD_BYTES = HEADER.size + 2 * MAX_CHANNELS * RATES[1] * MAX_CHUNK_MS // 1000
 HELLO_INTERVAL_S = 2.0
 REORDER_WINDOW = 8  # chunks held back waiting for a missing one before it counts as lost
+MAX_FILLED_GAP = 100  # lost chunks in a row replaced by silence; a longer jump is skipped
 
 
 class PayloadError(StreamSerError):
@@ -71,7 +72,8 @@ def encode_chunk(
 ) -> bytes:
     """A chunk payload; `pcm` is int16 of shape (frames, channels) or (frames,)."""
     frames = np.asarray(pcm, dtype="<i2")
-    frames = frames.reshape(len(frames), -1)
+    if frames.ndim == 1:  # reshape(len, -1) cannot infer the channels of an empty block
+        frames = frames[:, np.newaxis]
     header = HEADER.pack(
         MAGIC, VERSION, FLAG_LAST if last else 0, frames.shape[1], sample_rate, seq, captured_ms
     )
@@ -168,8 +170,12 @@ class Reorderer:
         assert self._next is not None
         if self._next in self._held:
             return
-        self.stats.chunks_lost += 1
         after = self._held[min(self._held)]
+        if after.seq - self._next > MAX_FILLED_GAP:  # a bogus seq must not make 2**32 fillers
+            self.stats.chunks_lost += after.seq - self._next
+            self._next = after.seq
+            return
+        self.stats.chunks_lost += 1
         silence = np.zeros_like(after.pcm)
         yield Chunk(self._next, after.sample_rate, after.channels, after.captured_ms, False,
                     silence)  # fmt: skip
