@@ -76,12 +76,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     command: Callable[[argparse.Namespace], int] = args.command
     try:
         return command(args)
-    except ConfigError as err:
-        print(f"stream-ser: error: {err}", file=sys.stderr)
-        return EXIT_USAGE
-    except StreamSerError as err:
-        print(f"stream-ser: error: {err}", file=sys.stderr)
-        return EXIT_FAILURE
+    except (StreamSerError, BaseExceptionGroup) as err:
+        error = _first_error(err)
+        if error is None:
+            raise
+        print(f"stream-ser: error: {error}", file=sys.stderr)
+        return EXIT_USAGE if isinstance(error, ConfigError) else EXIT_FAILURE
+
+
+def _first_error(err: BaseException) -> StreamSerError | None:
+    """The StreamSerError behind `err`, also when a task group wrapped it."""
+    if isinstance(err, StreamSerError):
+        return err
+    if isinstance(err, BaseExceptionGroup):
+        for inner in err.exceptions:
+            if (found := _first_error(inner)) is not None:
+                return found
+    return None
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -104,6 +104,7 @@ def final_fields(
     alm: AlmResult | Exception | None,
     analysis: Analysis | Exception | None,
     side: Mapping[str, Mapping[str, float]] | None = None,
+    descriptors_expected: bool = False,
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """The fused distribution of a final utterance result and its extra fields.
 
@@ -150,6 +151,8 @@ def final_fields(
         extras["descriptors"] = analysis.descriptors_message()
     elif isinstance(analysis, Exception):
         flags.append("descriptors_failed")
+    elif descriptors_expected:
+        flags.append("descriptors_deadline")
     return fused, extras
 
 

@@ -10,8 +10,8 @@ All streams share one Recognizer (one model session, one inference thread), whic
 pending windows of equal length across streams into one model call.
 
 Queues and their overflow rules:
-    Recognizer windows  at most `max_pending_windows` windows wait: the oldest is dropped
-                        (its stream counts it in `windows_dropped`).
+    Recognizer windows  at most `max_pending_windows` windows of one stream wait: its
+                        oldest is dropped (the stream counts it in `windows_dropped`).
     Recognizer utterances  never dropped.
     stream `pending`    at most MAX_PENDING_RESULTS results wait to be published: capture
                         waits (a file is read more slowly; a microphone keeps capturing into
@@ -81,6 +81,7 @@ class Job:
     ready_s: float  # time.monotonic() when the audio was complete
     reason: str | None = None
     baseline: Baseline | None = None  # the stream's speaker baseline (adaptive models)
+    stream_id: str = ""
 
 
 @dataclass
@@ -187,7 +188,11 @@ class Recognizer:
         """Queue a job; the future gives its Scored outcome (None: window dropped)."""
         future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
         if job.kind == "window":
-            windows = [q for q in self._queue if q.job.kind == "window"]
+            windows = [
+                q
+                for q in self._queue
+                if q.job.kind == "window" and q.job.stream_id == job.stream_id
+            ]
             if len(windows) >= self.max_pending_windows:
                 self._queue.remove(windows[0])
                 windows[0].future.set_result(None)
@@ -319,9 +324,10 @@ class UtteranceStages:
     side: SideSpecialists | None = None
 
     @property
-    def has_alm(self) -> bool:
-        """An ALM result is awaited: utterances get a provisional result first."""
-        return self.alm is not None
+    def final_waits(self) -> bool:
+        """The final result waits for another stage: the specialist's result goes out first,
+        as a provisional result."""
+        return self.alm is not None or self.analyzer is not None or self.side is not None
 
 
 @dataclass(frozen=True)
@@ -427,11 +433,14 @@ class StreamPipeline:
         if isinstance(event, UtteranceStart):
             windower.start(event)
         elif isinstance(event, SpeechAudio) and self.windows:
-            return [replace(job, baseline=baseline) for job in windower.add(event)]
+            return [
+                replace(job, baseline=baseline, stream_id=self.stream_id)
+                for job in windower.add(event)
+            ]
         elif isinstance(event, UtteranceEnd):
             return [
                 Job("utterance", event.utterance_id, event.samples, event.start_ms,
-                    event.end_ms, time.monotonic(), event.reason, baseline)
+                    event.end_ms, time.monotonic(), event.reason, baseline, self.stream_id)
             ]  # fmt: skip
         return []
 
@@ -471,7 +480,7 @@ class StreamPipeline:
                 continue
             if scored is not None and self.baseline is not None and scored.embedding is not None:
                 self.baseline.update(scored.embedding)
-            if scored is not None and self.stages.has_alm:
+            if scored is not None and self.stages.final_waits:
                 timing = {"model_ms": round(scored.model_ms, 3)}
                 await self._send(job, scored.probabilities, "provisional", timing)
             await finals.put(_Final(job, scored, error, item.analysis, item.alm, item.side))
@@ -500,7 +509,7 @@ class StreamPipeline:
             probabilities, extras = final_fields(
                 self.stream, self.stages.fusion, item.scored, item.specialist_error,
                 item.alm is not None, alm, analysis,
-                side if isinstance(side, dict) else {},
+                side if isinstance(side, dict) else {}, item.analysis is not None,
             )  # fmt: skip
             if item.scored is not None:
                 extras["model_ms"] = round(item.scored.model_ms, 3)

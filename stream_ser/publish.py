@@ -495,12 +495,16 @@ class MqttSink:
             await self._connect()
             self.reconnects += 1
         assert self._client is not None
-        for message in batch:
-            client = self._client
-            refusal = await client.publish_checked(
-                message.topic, message.payload, message.qos, retain=message.retain
-            )
-            if refusal is not None:  # final: retrying would be refused again
-                self.publish_denied += 1
-                self._refused(message.topic, refusal, message.kind)
-            self.spool.remove(message.seq)
+        delivered: list[int] = []
+        try:
+            for message in batch:
+                client = self._client
+                refusal = await client.publish_checked(
+                    message.topic, message.payload, message.qos, retain=message.retain
+                )
+                if refusal is not None:  # final: retrying would be refused again
+                    self.publish_denied += 1
+                    self._refused(message.topic, refusal, message.kind)
+                delivered.append(message.seq)
+        finally:  # what the broker has is forgotten even if a later message failed
+            self.spool.remove_many(delivered)

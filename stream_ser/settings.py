@@ -275,7 +275,7 @@ class OutputSettings:
     log_level: str = setting("info", "debug, info, warning or error", "--log-level")
     log_json: bool = setting(False, "log JSON lines on stderr (for log collectors)", "--log-json")
     max_pending_windows: int = setting(
-        8, "window jobs waiting for the model; more are dropped (counted)"
+        8, "window jobs of one stream waiting for the model; the oldest beyond are dropped"
     )
     descriptors: bool = setting(
         True, "publish eGeMAPS descriptors with each utterance (opensmile)", "--descriptors"

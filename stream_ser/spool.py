@@ -104,8 +104,15 @@ class Spool:
 
     def remove(self, seq: int) -> None:
         """Forget a delivered message."""
-        if self._db.execute("DELETE FROM outbox WHERE seq = ?", (seq,)).rowcount:
-            self._waiting -= 1
+        self.remove_many([seq])
+
+    def remove_many(self, seqs: list[int]) -> None:
+        """Forget delivered messages, in one statement."""
+        if not seqs:
+            return
+        marks = ", ".join("?" for _ in seqs)
+        deleted = self._db.execute(f"DELETE FROM outbox WHERE seq IN ({marks})", seqs).rowcount
+        self._waiting -= deleted
 
     def close(self) -> None:
         """Close the database; waiting messages stay for the next run."""

@@ -75,7 +75,8 @@ def test_slow_alm_meets_the_deadline_with_flagged_specialist_only_results(
     with fake.FakeOpenAIServer(latency_s=4.0) as server:
         started = time.monotonic()
         messages = run_with_alm(
-            path, tiny_model, server.url, "--fusion-deadline-ms", "400", "--alm-max-batch", "1"
+            path, tiny_model, server.url, "--fusion-deadline-ms", "400", "--alm-max-batch", "1",
+            "--no-descriptors",
         )
         elapsed_s = time.monotonic() - started
     provisional, finals = by_stage(messages)

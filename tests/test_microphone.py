@@ -121,7 +121,7 @@ def test_realtime_capture_yields_utterances(
     assert recognizer.returncode == 0, stderr.decode()
     assert played_s > 5.0, "paplay played in real time"
     assert b"capturing 'pulse_mon' at" in stderr
-    messages = [json.loads(line) for line in stdout.decode().splitlines()]
+    messages = [m for m in map(json.loads, stdout.decode().splitlines()) if m["final"]]
     assert [m["utterance_id"] for m in messages] == list(range(1, clip_count + 1))
     for message in messages:
         check_result(message, LABELS)

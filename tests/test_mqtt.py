@@ -66,7 +66,10 @@ async def test_every_utterance_is_published_and_status_is_retained(
     assert done.returncode == 0, done.stderr
     assert done.stdout == ""  # with a broker, nothing on stdout unless --jsonl
     messages = await asyncio.wait_for(listener, 30)
-    finals = [m for topic, _, m in messages if topic == f"{PREFIX}/room1/utterance"]
+    utterance_results = [m for topic, _, m in messages if topic == f"{PREFIX}/room1/utterance"]
+    finals = [m for m in utterance_results if m["final"]]
+    provisional = [m for m in utterance_results if not m["final"]]
+    assert [m["utterance_id"] for m in provisional] == list(range(1, clip_count + 1))
     windows = [m for topic, _, m in messages if topic == f"{PREFIX}/room1/window"]
     assert [m["utterance_id"] for m in finals] == list(range(1, clip_count + 1))
     assert windows
@@ -154,7 +157,7 @@ async def test_sigint_finishes_cleanly_with_offline_status(
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
-    first = await collect(broker, f"{PREFIX}/+/utterance", lambda m: True)
+    first = await collect(broker, f"{PREFIX}/+/utterance", lambda m: m[-1][2]["final"])
     assert first[0][2]["utterance_id"] == 1
     process.send_signal(signal.SIGINT)
     stdout, stderr = await asyncio.to_thread(process.communicate, timeout=30)

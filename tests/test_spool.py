@@ -89,7 +89,7 @@ class Subscriber:
         seen: set[str] = set()
         ids = []
         for message in self.messages:
-            if message.get("type") == "utterance" and message["id"] not in seen:
+            if message.get("final") and message["id"] not in seen:
                 seen.add(message["id"])
                 ids.append(message["utterance_id"])
         return ids
@@ -156,7 +156,7 @@ async def test_results_spooled_while_down_are_delivered_by_the_next_run(
     assert b"kept in" in stderr
     spool = Spool(spool_dir / "restarted.sqlite3")
     kept = spool.oldest(1000)
-    assert [m.kind for m in kept].count("utterance") == clip_count
+    assert [m.kind for m in kept].count("utterance") == 2 * clip_count  # provisional + final
     assert {m.kind for m in kept} == {"utterance", "speaking"}  # speaking changes wait too
     spool.close()
 
