@@ -279,6 +279,11 @@ def test_eval_of_the_bundled_model_on_unseen_speakers() -> None:
         pytest.skip("no bundled model yet")
     rows = ravdess_rows(per_label=2, actors=("Actor_19",))
     clips = [Clip(RAVDESS / r["path"], r["label"], r["speaker"]) for r in rows]
-    report = evaluate(Specialist(bundled_model_dir()), clips, progress=False).to_dict()
+    specialist = Specialist(bundled_model_dir())
+    report = evaluate(specialist, clips, progress=False).to_dict()
     assert report["n"] == 16
     assert report["uar"] > 0.3  # well above chance (0.125) even on 16 clips
+    if specialist.card.adaptation is not None:
+        assert report["adaptation"] == "stream"
+    windows = specialist.predict_windows([buzz(2.0), noise(2.0)])
+    np.testing.assert_allclose(windows.sum(axis=1), 1.0, atol=1e-9)
