@@ -162,6 +162,9 @@ class Recognizer:
     def __init__(self, specialist: Specialist, max_pending_windows: int = 8) -> None:
         self.specialist = specialist
         self.max_pending_windows = max_pending_windows
+        # a separate window model is not adaptive: windows of every stream share a call
+        card = specialist.card
+        self._windows_ignore_baseline = card.window_model is not None or card.adaptation is None
         self._queue: deque[_Queued] = deque()
         self._arrived = asyncio.Event()
         self._executor: ThreadPoolExecutor | None = None
@@ -243,7 +246,7 @@ class Recognizer:
             if (
                 job.kind == "window"
                 and len(job.samples) == len(first.job.samples)
-                and job.baseline is first.job.baseline
+                and (self._windows_ignore_baseline or job.baseline is first.job.baseline)
             ):
                 self._queue.remove(queued)
                 batch.append(queued)

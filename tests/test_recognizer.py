@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Sequence
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -15,6 +16,8 @@ from stream_ser.pipeline import Job, Recognizer
 
 class GatedSpecialist:
     """Records every batch; each call waits until the test opens the gate."""
+
+    card = SimpleNamespace(window_model=None, adaptation=None)
 
     def __init__(self, fail_on: int | None = None) -> None:
         self.batches: list[list[int]] = []
