@@ -226,6 +226,24 @@ def tls_parameters(settings: MqttSettings) -> aiomqtt.TLSParameters:
     )
 
 
+def broker_client(
+    settings: MqttSettings, address: BrokerAddress, client_id: str, **options: Any
+) -> CheckedClient:
+    """An MQTT v5 client for `address` with the settings' keep-alive, timeout and TLS;
+    `options` go to aiomqtt.Client (a last will, a logger, queue sizes)."""
+    return CheckedClient(
+        address.host,
+        address.port,
+        identifier=client_id,
+        username=address.username,
+        password=address.password,
+        keepalive=settings.keepalive_s,
+        timeout=settings.connect_timeout_s,
+        tls_params=tls_parameters(settings) if address.tls else None,
+        **options,
+    )
+
+
 def default_spool_path(client_id: str) -> Path:
     """$XDG_STATE_HOME/stream-ser/spool/{client_id}.sqlite3 (~/.local/state by default)."""
     state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
@@ -339,16 +357,10 @@ class MqttSink:
         self.publish_denied = 0  # results the broker refused (ACL); dropped, not retried
 
     def _make_client(self) -> CheckedClient:
-        tls = tls_parameters(self.settings) if self.address.tls else None
-        return CheckedClient(
-            self.address.host,
-            self.address.port,
-            identifier=self.client_id,
-            username=self.address.username,
-            password=self.address.password,
-            keepalive=self.settings.keepalive_s,
-            timeout=self.settings.connect_timeout_s,
-            tls_params=tls,
+        return broker_client(
+            self.settings,
+            self.address,
+            self.client_id,
             will=aiomqtt.Will(self.status_topic, self._offline, qos=1, retain=True),
             logger=self._paho_log,
         )

@@ -41,9 +41,9 @@ from stream_ser.publish import (
     BrokerAddress,
     CheckedClient,
     LastError,
+    broker_client,
     describe_connect_error,
     parse_broker_url,
-    tls_parameters,
 )
 from stream_ser.remote import (
     HELLO_INTERVAL_S,
@@ -395,17 +395,7 @@ class Uplink:
 
     async def connect(self) -> CheckedClient:
         """A connected client; PublishError with a one-line reason if there is none."""
-        client = CheckedClient(
-            self.address.host,
-            self.address.port,
-            identifier=self.client_id,
-            username=self.address.username,
-            password=self.address.password,
-            keepalive=self.settings.keepalive_s,
-            timeout=self.settings.connect_timeout_s,
-            tls_params=tls_parameters(self.settings) if self.address.tls else None,
-            logger=self._paho_log,
-        )
+        client = broker_client(self.settings, self.address, self.client_id, logger=self._paho_log)
         self._paho_errors.message = None
         try:
             async with asyncio.timeout(self.settings.connect_timeout_s):

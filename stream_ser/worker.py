@@ -35,7 +35,7 @@ import numpy as np
 from stream_ser.errors import PublishError
 from stream_ser.events import AudioChunk
 from stream_ser.pipeline import StreamPipeline
-from stream_ser.publish import BrokerAddress, tls_parameters
+from stream_ser.publish import BrokerAddress, broker_client
 from stream_ser.remote import Chunk, PayloadError, Reorderer, decode_chunk
 from stream_ser.settings import MqttSettings
 from stream_ser.source import Converter, SourceStats
@@ -191,18 +191,10 @@ class AudioWorker:
                 self._client = None
 
     def _make_client(self) -> aiomqtt.Client:
-        return aiomqtt.Client(
-            self.address.host,
-            self.address.port,
-            identifier=f"{self.client_id}-audio",
-            username=self.address.username,
-            password=self.address.password,
-            protocol=aiomqtt.ProtocolVersion.V5,
-            keepalive=self.settings.keepalive_s,
-            timeout=self.settings.connect_timeout_s,
-            tls_params=tls_parameters(self.settings) if self.address.tls else None,
+        return broker_client(
+            self.settings, self.address, f"{self.client_id}-audio",
             max_queued_incoming_messages=10_000,
-        )
+        )  # fmt: skip
 
     async def _handle(self, topic: str, payload: object) -> None:
         data = payload if isinstance(payload, bytes) else b""
