@@ -124,3 +124,36 @@ def test_windower_emits_a_window_every_hop() -> None:
         (500 + s, 1500 + s) for s in range(0, 1001, 250)
     ]
     np.testing.assert_array_equal(jobs[-1].samples, audio[16000:32000])
+
+
+def test_several_sources_in_one_process(
+    tmp_path: Path, tiny_model: Path, speech_with_pauses: tuple[Path, int]
+) -> None:
+    path, clip_count = speech_with_pauses
+    copy = tmp_path / "three-utterances-copy.wav"
+    copy.write_bytes(path.read_bytes())
+    done = run_cli("run", "--input", str(path), "--input", str(copy), "--input", str(copy),
+                   "--model", str(tiny_model))  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    finals = utterances(parse_lines(done.stdout))
+    by_stream: dict[str, list[int]] = {}
+    for message in finals:
+        check_result(message, LABELS)
+        by_stream.setdefault(message["stream_id"], []).append(message["utterance_id"])
+    expected = list(range(1, clip_count + 1))
+    assert by_stream == {
+        "three-utterances": expected,
+        "three-utterances-copy": expected,
+        "three-utterances-copy-2": expected,  # the same name twice: made unique
+    }
+    # the same audio gives the same distributions, whichever stream it came in on
+    first = [m["distribution"] for m in finals if m["stream_id"] == "three-utterances"]
+    second = [m["distribution"] for m in finals if m["stream_id"] == "three-utterances-copy"]
+    assert first == second
+
+
+def test_stream_id_with_several_sources_is_refused(tiny_model: Path) -> None:
+    done = run_cli("run", "--input", "a.wav", "--input", "b.wav", "--stream-id", "x",
+                   "--model", str(tiny_model))  # fmt: skip
+    assert done.returncode == 2
+    assert "--stream-id names one stream" in done.stderr
