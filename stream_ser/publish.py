@@ -17,6 +17,7 @@ import random
 import socket
 import ssl
 import sys
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import TracebackType
@@ -348,6 +349,7 @@ class MqttSink:
         self._last_state: str | None = None
         self._final_status: dict[str, Any] | None = None
         self._closing = False
+        self._give_up_at = 0.0  # monotonic time after which closing stops retrying
         self._wake = asyncio.Event()
         self._delivery: asyncio.Task[None] | None = None
         self._denied_topics: set[str] = set()
@@ -377,6 +379,7 @@ class MqttSink:
 
     async def __aexit__(self, *exc: object) -> None:
         self._closing = True
+        self._give_up_at = time.monotonic() + self.settings.connect_timeout_s
         self._wake.set()
         if self._delivery is not None:
             await self._delivery
@@ -431,7 +434,10 @@ class MqttSink:
         try:
             await self._publish_status(self._last_status)
         except aiomqtt.MqttError as err:
+            # the link is gone: the delivery task reconnects (and re-sends the status)
             log.debug("status not published now (%s); it will be after reconnecting", err)
+            await self._disconnect()
+            self._wake.set()
 
     def counters(self) -> dict[str, int]:
         """Spool size, spool drops, reconnections and results the broker refused."""
@@ -479,33 +485,40 @@ class MqttSink:
                 await client.__aexit__(None, None, None)
 
     async def _deliver(self) -> None:
-        """Publish the spool in order until closing; reconnect with backoff on failures."""
+        """Keep the link up and publish the spool in order; reconnect with backoff and jitter.
+
+        While closing, retries go on until `connect_timeout_s` after the close began; what is
+        still undelivered then stays in the spool for the next run.
+        """
         backoff = 0.5
         while True:
-            batch = self.spool.oldest(100)
-            if not batch:
+            try:
+                if self._client is None:
+                    await self._connect()
+                    self.reconnects += 1
+                batch = self.spool.oldest(100)
+                if batch:
+                    await self._publish_batch(batch)
+                    backoff = 0.5
+                    continue
                 if self._closing:
                     return
                 self._wake.clear()
                 await self._wake.wait()
-                continue
-            try:
-                await self._publish_batch(batch)
-                backoff = 0.5
             except (aiomqtt.MqttError, PublishError) as err:
                 await self._disconnect()
-                if self._closing:
-                    log.warning("broker %s unreachable while closing: %s", self.address, err)
-                    return
                 delay = backoff * random.uniform(0.5, 1.5)
+                if self._closing:
+                    left_s = self._give_up_at - time.monotonic()
+                    if left_s <= 0:
+                        log.warning("broker %s unreachable while closing: %s", self.address, err)
+                        return
+                    delay = min(delay, left_s)
                 log.warning("broker %s: %s; retrying in %.1f s", self.address, err, delay)
                 await asyncio.sleep(delay)
                 backoff = min(MAX_BACKOFF_S, backoff * 2)
 
     async def _publish_batch(self, batch: list[Spooled]) -> None:
-        if self._client is None:
-            await self._connect()
-            self.reconnects += 1
         assert self._client is not None
         delivered: list[int] = []
         try:

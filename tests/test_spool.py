@@ -174,3 +174,37 @@ async def test_results_spooled_while_down_are_delivered_by_the_next_run(
         await subscriber.offline.wait()
     listening.cancel()
     assert subscriber.final_ids() == list(range(1, clip_count + 1))
+
+
+async def test_an_idle_stream_reconnects_and_restores_its_status(
+    tmp_path: Path, broker: Broker, tiny_model: Path
+) -> None:
+    """A broker restart while nobody speaks: the status comes back without any result."""
+    silence = np.zeros(16000 * 8, dtype=np.float32)
+    path = tmp_path / "quiet.wav"
+    soundfile.write(path, silence, 16000)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "stream_ser", "run", "--input", str(path), "--realtime",
+         "--model", str(tiny_model), "--mqtt", broker.url, "--mqtt-topic-prefix", PREFIX,
+         "--mqtt-client-id", "quiet", "--mqtt-status-interval-s", "0.5"],
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        watcher = Subscriber(broker)
+        watching = asyncio.create_task(watcher.run())
+        async with asyncio.timeout(30):
+            await watcher.online.wait()
+        watching.cancel()
+        broker.stop()  # no persistence: the retained status is gone with it
+        await asyncio.sleep(1.0)
+        broker.start()
+        async with asyncio.timeout(4), aiomqtt.Client("127.0.0.1", broker.port) as client:
+            await client.subscribe(f"{PREFIX}/status/quiet", qos=1)
+            async for message in client.messages:
+                assert isinstance(message.payload, bytes)
+                if json.loads(message.payload)["state"] == "online":
+                    break
+        _, stderr = await asyncio.to_thread(process.communicate, timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 0, stderr.decode()
