@@ -85,10 +85,15 @@ def speech_logmel_stats(mel: torch.Tensor, weights: torch.Tensor) -> torch.Tenso
     return torch.cat([mean, std, dstd], dim=-1)
 
 
-def _speech_pooled() -> Callable[[np.ndarray], dict[str, np.ndarray]]:
+def _speech_pooled(pad_to_s: float = 0.0) -> Callable[[np.ndarray], dict[str, np.ndarray]]:
+    """Speech-frame pools; with `pad_to_s`, the input is zero-padded to that length first (Whisper
+    itself always encodes 30 s windows)."""
     model = load_pooled_whisper()
+    suffix = f"@pad{pad_to_s:g}" if pad_to_s else ""
 
     def extract(audio: np.ndarray) -> dict[str, np.ndarray]:
+        if pad_to_s:
+            audio = np.pad(audio, (0, max(0, int(pad_to_s * 16000) - len(audio))))
         with torch.no_grad():
             mel = model.logmel(torch.from_numpy(audio)[None])
             hidden = model.encoder(mel)
@@ -96,8 +101,8 @@ def _speech_pooled() -> Callable[[np.ndarray], dict[str, np.ndarray]]:
             weights = encoder_frames(frames, hidden[0].shape[1])
             pooled = torch.cat([mean_std_pool(h, weights) for h in hidden], dim=-1)
             return {
-                "whisper_speech": pooled[0].numpy(),
-                "logmel_speech": speech_logmel_stats(mel, frames)[0].numpy(),
+                "whisper_speech" + suffix: pooled[0].numpy(),
+                "logmel_speech" + suffix: speech_logmel_stats(mel, frames)[0].numpy(),
             }
 
     return extract
@@ -138,6 +143,8 @@ def _speed(factor: float) -> Callable[[np.ndarray], dict[str, np.ndarray]]:
     return extract
 
 
+EXTRACTORS["whisper_speech@pad30"] = lambda: _speech_pooled(30.0)
+EXTRACTORS["logmel_speech@pad30"] = lambda: _speech_pooled(30.0)
 SPEEDS = (0.9, 1.1)  # speed perturbation for training-set augmentation
 for _factor in SPEEDS:
     EXTRACTORS[f"whisper_speech@{_factor}"] = lambda f=_factor: _speed(f)
@@ -181,5 +188,5 @@ if __name__ == "__main__":
 
     logging.basicConfig(level="INFO", format="%(asctime)s %(message)s")
     root = Path(__file__).resolve().parent.parent.parent / "shared/datasets"
-    for corpus in ("emodb", "ravdess"):
+    for corpus in sys.argv[3:] or ("emodb", "ravdess"):
         cached_features(root, corpus, sys.argv[1], Path(sys.argv[2]))

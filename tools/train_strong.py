@@ -218,7 +218,10 @@ def uar_on(head: LogisticRegression, x: np.ndarray, y: np.ndarray) -> float:
 
 
 def experiments(config: dict[str, Any], data: Data) -> None:
-    """Validation UAR (per corpus) and cross-corpus UAR (6 shared classes) per recipe."""
+    """Validation UAR (per corpus) and cross-corpus UAR (6 shared classes) per recipe.
+
+    The first run extracts extra feature caches (eGeMAPS, speed copies, 30 s padded Whisper):
+    about 30 min on one core."""
     y, speakers, corpora = data.labels(), data.speakers(), data.corpora()
     adapt = config["adaptation"]
     c, weight = config["head"]["c"], config["head"]["class_weight"]
@@ -235,6 +238,9 @@ def experiments(config: dict[str, Any], data: Data) -> None:
         "whisper L0-3 + log-mel + egemaps, speech": (
             [*feature_parts(config["features"]), "egemaps"], both),
         "whisper L0-3 + log-mel, speech, + speed aug": (feature_parts(config["features"]), both),
+        "whisper L3, speech, 30 s padded input": (["whisper_speech@pad30:3"], both),
+        "whisper L0-3 + log-mel, speech, 30 s padded": (
+            ["whisper_speech@pad30:0123", "logmel_speech"], both),
     }  # fmt: skip
     speeds = config["augment"]["experiment_speeds"]
     augmented = [embedding(data, feature_parts(config["features"], f)) for f in speeds]
@@ -600,7 +606,7 @@ def main(argv: list[str] | None = None) -> int:
     kinds = ("whisper_speech", "logmel_speech", "logmel")
     kinds += tuple(f"{kind}@{speed}" for speed in config["augment"]["speeds"] for kind in kinds[:2])
     if args.experiments:
-        kinds += ("whisper", "egemaps")
+        kinds += ("whisper", "egemaps", "whisper_speech@pad30")
         speeds = config["augment"]["experiment_speeds"]
         kinds += tuple(f"{kind}@{speed}" for speed in speeds for kind in kinds[:2])
     data = load_data(config, kinds)
