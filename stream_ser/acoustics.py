@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from stream_ser import SAMPLE_RATE
-from stream_ser.errors import ConfigError, ModelError
+from stream_ser.errors import ConfigError, ModelError, StreamSerError
 
 CUE_MODES = ("aligned", "none", "shuffled", "conflicting")
 LEVELS = ("low", "mid", "high")
@@ -294,6 +294,10 @@ def _opposite(cue: Cue) -> int:
 def audio_seed(audio: np.ndarray) -> int:
     """A deterministic seed from the samples (CRC-32 of the float32 bytes)."""
     return zlib.crc32(np.ascontiguousarray(audio, dtype=np.float32).tobytes())
+
+
+class AnalysisSkipped(StreamSerError):
+    """An utterance's acoustics were not computed: the analyser was too far behind."""
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from stream_ser.acoustics import Analysis
+from stream_ser.acoustics import Analysis, AnalysisSkipped
 from stream_ser.alm.base import AlmResult
 from stream_ser.events import Recognition
 from stream_ser.fusion import FusionConfig, arousal_valence, fuse
@@ -150,7 +150,8 @@ def final_fields(
     if isinstance(analysis, Analysis):
         extras["descriptors"] = analysis.descriptors_message()
     elif isinstance(analysis, Exception):
-        flags.append("descriptors_failed")
+        skipped = isinstance(analysis, AnalysisSkipped)
+        flags.append("descriptors_skipped" if skipped else "descriptors_failed")
     elif descriptors_expected:
         flags.append("descriptors_deadline")
     return fused, extras

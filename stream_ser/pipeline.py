@@ -36,7 +36,7 @@ from typing import Any, Protocol, TypeVar
 import numpy as np
 
 from stream_ser import SAMPLE_RATE
-from stream_ser.acoustics import Analysis, StreamAcoustics, warm_up
+from stream_ser.acoustics import Analysis, AnalysisSkipped, StreamAcoustics, warm_up
 from stream_ser.adaptation import StreamBaseline
 from stream_ser.alm.base import AlmResult
 from stream_ser.alm.batcher import AlmBatcher
@@ -94,6 +94,8 @@ class Counters:
     short_segments: int = 0  # voiced blips below min_utterance_ms
     model_errors: int = 0
     lag_ms: int = 0  # now: how far capture is behind real time (a gauge, not a count)
+    specialist_only: int = 0  # finals without the ALM's answer (late, failed or dropped)
+    descriptors_skipped: int = 0  # finals without descriptors: the analyser was behind
 
 
 class Windower:
@@ -254,16 +256,45 @@ class Recognizer:
 
 
 class Analyzer:
-    """Per-utterance acoustics (eGeMAPS: descriptors and ALM cues) in its own thread."""
+    """Per-utterance acoustics (eGeMAPS: descriptors and ALM cues) in its own thread.
 
-    def __init__(self) -> None:
+    Overflow rule: at most `max_pending` analyses wait; beyond that, and for an utterance
+    whose final result has already gone out (its deadline passed) when its turn comes, the
+    analysis is skipped (the final is flagged `descriptors_skipped`). A skipped utterance does
+    not join the stream's speaker baseline.
+    """
+
+    def __init__(self, max_pending: int = 32) -> None:
+        self.max_pending = max_pending
+        self.skipped = 0
+        self._pending = 0
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="acoustics")
         self._executor.submit(warm_up)  # opensmile loads while the pipeline starts
 
-    async def analyse(self, acoustics: StreamAcoustics, samples: np.ndarray) -> Analysis:
+    async def analyse(
+        self, acoustics: StreamAcoustics, samples: np.ndarray, deadline_s: float
+    ) -> Analysis:
         """One utterance, against (then into) its stream's speaker baseline."""
+        if self._pending >= self.max_pending:
+            self.skipped += 1
+            raise AnalysisSkipped(f"{self._pending} analyses already waiting")
+        self._pending += 1
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, acoustics.analyse, samples)
+        try:
+            return await loop.run_in_executor(
+                self._executor, self._analyse, acoustics, samples, deadline_s
+            )
+        except AnalysisSkipped:
+            self.skipped += 1
+            raise
+        finally:
+            self._pending -= 1
+
+    @staticmethod
+    def _analyse(acoustics: StreamAcoustics, samples: np.ndarray, deadline_s: float) -> Analysis:
+        if time.monotonic() > deadline_s:
+            raise AnalysisSkipped("its final result has already gone out")
+        return acoustics.analyse(samples)
 
     def close(self) -> None:
         """Stop the thread once the work queued so far is done."""
@@ -454,8 +485,9 @@ class StreamPipeline:
             return Pending(job, scored)
         analysis = None
         if self.stages.analyzer is not None and self.acoustics is not None:
+            deadline_s = job.ready_s + self.stages.fusion.deadline_ms / 1000
             analysis = asyncio.ensure_future(
-                self.stages.analyzer.analyse(self.acoustics, job.samples)
+                self.stages.analyzer.analyse(self.acoustics, job.samples, deadline_s)
             )
             analysis.add_done_callback(_retrieve)
         alm = None
@@ -516,6 +548,8 @@ class StreamPipeline:
             )  # fmt: skip
             if item.scored is not None:
                 extras["model_ms"] = round(item.scored.model_ms, 3)
+            self.counters.specialist_only += "specialist_only" in extras["flags"]
+            self.counters.descriptors_skipped += "descriptors_skipped" in extras["flags"]
             await self._send(item.job, probabilities, "final", extras, self.stages.fusion.labels)
             self.counters.utterances += 1
 

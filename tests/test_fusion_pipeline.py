@@ -6,12 +6,14 @@ real HTTP by the real remote backend; the CLI runs as a subprocess.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 from alm.alm_helpers import tool
 from conftest import LABELS, build_tiny_model, run_cli
 from schema import check_result, parse_lines
@@ -155,3 +157,24 @@ def test_a_further_specialist_is_fused_per_utterance(
         np.testing.assert_allclose(
             [final["distribution"][k] for k in LABELS], expected / expected.sum(), atol=2e-5
         )
+
+
+async def test_analyser_skips_work_it_cannot_finish_in_time() -> None:
+    """Overflow rule of the acoustics stage: too many waiting, or past the deadline."""
+    from stream_ser.acoustics import AnalysisSkipped, StreamAcoustics
+    from stream_ser.pipeline import Analyzer
+
+    analyzer = Analyzer(max_pending=1)
+    audio = np.zeros(16000, dtype=np.float32)
+    try:
+        late = asyncio.create_task(
+            analyzer.analyse(StreamAcoustics(), audio, deadline_s=time.monotonic() - 1)
+        )
+        await asyncio.sleep(0)  # the late one is now waiting for the thread
+        with pytest.raises(AnalysisSkipped, match="already waiting"):
+            await analyzer.analyse(StreamAcoustics(), audio, deadline_s=time.monotonic() + 60)
+        with pytest.raises(AnalysisSkipped, match="already gone out"):
+            await asyncio.wait_for(late, 60)
+        assert analyzer.skipped == 2
+    finally:
+        analyzer.close()
