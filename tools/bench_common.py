@@ -317,11 +317,18 @@ def result_key(stream_id: str, kind: str, utterance_id: int, end_ms: int) -> str
     return f"{stream_id}:{kind}:{utterance_id}:{end_ms}"
 
 
+PROVISIONAL = "#p"  # suffix of a provisional utterance result's key
+
+
 def result_key_from_message(message: dict[str, Any]) -> str:
-    """The key of a published result message."""
-    return result_key(
+    """The key of a published result message: a window, a final utterance result (the job's
+    key), or a provisional utterance result (the job's key + PROVISIONAL)."""
+    key = result_key(
         message["stream_id"], message["type"], message["utterance_id"], message["end_ms"]
     )
+    if message["type"] == "utterance" and message.get("final") is False:
+        return key + PROVISIONAL
+    return key
 
 
 @dataclass
@@ -333,7 +340,7 @@ class Probe:
     chunk_lag_s: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
     ready_s: dict[str, float] = field(default_factory=dict)  # key -> audio complete (VAD/window)
     model_done_s: dict[str, float] = field(default_factory=dict)  # key -> probabilities ready
-    sink_s: dict[str, float] = field(default_factory=dict)  # key -> handed to the sink
+    sink_s: dict[str, float] = field(default_factory=dict)  # message key -> handed to the sink
     kinds: dict[str, str] = field(default_factory=dict)
     end_ms: dict[str, int] = field(default_factory=dict)
     stream_of: dict[str, str] = field(default_factory=dict)
