@@ -35,6 +35,7 @@ class StreamBaseline:
         self._count = 0
         self._mean = np.zeros(card.dims, dtype=np.float64)
         self._m2 = np.zeros(card.dims, dtype=np.float64)  # sum of squared deviations
+        self._current: tuple[int, Baseline | None] | None = None  # (count it was made at, value)
 
     @property
     def utterances(self) -> int:
@@ -42,7 +43,13 @@ class StreamBaseline:
         return self._count
 
     def current(self) -> Baseline | None:
-        """The baseline to use now; None (the population's) during warm-up."""
+        """The baseline to use now; None (the population's) during warm-up. Computed once
+        per update (the same object until the next utterance joins)."""
+        if self._current is None or self._current[0] != self._count:
+            self._current = (self._count, self._compute())
+        return self._current[1]
+
+    def _compute(self) -> Baseline | None:
         n = self._count
         if n == 0 or n < self._card.warmup_utterances:
             return None

@@ -157,7 +157,7 @@ class _Queued:
 class Recognizer:
     """The specialist shared by all streams: one inference thread, windows batched.
 
-    `submit` never blocks. Utterances run one per model call (their lengths differ);
+    `submit` never blocks. Utterances go first, one per model call (their lengths differ);
     windows waiting together, of one length and one speaker baseline, run as one batch.
     """
 
@@ -236,8 +236,10 @@ class Recognizer:
         return [Scored(probabilities[0], embedding, model_ms)]
 
     def _take_batch(self) -> list[_Queued]:
-        """The oldest job, plus every waiting window that can share its model call."""
-        first = self._queue.popleft()
+        """The oldest utterance (a final result waits on it), else the oldest window plus
+        every waiting window that can share its model call."""
+        first = next((q for q in self._queue if q.job.kind == "utterance"), self._queue[0])
+        self._queue.remove(first)
         if first.job.kind != "window":
             return [first]
         batch = [first]

@@ -241,6 +241,8 @@ def broker_client(
         keepalive=settings.keepalive_s,
         timeout=settings.connect_timeout_s,
         tls_params=tls_parameters(settings) if address.tls else None,
+        # results are small and latency matters: no Nagle delay on the broker link
+        socket_options=((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),),
         **options,
     )
 

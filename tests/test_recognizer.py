@@ -79,3 +79,15 @@ async def test_model_error_reaches_only_its_job() -> None:
         results = await collect(futures)
     assert results[0].probabilities[0] == 1 and results[2].probabilities[0] == 3
     assert isinstance(results[1], ModelError)
+
+
+async def test_an_utterance_goes_before_waiting_windows() -> None:
+    specialist = GatedSpecialist()
+    async with Recognizer(specialist, max_pending_windows=8) as recognizer:  # type: ignore[arg-type]
+        busy = recognizer.submit(job("window", 0))
+        await asyncio.sleep(0.05)  # the worker is blocked on window 0
+        windows = [recognizer.submit(job("window", tag)) for tag in (1, 2)]
+        utterance = recognizer.submit(job("utterance", 7, 800))
+        specialist.gate.set()
+        await collect([busy, *windows, utterance])
+    assert specialist.batches == [[0], [7], [1, 2]]
