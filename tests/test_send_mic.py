@@ -38,6 +38,16 @@ async def finals_of(broker: Broker, stream_id: str, count: int) -> list[dict[str
     return finals
 
 
+async def claimed(broker: Broker, stream_id: str) -> None:
+    """Return once a worker has claimed the stream (its retained owner record)."""
+    async with aiomqtt.Client("127.0.0.1", broker.port) as client:
+        await client.subscribe(f"{PREFIX}/audio/{stream_id}/owner", qos=1)
+        async with asyncio.timeout(60):
+            async for message in client.messages:
+                if message.payload:
+                    return
+
+
 async def test_send_mic_to_a_worker(
     pulse_env: dict[str, str],  # noqa: F811
     broker: Broker,
@@ -59,7 +69,8 @@ async def test_send_mic_to_a_worker(
     )  # fmt: skip
     try:
         listening = asyncio.create_task(finals_of(broker, "desk", clip_count))
-        await asyncio.sleep(3.0)  # capture running, the stream claimed
+        await claimed(broker, "desk")  # capture running, hellos sent, a worker listening
+        await asyncio.sleep(0.5)
         started = time.monotonic()
         await asyncio.to_thread(
             subprocess.run, ["paplay", "--device=vsink", str(path)], env=pulse_env, check=True,
