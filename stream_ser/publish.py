@@ -247,6 +247,21 @@ def broker_client(
     )
 
 
+async def connect(
+    client: CheckedClient, settings: MqttSettings, address: BrokerAddress, errors: LastError
+) -> CheckedClient:
+    """Connect `client` within the connect timeout; PublishError with a one-line reason
+    (`errors` has caught what the MQTT library logged meanwhile)."""
+    errors.message = None
+    try:
+        async with asyncio.timeout(settings.connect_timeout_s):
+            await client.__aenter__()
+    except (aiomqtt.MqttError, TimeoutError, OSError, ssl.SSLError) as err:
+        reason = describe_connect_error(err, errors.message)
+        raise PublishError(f"cannot connect to broker {address}: {reason}") from err
+    return client
+
+
 def default_spool_path(client_id: str) -> Path:
     """$XDG_STATE_HOME/stream-ser/spool/{client_id}.sqlite3 (~/.local/state by default)."""
     state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
@@ -450,14 +465,8 @@ class MqttSink:
         } | asdict(self.spool.stats)
 
     async def _connect(self) -> None:
-        client = self._make_client()  # a fresh client: no state left from a lost link
-        self._paho_errors.message = None
-        try:
-            async with asyncio.timeout(self.settings.connect_timeout_s):
-                await client.__aenter__()
-        except (aiomqtt.MqttError, TimeoutError, OSError, ssl.SSLError) as err:
-            reason = describe_connect_error(err, self._paho_errors.message)
-            raise PublishError(f"cannot connect to broker {self.address}: {reason}") from err
+        # a fresh client each time: no state left from a lost link
+        client = await connect(self._make_client(), self.settings, self.address, self._paho_errors)
         self._client = client
         log.info("connected to %s as %s", self.address, self.client_id)
         if self._last_status is not None:

@@ -21,7 +21,6 @@ import logging
 import math
 import random
 import socket
-import ssl
 import time
 from collections import deque
 from collections.abc import AsyncGenerator, Callable, Iterator
@@ -42,7 +41,7 @@ from stream_ser.publish import (
     CheckedClient,
     LastError,
     broker_client,
-    describe_connect_error,
+    connect,
     parse_broker_url,
 )
 from stream_ser.remote import (
@@ -395,14 +394,10 @@ class Uplink:
 
     async def connect(self) -> CheckedClient:
         """A connected client; PublishError with a one-line reason if there is none."""
-        client = broker_client(self.settings, self.address, self.client_id, logger=self._paho_log)
-        self._paho_errors.message = None
-        try:
-            async with asyncio.timeout(self.settings.connect_timeout_s):
-                await client.__aenter__()
-        except (aiomqtt.MqttError, TimeoutError, OSError, ssl.SSLError) as err:
-            reason = describe_connect_error(err, self._paho_errors.message)
-            raise PublishError(f"cannot connect to broker {self.address}: {reason}") from err
+        client = await connect(
+            broker_client(self.settings, self.address, self.client_id, logger=self._paho_log),
+            self.settings, self.address, self._paho_errors,
+        )  # fmt: skip
         log.info("connected to %s as %s; streaming %s at %d Hz, %d channel(s)", self.address,
                  self.client_id, self.pcm_topic, self.capture.sample_rate,
                  self.capture.channels)  # fmt: skip

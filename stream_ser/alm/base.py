@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Protocol
@@ -237,6 +238,21 @@ def import_torch_stack() -> tuple[Any, Any]:
             f"the ALM stage needs torch and transformers: {INSTALL_HINT} ({err})"
         ) from err
     return torch, transformers
+
+
+@contextmanager
+def torch_guard(torch: Any, device: Any, spec: str) -> Iterator[None]:
+    """inference_mode; torch errors become ModelError, out-of-memory AlmOutOfMemoryError
+    (after freeing the CUDA cache, so the batcher's split retry has room)."""
+    try:
+        with torch.inference_mode():
+            yield
+    except RuntimeError as err:
+        if is_out_of_memory(err):
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            raise AlmOutOfMemoryError(f"{spec}: out of memory: {err}") from err
+        raise ModelError(f"{spec}: inference failed: {err}") from err
 
 
 def is_out_of_memory(err: BaseException) -> bool:

@@ -12,8 +12,8 @@ are softmaxed over labels; the distribution is the mean over templates.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from typing import Any
 
 import numpy as np
@@ -22,16 +22,15 @@ from stream_ser import SAMPLE_RATE
 from stream_ser.acoustics import CueTokens
 from stream_ser.alm.base import (
     AlmOptions,
-    AlmOutOfMemoryError,
     as_distributions,
     check_batch,
     check_labels,
     import_torch_stack,
-    is_out_of_memory,
     local_or_hub,
     set_threads,
     softmax_rows,
     torch_dtype,
+    torch_guard,
 )
 from stream_ser.alm.prompts import class_texts, load_clap
 from stream_ser.errors import ConfigError, ModelError
@@ -132,17 +131,8 @@ class ClapBackend:
             embedded = _rows_unit(_pooled(output).float().cpu().numpy().astype(np.float64))
         return embedded.reshape(len(texts), len(self.labels), -1)
 
-    @contextmanager
-    def _guard(self) -> Iterator[None]:
-        try:
-            with self._torch.inference_mode():
-                yield
-        except RuntimeError as err:
-            if is_out_of_memory(err):
-                if self._device.type == "cuda":
-                    self._torch.cuda.empty_cache()
-                raise AlmOutOfMemoryError(f"{self.spec}: out of memory: {err}") from err
-            raise ModelError(f"{self.spec}: inference failed: {err}") from err
+    def _guard(self) -> AbstractContextManager[None]:
+        return torch_guard(self._torch, self._device, self.spec)
 
 
 def _pooled(output: Any) -> Any:

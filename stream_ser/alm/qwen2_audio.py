@@ -16,8 +16,8 @@ entries, `audio=` keyword, causal-LM logits) can reuse this class through `model
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from typing import Any
 
 import numpy as np
@@ -26,17 +26,16 @@ from stream_ser.acoustics import CueTokens
 from stream_ser.alm import labels as label_rules
 from stream_ser.alm.base import (
     AlmOptions,
-    AlmOutOfMemoryError,
     as_distributions,
     check_batch,
     check_labels,
     import_torch_stack,
-    is_out_of_memory,
     local_or_hub,
     resolve_cues,
     set_threads,
     softmax_rows,
     torch_dtype,
+    torch_guard,
 )
 from stream_ser.alm.prompts import load_generative, question_text
 from stream_ser.errors import ModelError
@@ -222,18 +221,8 @@ class Qwen2AudioBackend:
                 columns.append(logprobs[:, step, token])
         return torch.stack(columns, dim=-1).cpu().numpy().astype(np.float64)  # type: ignore[no-any-return]
 
-    @contextmanager
-    def _guard(self) -> Iterator[None]:
-        """inference_mode; torch errors become ModelError, out-of-memory AlmOutOfMemoryError."""
-        try:
-            with self._torch.inference_mode():
-                yield
-        except RuntimeError as err:
-            if is_out_of_memory(err):
-                if self._device.type == "cuda":
-                    self._torch.cuda.empty_cache()
-                raise AlmOutOfMemoryError(f"{self.spec}: out of memory: {err}") from err
-            raise ModelError(f"{self.spec}: inference failed: {err}") from err
+    def _guard(self) -> AbstractContextManager[None]:
+        return torch_guard(self._torch, self._device, self.spec)
 
 
 def _load(transformers: Any, path: str, options: AlmOptions, model_class: str) -> tuple[Any, Any]:
