@@ -1,0 +1,70 @@
+"""tools/train_strong.py: speaker folds for cross-validation and the causal training replay."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+from conftest import REPO
+
+pytest.importorskip("torch")
+pytest.importorskip("sklearn")
+sys.path.insert(0, str(REPO / "tools"))
+
+import train_strong as ts
+from strong_features import Row
+
+
+def _data(test_speakers: set[str]) -> ts.Data:
+    rows = [
+        Row(corpus, f"{speaker}/{i}.flac", "neutral", f"{corpus}:{speaker}")
+        for corpus, speakers in (("ravdess", [f"Actor_{n:02d}" for n in range(1, 11)]),
+                                 ("emodb", ["03", "08", "09", "10", "11", "12"]))
+        for speaker in speakers
+        for i in range(3)
+    ]  # fmt: skip
+    split = np.array(
+        ["test" if r.speaker.split(":")[1] in test_speakers else "train" for r in rows]
+    )
+    return ts.Data(rows, {}, split, np.arange(len(rows)))
+
+
+def test_speaker_folds_cover_every_non_test_speaker_once_and_no_test_speaker() -> None:
+    data = _data({"Actor_09", "Actor_10", "03"})
+    folds = ts.speaker_folds(data, 4)
+    speakers = data.speakers()
+    assert (np.sum(folds, axis=0) == (data.split != "test")).all()  # each clip in <= one fold
+    for fold in folds:
+        assert fold.any()
+        assert not (data.split[fold] == "test").any()
+        in_fold = set(speakers[fold])
+        assert all((speakers == s).sum() == fold[speakers == s].sum() for s in in_fold)
+        assert {s.split(":")[0] for s in in_fold} == {"ravdess", "emodb"}
+    first = sorted(set(speakers[folds[0]]))
+    assert first == ["emodb:08", "emodb:09", "ravdess:Actor_01", "ravdess:Actor_02"]
+
+
+def test_causal_normalisation_uses_only_earlier_clips_of_the_same_speaker() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(6, 4))
+    speakers = np.array(["a", "a", "a", "b", "b", "b"])
+    order = np.array([2, 0, 1, 0, 1, 2])
+    card = ts.adaptation_card(ts.population(x), warmup=1, prior_weight=1.0)
+    out = ts.causal_normalise(x, speakers, order, card)
+    pop = card.population
+    # the first clip of each stream sees the population only
+    np.testing.assert_allclose(out[1], (x[1] - pop.mean) / pop.std, rtol=1e-5)
+    np.testing.assert_allclose(out[3], (x[3] - pop.mean) / pop.std, rtol=1e-5)
+    # a later clip's result changes when an earlier clip changes, never when a later one does
+    later_changed = x.copy()
+    later_changed[0] += 10.0  # clip 0 is speaker a's last
+    np.testing.assert_allclose(ts.causal_normalise(later_changed, speakers, order, card)[2], out[2])
+    earlier_changed = x.copy()
+    earlier_changed[1] += 10.0  # clip 1 is speaker a's first
+    assert not np.allclose(ts.causal_normalise(earlier_changed, speakers, order, card)[2], out[2])
+    other_speaker = x.copy()
+    other_speaker[3:] += 10.0
+    np.testing.assert_allclose(
+        ts.causal_normalise(other_speaker, speakers, order, card)[:3], out[:3]
+    )
