@@ -111,6 +111,7 @@ class ReorderStats:
     chunks_duplicate: int = 0
     chunks_lost: int = 0  # never arrived: replaced by silence of the same length
     format_changes: int = 0  # rate/channels changed mid-stream (chunk dropped)
+    restarts: int = 0  # the sender started numbering from 0 again (a restarted device)
 
 
 class Reorderer:
@@ -119,7 +120,9 @@ class Reorderer:
     Chunks are released in order. A missing chunk is waited for until REORDER_WINDOW later
     chunks have arrived; then it counts as lost and is replaced by silence as long as the
     chunk after it (so stream time stays true). Chunks older than the last released one are
-    late and dropped; repeats are dropped.
+    late and dropped; repeats are dropped. A chunk numbered 0 that was captured after every
+    chunk seen so far is a restarted sender (a new `stream-ser send` under the same stream id):
+    what is held is released, and the sequence (and format) start over.
     """
 
     def __init__(self, window: int = REORDER_WINDOW) -> None:
@@ -128,9 +131,15 @@ class Reorderer:
         self._next: int | None = None
         self._held: dict[int, Chunk] = {}
         self._format: tuple[int, int] | None = None
+        self._newest_ms = -1  # latest capture time seen
 
     def push(self, chunk: Chunk) -> Iterator[Chunk]:
         """Accept one chunk; yield every chunk (or silence filler) now ready, in order."""
+        if chunk.seq == 0 and self._next and chunk.captured_ms > self._newest_ms:
+            yield from self.flush()
+            self.stats.restarts += 1
+            self._next, self._format = None, None
+        self._newest_ms = max(self._newest_ms, chunk.captured_ms)
         if self._format is None:
             self._format = (chunk.sample_rate, chunk.channels)
         if (chunk.sample_rate, chunk.channels) != self._format:

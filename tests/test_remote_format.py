@@ -28,8 +28,15 @@ def pcm(frames: int, channels: int = 1, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(-32768, 32768, (frames, channels), dtype=np.int16)
 
 
-def chunk(seq: int, frames: int = 160, channels: int = 1, rate: int = 16000) -> Chunk:
-    return decode_chunk(encode_chunk(seq, rate, pcm(frames, channels, seed=seq), 1000 + seq))
+def chunk(
+    seq: int,
+    frames: int = 160,
+    channels: int = 1,
+    rate: int = 16000,
+    captured_ms: int | None = None,
+) -> Chunk:
+    captured = 1000 + seq if captured_ms is None else captured_ms
+    return decode_chunk(encode_chunk(seq, rate, pcm(frames, channels, seed=seq), captured))
 
 
 def header(channels: int = 1, rate: int = 16000, magic: bytes = b"SSA1", version: int = 1) -> bytes:
@@ -147,6 +154,20 @@ def test_late_and_duplicate_chunks_are_dropped_and_counted() -> None:
     list(reorderer.push(chunk(12)))  # held: 10 and 11 are missing
     assert list(reorderer.push(chunk(12))) == []  # still held: a duplicate
     assert reorderer.stats.chunks_duplicate == 1
+
+
+def test_a_restarted_sender_starts_the_sequence_over_without_losing_held_chunks() -> None:
+    reorderer = Reorderer()
+    before = released(reorderer, [chunk(seq) for seq in (0, 1, 2, 4)])  # 3 missing: 4 held
+    assert [c.seq for c in before] == [0, 1, 2]
+    restarted = [chunk(seq, rate=48000, captured_ms=5000 + seq) for seq in range(3)]
+    out = released(reorderer, restarted)
+    assert [c.seq for c in out] == [3, 4, 0, 1, 2]  # held chunk and filler first, then the restart
+    assert not out[0].pcm.any() and out[2] is restarted[0]
+    assert reorderer.stats.restarts == 1 and reorderer.stats.format_changes == 0
+    # a redelivered old chunk 0 (captured before the newest) is late, not a restart
+    assert list(reorderer.push(chunk(0, rate=48000, captured_ms=4000))) == []
+    assert reorderer.stats.restarts == 1 and reorderer.stats.chunks_late == 1
 
 
 def test_a_format_change_mid_stream_is_dropped_and_counted() -> None:
