@@ -122,7 +122,8 @@ class Reorderer:
     chunk after it (so stream time stays true). Chunks older than the last released one are
     late and dropped; repeats are dropped. A chunk numbered 0 that was captured after every
     chunk seen so far is a restarted sender (a new `stream-ser send` under the same stream id):
-    what is held is released, and the sequence (and format) start over.
+    what is held is released and the sequence starts over (a different rate or channel count
+    is still a format change: the stream's converter and clock continue).
     """
 
     def __init__(self, window: int = REORDER_WINDOW) -> None:
@@ -138,7 +139,7 @@ class Reorderer:
         if chunk.seq == 0 and self._next and chunk.captured_ms > self._newest_ms:
             yield from self.flush()
             self.stats.restarts += 1
-            self._next, self._format = None, None
+            self._next = None
         self._newest_ms = max(self._newest_ms, chunk.captured_ms)
         if self._format is None:
             self._format = (chunk.sample_rate, chunk.channels)

@@ -160,13 +160,13 @@ def test_a_restarted_sender_starts_the_sequence_over_without_losing_held_chunks(
     reorderer = Reorderer()
     before = released(reorderer, [chunk(seq) for seq in (0, 1, 2, 4)])  # 3 missing: 4 held
     assert [c.seq for c in before] == [0, 1, 2]
-    restarted = [chunk(seq, rate=48000, captured_ms=5000 + seq) for seq in range(3)]
+    restarted = [chunk(seq, captured_ms=5000 + seq) for seq in range(3)]
     out = released(reorderer, restarted)
     assert [c.seq for c in out] == [3, 4, 0, 1, 2]  # held chunk and filler first, then the restart
     assert not out[0].pcm.any() and out[2] is restarted[0]
     assert reorderer.stats.restarts == 1 and reorderer.stats.format_changes == 0
     # a redelivered old chunk 0 (captured before the newest) is late, not a restart
-    assert list(reorderer.push(chunk(0, rate=48000, captured_ms=4000))) == []
+    assert list(reorderer.push(chunk(0, captured_ms=4000))) == []
     assert reorderer.stats.restarts == 1 and reorderer.stats.chunks_late == 1
 
 
