@@ -189,8 +189,10 @@ def main(argv: list[str] | None = None) -> int:
     for k, fold in enumerate(ts.speaker_folds(data, config["cv"]["folds"])):
         train = (data.split != "test") & ~fold
         frame = train_fold(clips, x, target, data, train, fold, config, len(labels))
-        fitted, xv = ts._fit(x, data.labels(), data.speakers(), data.order, train, fold,
-                             "causal", adapt, head["c"], head["class_weight"])  # fmt: skip
+        fitted, xv = ts.fit_normalised(
+            x, data.labels(), data.speakers(), data.order, train, fold, "causal", adapt,
+            head["c"], head["class_weight"],
+        )  # fmt: skip
         recipe = np.full_like(frame, -1e9)
         recipe[:, [labels.index(c) for c in fitted.classes_]] = fitted.predict_log_proba(xv)
         corpora = data.corpora()[fold]

@@ -280,11 +280,11 @@ def with_copies(
 
 
 def _score(x, y, speakers, order, train, test, norm, adapt, c, weight, copies=()):  # type: ignore[no-untyped-def]
-    head, xv = _fit(x, y, speakers, order, train, test, norm, adapt, c, weight, copies)
+    head, xv = fit_normalised(x, y, speakers, order, train, test, norm, adapt, c, weight, copies)
     return uar_on(head, xv, y[test])
 
 
-def _fit(x, y, speakers, order, train, test, norm, adapt, c, weight, copies=()):  # type: ignore[no-untyped-def]
+def fit_normalised(x, y, speakers, order, train, test, norm, adapt, c, weight, copies=()):  # type: ignore[no-untyped-def]
     """The head fitted on `train` and the `test` rows normalised as `norm` says."""
     card = adaptation_card(population(x[train]), adapt["warmup_utterances"], adapt["prior_weight"])
     xa, ya, sa = with_copies(x, list(copies), y, speakers, train)
@@ -321,7 +321,7 @@ def cross_validation(config: dict[str, Any], data: Data) -> None:
     Each fold's speakers are scored by a head fitted on the other folds; the test speakers are
     never used. Steadier than one validation split: with 4 speakers per RAVDESS fold, folds
     differ by up to 0.1 UAR."""
-    y, speakers = data.labels(), data.speakers()
+    y, speakers, corpora = data.labels(), data.speakers(), data.corpora()
     adapt, head = config["adaptation"], config["head"]
     c, weight = head["c"], head["class_weight"]
     parts = feature_parts(config["features"])
@@ -345,10 +345,10 @@ def cross_validation(config: dict[str, Any], data: Data) -> None:
         scores: dict[str, list[float]] = {corpus: [] for corpus in CORPORA}
         for fold in folds:
             train = (data.split != "test") & ~fold
-            fitted, xv = _fit(x, y, speakers, data.order, train, fold, "causal", variant_adapt,
-                              variant_c, weight, copies)  # fmt: skip
+            fitted, xv = fit_normalised(x, y, speakers, data.order, train, fold, "causal",
+                                        variant_adapt, variant_c, weight, copies)  # fmt: skip
             for corpus in CORPORA:
-                rows = data.corpora()[fold] == corpus
+                rows = corpora[fold] == corpus
                 scores[corpus].append(uar_on(fitted, xv[rows], y[fold][rows]))
         per_fold = " ".join(f"{v:.3f}" for v in scores["ravdess"])
         print(
