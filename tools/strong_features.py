@@ -29,6 +29,8 @@ from whisper_encoder import (
 log = logging.getLogger("train_strong")
 
 WHISPER_LAYERS = (0, 1, 2, 3)  # cached: mean+std of every layer (4 x 768)
+WHISPER_KINDS = {"tiny.en": "whisper_speech", "base": "whisper_base_speech"}  # cache names
+WIDTHS = {"whisper": 384, "whisper_base": 512}  # hidden size: a layer's pool is 2 x width
 SPEECH_DB = 35.0  # speech frames: loudest band within this many dB of the clip's loudest frame
 
 
@@ -85,11 +87,14 @@ def speech_logmel_stats(mel: torch.Tensor, weights: torch.Tensor) -> torch.Tenso
     return torch.cat([mean, std, dstd], dim=-1)
 
 
-def _speech_pooled(pad_to_s: float = 0.0) -> Callable[[np.ndarray], dict[str, np.ndarray]]:
+def _speech_pooled(
+    pad_to_s: float = 0.0, encoder: str = "tiny.en"
+) -> Callable[[np.ndarray], dict[str, np.ndarray]]:
     """Speech-frame pools; with `pad_to_s`, the input is zero-padded to that length first (Whisper
     itself always encodes 30 s windows)."""
-    model = load_pooled_whisper()
+    model = load_pooled_whisper(encoder=encoder)
     suffix = f"@pad{pad_to_s:g}" if pad_to_s else ""
+    name = WHISPER_KINDS[encoder]
 
     def extract(audio: np.ndarray) -> dict[str, np.ndarray]:
         if pad_to_s:
@@ -101,7 +106,7 @@ def _speech_pooled(pad_to_s: float = 0.0) -> Callable[[np.ndarray], dict[str, np
             weights = encoder_frames(frames, hidden[0].shape[1])
             pooled = torch.cat([mean_std_pool(h, weights) for h in hidden], dim=-1)
             return {
-                "whisper_speech" + suffix: pooled[0].numpy(),
+                name + suffix: pooled[0].numpy(),
                 "logmel_speech" + suffix: speech_logmel_stats(mel, frames)[0].numpy(),
             }
 
@@ -143,6 +148,7 @@ def _speed(factor: float) -> Callable[[np.ndarray], dict[str, np.ndarray]]:
     return extract
 
 
+EXTRACTORS["whisper_base_speech"] = lambda: _speech_pooled(encoder="base")
 EXTRACTORS["whisper_speech@pad30"] = lambda: _speech_pooled(30.0)
 EXTRACTORS["logmel_speech@pad30"] = lambda: _speech_pooled(30.0)
 SPEEDS = (0.9, 1.1)  # speed perturbation for training-set augmentation

