@@ -68,3 +68,30 @@ def test_causal_normalisation_uses_only_earlier_clips_of_the_same_speaker() -> N
     np.testing.assert_allclose(
         ts.causal_normalise(other_speaker, speakers, order, card)[:3], out[:3]
     )
+
+
+def test_feature_parts_name_each_encoders_cache_and_slice_its_layer_width() -> None:
+    features = {"encoder": "base", "whisper_layers": [1, 5], "logmel_stats": True,
+                "pooling": "speech", "speech_db": 35.0}  # fmt: skip
+    assert ts.feature_parts(features) == ["whisper_base_speech:15", "logmel_speech"]
+    assert ts.feature_parts(ts.TINY_FEATURES) == ["whisper_speech:0123", "logmel_speech"]
+    with pytest.raises(SystemExit, match="speed copies"):
+        ts.feature_parts(features, speed=0.9)
+    base = np.arange(6 * 1024, dtype=float)[None]  # 6 layers x (mean, std) x width 512
+    tiny = np.arange(4 * 768, dtype=float)[None]  # 4 layers x (mean, std) x width 384
+    data = ts.Data([], {"whisper_base_speech": base, "whisper_speech": tiny}, np.array([]),
+                   np.array([]))  # fmt: skip
+    x = ts.embedding(data, ["whisper_base_speech:15", "whisper_speech:3"])
+    expected = np.concatenate([base[0, 1024:2048], base[0, 5120:6144], tiny[0, 2304:3072]])
+    np.testing.assert_array_equal(x[0], expected)
+
+
+def test_best_temperature_undoes_overconfident_logits() -> None:
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 1.5, size=(4000, 5))
+    probabilities = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    truth = np.array([rng.choice(5, p=p) for p in probabilities])
+    assert ts.best_temperature(3.0 * logits, truth) == pytest.approx(3.0, abs=0.2)
+    assert ts.best_temperature(logits, truth) == pytest.approx(1.0, abs=0.2)
+    nll = ts.negative_log_likelihood(np.log(probabilities), truth)
+    assert nll < ts.negative_log_likelihood(np.zeros_like(logits), truth)  # beats uniform

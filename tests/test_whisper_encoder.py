@@ -19,6 +19,7 @@ import torch
 from whisper_encoder import (
     PooledWhisper,
     export_onnx,
+    join_parts,
     read_ct2_variables,
 )
 
@@ -110,3 +111,20 @@ def test_pooled_encoder_runs_on_short_inputs_and_exports(
     np.testing.assert_allclose(exported, pooled, atol=1e-4)
     (longer,) = session.run(None, {"waveform": buzz(2.3)[None]})  # dynamic length
     assert longer.shape == (1, 2 * WIDTH)
+
+
+def test_join_parts_rebuilds_a_model_split_in_two(
+    tiny_whisper: tuple[Path, dict[str, np.ndarray]], tmp_path: Path
+) -> None:
+    whole = tiny_whisper[0].read_bytes()
+    first, second = tmp_path / "model.bin.part1", tmp_path / "model.bin.part2"
+    first.write_bytes(whole[:1000])
+    second.write_bytes(whole[1000:])
+    config = tmp_path / "config.json"
+    config.write_text("{}")
+    joined = join_parts([first, second], [config], tmp_path / "joined")
+    assert joined.read_bytes() == whole
+    assert (tmp_path / "joined" / "config.json").read_text() == "{}"
+    assert sorted(p.name for p in joined.parent.iterdir()) == ["config.json", "model.bin"]
+    loaded = read_ct2_variables(joined)
+    np.testing.assert_array_equal(loaded["conv1/weight"], tiny_whisper[1]["conv1/weight"])

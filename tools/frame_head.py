@@ -4,13 +4,14 @@ Usage (repository root, after tools/train_strong.py has filled the feature cache
 
     .venv/bin/python tools/frame_head.py tools/configs/strong.toml
 
-The bundled recipe pools each Whisper layer with a fixed mean + standard deviation and fits a
-logistic regression. This script asks whether a learned pooling does better: a small network on
-the frames of all 4 layers (projection 1536 -> 256, GELU, attention weights, weighted mean + std,
-linear output), trained per fold with the same causal speaker baselines (frames minus the
-stream's running mean of the layer means) and random frame dropout. It prints the speaker-fold
-cross-validation UAR (the folds of `train_strong.py --cv`) of the frame head, of the recipe, and
-of their late fusion (weighted sum of log-probabilities). Test speakers are never used.
+The tiny.en recipe (bundled model v1) pools each Whisper tiny.en layer with a fixed mean +
+standard deviation and fits a logistic regression. This script asks whether a learned pooling
+does better: a small network on the frames of all 4 layers (projection 1536 -> 256, GELU,
+attention weights, weighted mean + std, linear output), trained per fold with the same causal
+speaker baselines (frames minus the stream's running mean of the layer means) and random frame
+dropout. It prints the speaker-fold cross-validation UAR (the folds of `train_strong.py --cv`)
+of the frame head, of the tiny.en recipe, and of their late fusion (weighted sum of
+log-probabilities). Test speakers are never used.
 
 Frames (float16, speech frames only, ~0.5 GB) are cached as `<cache>/<corpus>-speech-frames*.npy`.
 About 15 minutes on 2 cores; not part of the bundled model (it did not do better).
@@ -43,6 +44,7 @@ from stream_ser.specialist import AdaptationCard
 
 LAYERS = 4
 MEANS = np.concatenate([np.arange(2 * ts.WIDTH * i, 2 * ts.WIDTH * i + ts.WIDTH) for i in range(4)])
+TINY_C = 0.05  # the tiny.en recipe's head strength (v1)
 FUSION_WEIGHTS = (0.0, 0.2, 0.35, 0.5, 1.0)  # frame head's weight in the fusion: 0 recipe, 1 alone
 
 
@@ -182,8 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     clips = [clip for corpus in ts.CORPORA for clip in speech_frame_cache(root, corpus, cache)]
     labels = config["labels"]
     target = np.array([labels.index(label) for label in data.labels()])
-    x = ts.embedding(data, ts.feature_parts(config["features"]))
-    adapt, head = config["adaptation"], config["head"]
+    x = ts.embedding(data, ts.feature_parts(ts.TINY_FEATURES))  # its frames are tiny.en's
+    adapt, head = config["adaptation"], config["head"] | {"c": TINY_C}
     scores: dict[float, dict[str, list[float]]] = {w: {c: [] for c in ts.CORPORA}
                                                    for w in FUSION_WEIGHTS}  # fmt: skip
     for k, fold in enumerate(ts.speaker_folds(data, config["cv"]["folds"])):

