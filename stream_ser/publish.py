@@ -363,7 +363,6 @@ class MqttSink:
         self._offline = encode(status_message("offline", stream_ids, {}))
         self._client: CheckedClient | None = None
         self._last_status: bytes | None = None
-        self._last_state: str | None = None
         self._final_status: dict[str, Any] | None = None
         self._closing = False
         self._give_up_at = 0.0  # monotonic time after which closing stops retrying
@@ -441,11 +440,12 @@ class MqttSink:
 
         The final `offline` status goes out at exit, after the spool has been delivered.
         """
-        self._last_status = encode(message)
-        self._last_state = message["state"]
-        if self._last_state == "offline":
+        if message["state"] == "offline":
+            # not kept as the status a reconnection re-sends: that goes out before the
+            # spool, and `offline` must come after every result still waiting there
             self._final_status = dict(message)
             return
+        self._last_status = encode(message)
         if self._client is None:
             return
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import getpass
 import json
 import shutil
 import socket
@@ -128,8 +129,12 @@ class Broker:
         self.port = free_port()
         self.config = directory / "mosquitto.conf"
         lines = [f"listener {self.port} 127.0.0.1", "allow_anonymous true"]
+        self.database = directory / "mosquitto.db" if persistence else None
         if persistence:  # queued QoS 1 messages survive a (graceful) broker restart
+            # started as root, mosquitto drops to the `mosquitto` user, which cannot write the
+            # database into a root-owned tmp_path ("Permission denied", persistence silently off)
             lines += ["persistence true", f"persistence_location {directory}/"]
+            lines += [f"user {getpass.getuser()}"]
         else:
             lines += ["persistence false"]
         self.config.write_text("\n".join(lines) + "\n")
@@ -148,10 +153,13 @@ class Broker:
         wait_for_port(self.port)
 
     def stop(self) -> None:
+        """Stop gracefully (SIGTERM); with persistence, the broker must have saved its state."""
         if self.process is not None:
             self.process.terminate()
             self.process.wait(timeout=10)
             self.process = None
+            if self.database is not None and not self.database.is_file():
+                raise AssertionError(f"mosquitto saved no persistence database {self.database}")
 
 
 @pytest.fixture

@@ -14,6 +14,9 @@ import numpy as np
 import soundfile
 from conftest import REPO, Broker, run_cli
 
+from stream_ser.messages import status_message
+from stream_ser.publish import MqttSink
+from stream_ser.settings import MqttSettings
 from stream_ser.spool import Spool
 
 PREFIX = "spool-test"
@@ -57,11 +60,18 @@ def long_recording(path: Path, clips: list[Path], count: int) -> Path:
 
 
 class Subscriber:
-    """A persistent-session QoS 1 subscriber that reconnects whenever the broker comes back."""
+    """A persistent-session QoS 1 subscriber that reconnects whenever the broker comes back.
+
+    It subscribes once (`subscribed` is set after the SUBACK); later connections resume the
+    session, which a broker restart keeps only with persistence: without it, nothing arrives
+    after a restart. Subscribing again on reconnection would hide that, and messages the
+    session delivers before a SUBACK that never comes would be acknowledged, then dropped.
+    """
 
     def __init__(self, broker: Broker) -> None:
         self.broker = broker
         self.messages: list[dict[str, Any]] = []
+        self.subscribed = asyncio.Event()
         self.offline = asyncio.Event()
         self.online = asyncio.Event()
         self.identifier = f"spool-sub-{id(self)}"
@@ -72,7 +82,9 @@ class Subscriber:
                 async with aiomqtt.Client(
                     "127.0.0.1", self.broker.port, identifier=self.identifier, clean_session=False
                 ) as client:
-                    await client.subscribe(f"{PREFIX}/#", qos=1)
+                    if not self.subscribed.is_set():
+                        await client.subscribe(f"{PREFIX}/#", qos=1)
+                        self.subscribed.set()
                     async for message in client.messages:
                         assert isinstance(message.payload, bytes)
                         payload = json.loads(message.payload)
@@ -104,7 +116,8 @@ async def test_broker_restarts_lose_nothing(
     listening = asyncio.create_task(subscriber.run())
     recording = long_recording(tmp_path / "long.wav", ravdess_clips, 12)  # ~50 s
     try:
-        await asyncio.sleep(0.5)
+        async with asyncio.timeout(10):  # the session must hold the subscription before outages
+            await subscriber.subscribed.wait()
         process = subprocess.Popen(
             [sys.executable, "-m", "stream_ser", "run", "--input", str(recording), "--realtime",
              "--speed", "4", "--model", str(tiny_model), "--mqtt", broker.url,
@@ -129,6 +142,37 @@ async def test_broker_restarts_lose_nothing(
     expected = offline["counters"]["utterances"]
     assert expected >= 10
     assert subscriber.final_ids() == list(range(1, expected + 1))
+
+
+async def test_the_offline_status_follows_results_spooled_during_an_outage(
+    tmp_path: Path,
+) -> None:
+    """The pipeline reports `offline` before the sink closes; a reconnection then must not
+    send it ahead of the results still in the spool (a subscriber would think it had all)."""
+    broker = Broker(tmp_path, persistence=True)
+    broker.start()
+    subscriber = Subscriber(broker)
+    listening = asyncio.create_task(subscriber.run())
+    settings = MqttSettings(url=broker.url, topic_prefix=PREFIX, connect_timeout_s=5.0)
+    try:
+        async with asyncio.timeout(30):
+            await subscriber.subscribed.wait()
+            async with MqttSink(settings, "closing", ["s"], Spool(tmp_path / "o.sqlite3")) as sink:
+                await sink.status(status_message("online", ["s"], {"utterances": 0}))
+                broker.stop()
+                await asyncio.sleep(0.5)  # the sink has seen the link go
+                for index in (1, 2):
+                    await sink.result("s", {"type": "utterance", "final": True,
+                                            "id": f"u{index}", "utterance_id": index})  # fmt: skip
+                await sink.status(status_message("offline", ["s"], {"utterances": 2}))
+                broker.start()
+            await subscriber.offline.wait()
+    finally:
+        listening.cancel()
+        broker.stop()
+    first = next(i for i, m in enumerate(subscriber.messages) if m.get("state") == "offline"
+                 and m["counters"])  # fmt: skip
+    assert [m["utterance_id"] for m in subscriber.messages[:first] if m.get("final")] == [1, 2]
 
 
 async def test_results_spooled_while_down_are_delivered_by_the_next_run(
@@ -163,7 +207,8 @@ async def test_results_spooled_while_down_are_delivered_by_the_next_run(
     broker.start()
     subscriber = Subscriber(broker)
     listening = asyncio.create_task(subscriber.run())
-    await asyncio.sleep(0.5)
+    async with asyncio.timeout(10):
+        await subscriber.subscribed.wait()
     silent = tmp_path / "silence.wav"
     soundfile.write(silent, np.zeros(16000, dtype=np.float32), 16000)
     done = await asyncio.to_thread(
