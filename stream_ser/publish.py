@@ -295,6 +295,29 @@ class CheckedClient(aiomqtt.Client):
             self._refusal = reason_code
         super()._on_publish(client, userdata, mid, reason_code, properties)
 
+    def _on_socket_register_write(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        """As aiomqtt's, but a socket closed before the event loop registers it is skipped.
+
+        paho asks for the registration from its connect thread; when a TLS handshake fails
+        (a broker that wants a client certificate, say) the socket is closed while the request
+        waits, and asyncio logged a traceback for the dead descriptor (EBADF)."""
+
+        def write() -> None:
+            try:
+                client.loop_write()
+            except Exception as exc:  # as aiomqtt: a broken link ends the session
+                if not self._disconnected.done():
+                    self._disconnected.set_exception(exc)
+
+        def register() -> None:
+            descriptor = sock.fileno()
+            if descriptor == -1:
+                return
+            with contextlib.suppress(OSError):  # closed since: nothing left to write to
+                self._loop.add_writer(descriptor, write)
+
+        self._loop.call_soon_threadsafe(register)
+
     async def publish_checked(
         self, topic: str, payload: bytes, qos: int, retain: bool = False
     ) -> ReasonCode | None:

@@ -189,3 +189,27 @@ def test_unreachable_broker_is_a_clear_error(
     assert done.returncode == 1
     assert "cannot connect to broker mqtt://127.0.0.1:" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+async def test_a_socket_closed_before_its_write_registration_is_skipped_quietly() -> None:
+    """paho asks for the write registration from its connect thread; a failed TLS handshake
+    closes the socket meanwhile, and asyncio used to log a traceback for the dead descriptor."""
+    import socket
+
+    from stream_ser.publish import CheckedClient
+
+    loop = asyncio.get_running_loop()
+    errors: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _loop, context: errors.append(context))
+    client = CheckedClient("127.0.0.1", free_port(), identifier="closed-socket")
+    closed, open_ = socket.socketpair()
+    try:
+        closed.close()
+        client._on_socket_register_write(client._client, None, closed)
+        client._on_socket_register_write(client._client, None, open_)
+        await asyncio.sleep(0.05)  # the loop runs both registrations
+        assert errors == []
+        assert loop.remove_writer(open_.fileno())  # the live socket was registered
+    finally:
+        open_.close()
+        loop.set_exception_handler(None)
