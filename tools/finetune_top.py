@@ -50,15 +50,12 @@ def frames_cache(whisper: PooledWhisper, cut: int, root: Path, corpus: str, cach
     if path.is_file():
         return torch.load(path)  # type: ignore[no-any-return]
     clips = []
-    encoder_module = whisper.encoder
     for row in read_corpus(root, corpus):
         audio, _ = soundfile.read(root / corpus / row.path, dtype="float32")
         with torch.no_grad():
             mel = whisper.logmel(torch.from_numpy(audio[: 30 * 16000])[None])
-            x = F.gelu(encoder_module.conv1(mel))
-            x = F.gelu(encoder_module.conv2(x)).transpose(1, 2)
-            x = x + encoder_module.positions[: x.shape[1]]
-            for layer in encoder_module.layers[:cut]:
+            x = whisper.encoder.stem(mel)
+            for layer in whisper.encoder.layers[:cut]:
                 x = layer(x)
             weights = encoder_frames(speech_frames(mel, SPEECH_DB), x.shape[1])[0]
         clips.append((x[0].half(), weights))
@@ -78,13 +75,7 @@ class TopLayers(nn.Module):
         """(batch, time, width) frames, (batch, time) True where not padding -> same shape."""
         mask = real[:, None, None, :]
         for layer in self.layers:
-            batch, steps, width = x.shape
-            q, k, v = layer.qkv(layer.attention_norm(x)).chunk(3, dim=-1)
-            shape = (batch, steps, layer.heads, width // layer.heads)
-            q, k, v = (t.reshape(shape).transpose(1, 2) for t in (q, k, v))
-            attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-            x = x + layer.out(attended.transpose(1, 2).reshape(batch, steps, width))
-            x = x + layer.ffn_out(F.gelu(layer.ffn_in(layer.ffn_norm(x))))
+            x = layer(x, mask)
         return self.norm(x)  # type: ignore[no-any-return]
 
 

@@ -226,11 +226,13 @@ def uar_on(head: LogisticRegression, x: np.ndarray, y: np.ndarray) -> float:
     return unweighted_average_recall(matrix)
 
 
-def held_out_temperature(config: dict[str, Any], data: Data, usable: np.ndarray) -> float:
+def held_out_temperature(
+    config: dict[str, Any], data: Data, x: np.ndarray, usable: np.ndarray
+) -> float:
     """The logit temperature (0.5..4) minimising the negative log-likelihood of held-out
     speakers: the recipe's head fitted per speaker fold (the --cv folds) and scored on the fold.
-    Only `usable` clips take part (a cross-corpus model never sees its test corpus)."""
-    x = embedding(data, feature_parts(config["features"]))
+    `x` is the recipe's embedding of every clip; only `usable` clips take part (a cross-corpus
+    model never sees its test corpus)."""
     y, head = data.labels(), config["head"]
     logits, truth = [], []
     for fold in speaker_folds(data, config["cv"]["folds"]):
@@ -650,7 +652,7 @@ def train(config: dict[str, Any], data: Data, output: Path, without: str | None)
     log.info("utterance head: %d rows x %d dims, %.0f s", *xt.shape, time.monotonic() - start)
     temperature = config["head"]["temperature"]
     if temperature == "cv":
-        temperature = held_out_temperature(config, data, usable=corpora != without)
+        temperature = held_out_temperature(config, data, x, usable=corpora != without)
     head.coef_ /= temperature  # calibration, chosen on validation speakers
     head.intercept_ /= temperature
     mel = data.features["logmel"]

@@ -184,13 +184,14 @@ class EncoderLayer(nn.Module):
         self.ffn_in = nn.Linear(width, 4 * width)
         self.ffn_out = nn.Linear(4 * width, width)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(batch, time, width) -> same."""
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(batch, time, width) -> same; `mask` (batch, 1, 1, time), True where a frame is real
+        (padded batches; None: every frame attends to every frame)."""
         batch, steps, width = x.shape
         q, k, v = self.qkv(self.attention_norm(x)).chunk(3, dim=-1)
         shape = (batch, steps, self.heads, width // self.heads)
         q, k, v = (t.reshape(shape).transpose(1, 2) for t in (q, k, v))
-        attended = F.scaled_dot_product_attention(q, k, v)
+        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         x = x + self.out(attended.transpose(1, 2).reshape(batch, steps, width))
         return x + self.ffn_out(F.gelu(self.ffn_in(self.ffn_norm(x))))
 
@@ -240,11 +241,15 @@ class WhisperEncoder(nn.Module):
                 put(linear.weight, base + name + "/weight")
                 put(linear.bias, base + name + "/bias")
 
-    def forward(self, features: torch.Tensor) -> list[torch.Tensor]:
-        """(batch, 80, frames) -> per layer (batch, ceil(frames / 2), width); last is normed."""
+    def stem(self, features: torch.Tensor) -> torch.Tensor:
+        """(batch, 80, frames) -> the first layer's input, (batch, ceil(frames / 2), width)."""
         x = F.gelu(self.conv1(features))
         x = F.gelu(self.conv2(x)).transpose(1, 2)
-        x = x + self.positions[: x.shape[1]]
+        return x + self.positions[: x.shape[1]]
+
+    def forward(self, features: torch.Tensor) -> list[torch.Tensor]:
+        """(batch, 80, frames) -> per layer (batch, ceil(frames / 2), width); last is normed."""
+        x = self.stem(features)
         hidden = []
         for layer in self.layers:
             x = layer(x)
