@@ -321,10 +321,26 @@ class CheckedClient(aiomqtt.Client):
     async def publish_checked(
         self, topic: str, payload: bytes, qos: int, retain: bool = False
     ) -> ReasonCode | None:
-        """Publish; the broker's reason for refusing it, or None if accepted (or QoS 0)."""
+        """Publish; the broker's reason for refusing it, or None if accepted (or QoS 0).
+
+        A link lost while the acknowledgement is awaited fails the publish at once
+        (MqttError); aiomqtt alone waits out its whole timeout for a PUBACK that cannot come.
+        """
         async with self._one_at_a_time:
             self._refusal = None
-            await self.publish(topic, payload, qos=qos, retain=retain)
+            publish = asyncio.ensure_future(self.publish(topic, payload, qos=qos, retain=retain))
+            lost = self._disconnected
+            try:
+                await asyncio.wait((publish, lost), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                if not publish.done():  # the link is gone, or our caller was cancelled
+                    publish.cancel()
+            if not publish.done() or publish.cancelled():
+                reason = None if lost.cancelled() else lost.exception()
+                raise aiomqtt.MqttError(
+                    "the connection was lost before the broker acknowledged a message"
+                ) from reason
+            publish.result()
             return self._refusal
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -253,3 +255,45 @@ async def test_an_idle_stream_reconnects_and_restores_its_status(
     finally:
         process.kill()
     assert process.returncode == 0, stderr.decode()
+
+
+class Retrying(logging.Handler):
+    """Catches the sink's first 'retrying' warning, and sets `seen`."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.seen = asyncio.Event()
+        self.message = ""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "retrying" in record.getMessage() and not self.seen.is_set():
+            self.message = record.getMessage()
+            self.seen.set()
+
+
+async def test_a_link_lost_while_awaiting_an_acknowledgement_fails_over_at_once(
+    tmp_path: Path, broker: Broker
+) -> None:
+    """A broker that dies with a QoS 1 publish unacknowledged: the sink notices the lost
+    link and retries, instead of waiting out its 30 s timeout for a PUBACK that cannot come."""
+    assert broker.process is not None
+    settings = MqttSettings(url=broker.url, topic_prefix=PREFIX, connect_timeout_s=30.0)
+    retrying = Retrying()
+    logging.getLogger("stream_ser.publish").addHandler(retrying)
+    try:
+        async with MqttSink(settings, "dying", ["s"], Spool(tmp_path / "o.sqlite3")) as sink:
+            broker.process.send_signal(signal.SIGSTOP)  # connected, but acknowledges nothing
+            await sink.result("s", {"type": "utterance", "final": True, "id": "u1",
+                                    "utterance_id": 1})  # fmt: skip
+            await asyncio.sleep(0.5)  # the publish is out, its PUBACK pending
+            broker.process.kill()  # the kernel closes the broker's sockets: the link drops
+            broker.process.wait(timeout=10)
+            async with asyncio.timeout(10):
+                await retrying.seen.wait()
+            assert "connection was lost before the broker acknowledged" in retrying.message
+            broker.start()
+    finally:
+        logging.getLogger("stream_ser.publish").removeHandler(retrying)
+    spool = Spool(tmp_path / "o.sqlite3")
+    assert len(spool) == 0  # delivered on reconnection, while the sink closed
+    spool.close()
