@@ -145,9 +145,17 @@ class JsonlSink:
         sys.stdout.flush()
 
     async def result(self, stream_id: str, message: dict[str, Any]) -> None:
-        """Write one line."""
-        sys.stdout.write(encode(message).decode() + "\n")
-        sys.stdout.flush()
+        """Write one line; a closed stdout (`stream-ser run | head`) ends the run."""
+        try:
+            sys.stdout.write(encode(message).decode() + "\n")
+            sys.stdout.flush()
+        except BrokenPipeError:
+            # what is still buffered has nowhere to go: stdout becomes /dev/null, so that no
+            # later flush (at exit, too) fails again
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+            raise PublishError("stdout was closed (its reader went away)") from None
 
     async def status(self, message: dict[str, Any]) -> None:
         """Log the status at debug level."""

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import soundfile
-from conftest import LABELS, run_cli
+from conftest import LABELS, REPO, run_cli
 from schema import check_result, parse_lines, utterances
 from signals import buzz, silence
 
@@ -86,3 +89,22 @@ def test_wrong_model_directory(tmp_path: Path) -> None:
     assert_clean_failure(done, 2, "no such model directory")
     done = run_cli("run", "--input", "x.wav", "--model", str(tmp_path))
     assert_clean_failure(done, 1, "no model card")
+
+
+def test_a_closed_stdout_ends_the_run_with_a_clear_error(tiny_model: Path, tmp_path: Path) -> None:
+    """`stream-ser run | head -1`: once the reader has gone, one line on stderr, exit 1."""
+    path = tmp_path / "long.wav"
+    soundfile.write(path, np.concatenate([silence(0.5), buzz(8), silence(0.5)]), 16000)
+    with subprocess.Popen(
+        [sys.executable, "-m", "stream_ser", "run", "--input", str(path), "--realtime",
+         "--speed", "2", "--model", str(tiny_model)],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    ) as process:  # fmt: skip
+        assert process.stdout is not None and process.stderr is not None
+        first = process.stdout.readline()  # a window result, with more to come
+        process.stdout.close()
+        stderr = process.stderr.read().decode()
+        assert process.wait(timeout=60) == 1, stderr
+    check_result(json.loads(first), LABELS)
+    assert "stream-ser: error: stdout was closed" in stderr
+    assert "Traceback" not in stderr and "Exception ignored" not in stderr
