@@ -249,8 +249,8 @@ class _Shared:
     observer: Metrics | None = None
 
     def pipeline(self, stream_id: str, source: AsyncIterator[AudioChunk],
-                 stats: SourceStats) -> StreamPipeline:  # fmt: skip
-        """A new stream's pipeline."""
+                 stats: SourceStats, lossless: bool = False) -> StreamPipeline:  # fmt: skip
+        """A new stream's pipeline (`lossless`: its source waits for it, see StreamPipeline)."""
         card = self.specialist.card
         model = self.settings.model
         return StreamPipeline(
@@ -265,6 +265,7 @@ class _Shared:
             windows=model.windows,
             source_stats=stats,
             observer=self.observer,
+            lossless=lossless,
         )
 
 
@@ -299,7 +300,8 @@ async def _run(
         streams = []
         for source, stream_id in zip(sources, stream_ids, strict=True):
             stats = SourceStats()
-            streams.append(shared.pipeline(stream_id, open_source(source, stats), stats))
+            lossless = source.input not in (None, "-") and not source.realtime
+            streams.append(shared.pipeline(stream_id, open_source(source, stats), stats, lossless))
         async with sink:
             await _announce(settings, sink, stream_ids)
             await _run_all(settings, shared, streams, stop, client_id)

@@ -11,7 +11,8 @@ pending windows of equal length across streams into one model call.
 
 Queues and their overflow rules:
     Recognizer windows  at most `max_pending_windows` windows of one stream wait: its
-                        oldest is dropped (the stream counts it in `windows_dropped`).
+                        oldest is dropped (the stream counts it in `windows_dropped`);
+                        a `lossless` stream (a file read as fast as possible) waits instead.
     Recognizer utterances  never dropped.
     stream `pending`    at most MAX_PENDING_RESULTS results wait to be published: capture
                         waits (a file is read more slowly; a microphone keeps capturing into
@@ -406,9 +407,13 @@ class StreamPipeline:
     counters: Counters = field(default_factory=Counters)
     observer: Observer | None = None
     more_counters: Callable[[], dict[str, int]] | None = None  # e.g. a remote stream's
+    # the source waits for us (a file read as fast as possible): it is read no faster than
+    # the specialist scores its windows, so none is dropped and the output is reproducible
+    lossless: bool = False
 
     def __post_init__(self) -> None:
         self.finished = asyncio.Event()
+        self._windows_in_flight: deque[asyncio.Future[Outcome]] = deque()
         self._origin_s: float | None = None  # monotonic time of the stream's time zero
         adaptation = self.recognizer.specialist.card.adaptation
         self.baseline = StreamBaseline(adaptation) if adaptation is not None else None
@@ -452,6 +457,8 @@ class StreamPipeline:
             async for event in segment(chunks, self.segmenter):
                 await self._speaking(event)
                 for job in self._jobs(event, windower):
+                    if self.lossless and job.kind == "window":
+                        await self._room_for_a_window()
                     await pending.put(self._submit(job))
         finally:
             await pending.put(None)
@@ -480,10 +487,21 @@ class StreamPipeline:
             ]  # fmt: skip
         return []
 
+    async def _room_for_a_window(self) -> None:
+        """Wait until the Recognizer would queue one more of this stream's windows without
+        dropping one (fewer than `max_pending_windows` of them unscored)."""
+        in_flight = self._windows_in_flight
+        while in_flight and in_flight[0].done():
+            in_flight.popleft()
+        if len(in_flight) >= self.recognizer.max_pending_windows:
+            await asyncio.wait({in_flight.popleft()})
+
     def _submit(self, job: Job) -> Pending:
         """Start every stage the job needs; nothing here waits."""
         scored = self.recognizer.submit(job)
         if job.kind == "window":
+            if self.lossless:
+                self._windows_in_flight.append(scored)
             return Pending(job, scored)
         analysis = None
         if self.stages.analyzer is not None and self.acoustics is not None:

@@ -4,14 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Sequence
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 
 from stream_ser.errors import ModelError
-from stream_ser.pipeline import Job, Recognizer
+from stream_ser.fusion import FusionConfig
+from stream_ser.messages import StreamInfo
+from stream_ser.pipeline import Job, Recognizer, StreamPipeline, UtteranceStages
+from stream_ser.settings import SourceSettings, VadSettings
+from stream_ser.source import SourceStats, open_source
+from stream_ser.specialist import Specialist
+from stream_ser.vad import Segmenter
 
 
 class GatedSpecialist:
@@ -91,3 +99,54 @@ async def test_an_utterance_goes_before_waiting_windows() -> None:
         specialist.gate.set()
         await collect([busy, *windows, utterance])
     assert specialist.batches == [[0], [7], [1, 2]]
+
+
+class SlowWindows(Specialist):
+    """The real tiny model, 30 ms per window call: windows pile up behind a fast file."""
+
+    def predict_windows(self, *args: Any, **kwargs: Any) -> np.ndarray:
+        time.sleep(0.03)
+        return super().predict_windows(*args, **kwargs)
+
+
+class Collected:
+    """A sink keeping every result."""
+
+    def __init__(self) -> None:
+        self.results: list[dict[str, Any]] = []
+
+    async def result(self, stream_id: str, message: dict[str, Any]) -> None:
+        self.results.append(message)
+
+    async def speaking(self, stream_id: str, message: dict[str, Any]) -> None:
+        pass
+
+
+async def test_a_file_read_as_fast_as_possible_loses_no_window(
+    tiny_model: Path, speech_with_pauses: tuple[Path, int]
+) -> None:
+    """A live stream drops the oldest waiting window when the specialist falls behind; a
+    lossless one (a file read as fast as possible) is read more slowly instead."""
+    path, clip_count = speech_with_pauses
+    specialist = SlowWindows(tiny_model)
+    counters = {}
+    windows = {}
+    for lossless in (False, True):
+        sink = Collected()
+        async with Recognizer(specialist, max_pending_windows=2) as recognizer:
+            stream = StreamPipeline(
+                StreamInfo("s", "test", "tiny", specialist.labels),
+                open_source(SourceSettings(input=str(path)), SourceStats()),
+                Segmenter(VadSettings()), recognizer, sink,  # type: ignore[arg-type]
+                specialist.card.window_ms, specialist.card.hop_ms,
+                UtteranceStages(FusionConfig(specialist.labels)), lossless=lossless,
+            )  # fmt: skip
+            await stream.run(asyncio.Event())
+        counters[lossless] = stream.counters
+        windows[lossless] = [(m["start_ms"], m["end_ms"]) for m in sink.results
+                             if m["type"] == "window"]  # fmt: skip
+        assert len([m for m in sink.results if m["type"] == "utterance"]) == clip_count
+    assert counters[False].windows_dropped > 0  # the live rule did drop
+    assert counters[True].windows_dropped == 0
+    assert len(windows[True]) == len(windows[False]) + counters[False].windows_dropped
+    assert set(windows[False]) < set(windows[True])
