@@ -344,7 +344,7 @@ class CheckedClient(aiomqtt.Client):
                 if not publish.done():  # the link is gone, or our caller was cancelled
                     publish.cancel()
             if not publish.done() or publish.cancelled():
-                reason = None if lost.cancelled() else lost.exception()
+                reason = lost.exception() if lost.done() and not lost.cancelled() else None
                 raise aiomqtt.MqttError(
                     "the connection was lost before the broker acknowledged a message"
                 ) from reason
