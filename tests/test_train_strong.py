@@ -1,4 +1,5 @@
-"""tools/train_strong.py: speaker folds for cross-validation and the causal training replay."""
+"""tools/train_strong.py: speaker folds for cross-validation, the causal training replay, the
+augmented training copies."""
 
 from __future__ import annotations
 
@@ -12,8 +13,16 @@ pytest.importorskip("torch")
 pytest.importorskip("sklearn")
 sys.path.insert(0, str(REPO / "tools"))
 
+import torch
 import train_strong as ts
-from strong_features import Row
+from strong_features import (
+    AUGMENTATIONS,
+    Row,
+    add_noise,
+    random_gain,
+    reverberate,
+    spec_augment,
+)
 
 
 def _data(test_speakers: set[str]) -> ts.Data:
@@ -75,8 +84,12 @@ def test_feature_parts_name_each_encoders_cache_and_slice_its_layer_width() -> N
                 "pooling": "speech", "speech_db": 35.0}  # fmt: skip
     assert ts.feature_parts(features) == ["whisper_base_speech:15", "logmel_speech"]
     assert ts.feature_parts(ts.TINY_FEATURES) == ["whisper_speech:0123", "logmel_speech"]
-    with pytest.raises(SystemExit, match="speed copies"):
-        ts.feature_parts(features, speed=0.9)
+    assert ts.feature_parts(ts.TINY_FEATURES, "noise") == [
+        "whisper_speech@noise:0123", "logmel_speech@noise"]  # fmt: skip
+    with pytest.raises(SystemExit, match="no augmented copies"):
+        ts.feature_parts(features, copy="0.9")
+    with pytest.raises(SystemExit, match="unknown augmented copy 'echo'"):
+        ts.feature_parts(ts.TINY_FEATURES, copy="echo")
     base = np.arange(6 * 1024, dtype=float)[None]  # 6 layers x (mean, std) x width 512
     tiny = np.arange(4 * 768, dtype=float)[None]  # 4 layers x (mean, std) x width 384
     data = ts.Data([], {"whisper_base_speech": base, "whisper_speech": tiny}, np.array([]),
@@ -95,3 +108,32 @@ def test_best_temperature_undoes_overconfident_logits() -> None:
     assert ts.best_temperature(logits, truth) == pytest.approx(1.0, abs=0.2)
     nll = ts.negative_log_likelihood(np.log(probabilities), truth)
     assert nll < ts.negative_log_likelihood(np.zeros_like(logits), truth)  # beats uniform
+
+
+def test_augmented_copies_are_seeded_and_change_the_clip_as_described() -> None:
+    t = np.arange(32000) / 16000
+    clip = (0.5 * np.sin(2 * np.pi * 220 * t) * (t < 1.2)).astype(np.float32)  # 1.2 s tone
+
+    noisy = add_noise(clip, np.random.default_rng(1))
+    snr_db = 10 * np.log10(np.mean(clip**2) / np.mean((noisy - clip) ** 2))
+    assert 9.5 <= snr_db <= 20.5
+    np.testing.assert_array_equal(noisy, add_noise(clip, np.random.default_rng(1)))
+
+    voiced = clip != 0
+    gain = random_gain(clip, np.random.default_rng(1))[voiced] / clip[voiced]
+    assert np.ptp(gain) < 1e-6  # one gain for the whole clip
+    assert -6.0 <= 20 * np.log10(gain[0]) <= 6.0
+
+    wet = reverberate(clip, np.random.default_rng(1))
+    assert wet.shape == clip.shape
+    assert np.abs(wet).max() == pytest.approx(np.abs(clip).max())
+    assert np.abs(wet[int(1.25 * 16000) :]).max() > 1e-3  # the room rings on after the tone
+
+    mel = torch.randn(1, 80, 300)
+    masked = spec_augment(mel, np.random.default_rng(1))
+    changed = masked != mel
+    bands = changed.all(dim=2)[0]  # whole mel bins masked
+    frames = changed.all(dim=1)[0]  # whole frames masked
+    assert 0 < int(bands.sum()) <= 16 and int(frames.sum()) <= 60
+    assert bool((changed[0] == (bands[:, None] | frames[None, :])).all())  # nothing else
+    assert set(AUGMENTATIONS) == {"0.9", "1.1", "gain", "noise", "reverb", "specaugment"}

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import scipy.signal
 import soundfile
 import soxr
 import torch
@@ -87,22 +88,38 @@ def speech_logmel_stats(mel: torch.Tensor, weights: torch.Tensor) -> torch.Tenso
     return torch.cat([mean, std, dstd], dim=-1)
 
 
+AudioTransform = Callable[[np.ndarray, np.random.Generator], np.ndarray]
+MelTransform = Callable[[torch.Tensor, np.random.Generator], torch.Tensor]
+
+
 def _speech_pooled(
-    pad_to_s: float = 0.0, encoder: str = "tiny.en"
+    pad_to_s: float = 0.0,
+    encoder: str = "tiny.en",
+    copy: str = "",
+    audio_transform: AudioTransform | None = None,
+    mel_transform: MelTransform | None = None,
 ) -> Callable[[np.ndarray], dict[str, np.ndarray]]:
     """Speech-frame pools; with `pad_to_s`, the input is zero-padded to that length first (Whisper
-    itself always encodes 30 s windows)."""
+    itself always encodes 30 s windows). An augmented `copy` (cached as `<kind>@<copy>`) passes
+    the audio through `audio_transform` and/or the log-mels through `mel_transform`, each
+    drawing from one seeded generator (clips in manifest order: reproducible); its speech frames
+    are those of the unmasked log-mels."""
     model = load_pooled_whisper(encoder=encoder)
-    suffix = f"@pad{pad_to_s:g}" if pad_to_s else ""
+    suffix = f"@pad{pad_to_s:g}" if pad_to_s else f"@{copy}" if copy else ""
     name = WHISPER_KINDS[encoder]
+    rng = np.random.default_rng(0)
 
     def extract(audio: np.ndarray) -> dict[str, np.ndarray]:
         if pad_to_s:
             audio = np.pad(audio, (0, max(0, int(pad_to_s * 16000) - len(audio))))
+        if audio_transform is not None:
+            audio = audio_transform(audio, rng).astype(np.float32)
         with torch.no_grad():
             mel = model.logmel(torch.from_numpy(audio)[None])
-            hidden = model.encoder(mel)
             frames = speech_frames(mel, SPEECH_DB)
+            if mel_transform is not None:
+                mel = mel_transform(mel, rng)
+            hidden = model.encoder(mel)
             weights = encoder_frames(frames, hidden[0].shape[1])
             pooled = torch.cat([mean_std_pool(h, weights) for h in hidden], dim=-1)
             return {
@@ -111,6 +128,62 @@ def _speech_pooled(
             }
 
     return extract
+
+
+def speed(factor: float) -> AudioTransform:
+    """Played `factor` times faster (pitch shifts too)."""
+    return lambda audio, rng: soxr.resample(audio, round(16000 * factor), 16000)
+
+
+def random_gain(audio: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Louder or quieter by a random -6..+6 dB (Whisper's log-mel shifts with the level)."""
+    return audio * 10 ** (rng.uniform(-6.0, 6.0) / 20)
+
+
+def add_noise(audio: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """White noise at a random 10-20 dB signal-to-noise ratio (over the whole clip)."""
+    snr_db = rng.uniform(10.0, 20.0)
+    power = float(np.mean(audio**2)) or 1e-10
+    return audio + rng.normal(0.0, np.sqrt(power / 10 ** (snr_db / 10)), len(audio))
+
+
+def reverberate(audio: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Convolved with a synthetic room response (exponentially decaying noise, RT60 0.2-0.7 s,
+    after the direct sound), peak level kept."""
+    rt60_s = rng.uniform(0.2, 0.7)
+    t = np.arange(int(rt60_s * 16000)) / 16000
+    response = rng.normal(0.0, 1.0, len(t)) * 10 ** (-3 * t / rt60_s)  # -60 dB at rt60
+    response *= 0.3 / np.sqrt(np.sum(response**2))
+    response[0] = 1.0
+    wet = scipy.signal.fftconvolve(audio, response)[: len(audio)]
+    return wet * (np.abs(audio).max() / max(np.abs(wet).max(), 1e-9))
+
+
+def spec_augment(mel: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    """SpecAugment masks: 2 bands of up to 8 mel bins and 2 spans of up to 10 % of the frames,
+    set to the clip's mean log-mel."""
+    masked = mel.clone()
+    fill = float(mel.mean())
+    bins, frames = mel.shape[1], mel.shape[2]
+    for _ in range(2):
+        width = int(rng.integers(0, 9))
+        start = int(rng.integers(0, bins - width + 1))
+        masked[:, start : start + width] = fill
+        span = int(rng.integers(0, max(1, frames // 10) + 1))
+        start = int(rng.integers(0, frames - span + 1))
+        masked[:, :, start : start + span] = fill
+    return masked
+
+
+# augmented copies of the training clips: name -> (audio transform, log-mel transform)
+AUGMENTATIONS: dict[str, tuple[AudioTransform | None, MelTransform | None]] = {
+    "0.9": (speed(0.9), None),
+    "1.1": (speed(1.1), None),
+    "gain": (random_gain, None),
+    "noise": (add_noise, None),
+    "reverb": (reverberate, None),
+    "specaugment": (None, spec_augment),
+}
 
 
 def _egemaps() -> Callable[[np.ndarray], dict[str, np.ndarray]]:
@@ -137,24 +210,14 @@ EXTRACTORS = {
 }
 
 
-def _speed(factor: float) -> Callable[[np.ndarray], dict[str, np.ndarray]]:
-    """Speech-pooled features of the clip played `factor` times faster (pitch shifts too)."""
-    inner = _speech_pooled()
-
-    def extract(audio: np.ndarray) -> dict[str, np.ndarray]:
-        faster = soxr.resample(audio, round(16000 * factor), 16000).astype(np.float32)
-        return {f"{name}@{factor}": value for name, value in inner(faster).items()}
-
-    return extract
-
-
 EXTRACTORS["whisper_base_speech"] = lambda: _speech_pooled(encoder="base")
 EXTRACTORS["whisper_speech@pad30"] = lambda: _speech_pooled(30.0)
 EXTRACTORS["logmel_speech@pad30"] = lambda: _speech_pooled(30.0)
-SPEEDS = (0.9, 1.1)  # speed perturbation for training-set augmentation
-for _factor in SPEEDS:
-    EXTRACTORS[f"whisper_speech@{_factor}"] = lambda f=_factor: _speed(f)
-    EXTRACTORS[f"logmel_speech@{_factor}"] = lambda f=_factor: _speed(f)
+for _copy, (_audio, _mel) in AUGMENTATIONS.items():
+    for _kind in ("whisper_speech", "logmel_speech"):
+        EXTRACTORS[f"{_kind}@{_copy}"] = lambda c=_copy, a=_audio, m=_mel: _speech_pooled(
+            copy=c, audio_transform=a, mel_transform=m
+        )
 
 
 def cached_features(

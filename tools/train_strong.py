@@ -41,6 +41,7 @@ sys.path.insert(0, str(REPO_ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from strong_features import (  # noqa: E402
+    AUGMENTATIONS,
     SPEECH_DB,
     WHISPER_KINDS,
     WIDTHS,
@@ -65,7 +66,7 @@ from stream_ser.evaluate import confusion_matrix, unweighted_average_recall  # n
 from stream_ser.specialist import AdaptationCard, Baseline  # noqa: E402
 
 CORPORA = ("ravdess", "emodb")
-TINY_KINDS = ("whisper_speech", "logmel_speech")  # the kinds with speed-perturbed copies
+TINY_KINDS = ("whisper_speech", "logmel_speech")  # the kinds with augmented copies
 # The tiny.en recipe (the v1 bundled model), compared against in --experiments and --cv.
 TINY_FEATURES = {"encoder": "tiny.en", "whisper_layers": [0, 1, 2, 3], "logmel_stats": True,
                  "pooling": "speech", "speech_db": SPEECH_DB}  # fmt: skip
@@ -137,17 +138,19 @@ def embedding(data: Data, parts: list[str]) -> np.ndarray:
     return np.concatenate(columns, axis=1).astype(np.float64)
 
 
-def feature_parts(features: dict[str, Any], speed: float | None = None) -> list[str]:
+def feature_parts(features: dict[str, Any], copy: str | None = None) -> list[str]:
     """The embedding parts the exported model computes, from the [features] table; with
-    `speed`, the cached speed-perturbed copies of those parts (training augmentation)."""
+    `copy` (an AUGMENTATIONS name), the cached augmented copies of those parts (training)."""
     suffix = "_speech" if features["pooling"] == "speech" else ""
     if suffix and features["speech_db"] != SPEECH_DB:
         raise SystemExit(f"speech_db must be {SPEECH_DB} (the feature cache's threshold)")
     encoder = features.get("encoder", "tiny.en")
-    if encoder != "tiny.en" and (not suffix or speed is not None):
-        raise SystemExit(f"{encoder}: features are cached with speech pooling, no speed copies")
-    if speed is not None:
-        suffix += f"@{speed}"
+    if encoder != "tiny.en" and (not suffix or copy is not None):
+        raise SystemExit(f"{encoder}: features are cached with speech pooling, no augmented copies")
+    if copy is not None:
+        if copy not in AUGMENTATIONS:
+            raise SystemExit(f"unknown augmented copy {copy!r}: one of {', '.join(AUGMENTATIONS)}")
+        suffix += f"@{copy}"
     layers = "".join(str(i) for i in features["whisper_layers"])
     kind = WHISPER_KINDS[encoder].removesuffix("_speech")
     parts = [f"{kind}{suffix}:{layers}"]
@@ -268,7 +271,7 @@ def negative_log_likelihood(logits: np.ndarray, truth: np.ndarray) -> float:
 def experiments(config: dict[str, Any], data: Data) -> None:
     """Validation UAR (per corpus) and cross-corpus UAR (6 shared classes) per recipe.
 
-    The first run extracts extra feature caches (eGeMAPS, speed copies, 30 s padded Whisper):
+    The first run extracts extra feature caches (eGeMAPS, augmented copies, 30 s padded Whisper):
     about 30 min on one core."""
     y, speakers, corpora = data.labels(), data.speakers(), data.corpora()
     adapt = config["adaptation"]
@@ -284,7 +287,7 @@ def experiments(config: dict[str, Any], data: Data) -> None:
         "whisper L0-3, speech frames (3072)": (["whisper_speech:0123"], both),
         "whisper L0-3 + log-mel, speech": (tiny, (*both, "transductive")),
         "whisper L0-3 + log-mel + egemaps, speech": ([*tiny, "egemaps"], both),
-        "whisper L0-3 + log-mel, speech, + speed aug": (tiny, both),
+        "whisper L0-3 + log-mel, speech, + speed aug": (tiny, both),  # experiment_copies
         "whisper L3, speech, 30 s padded input": (["whisper_speech@pad30:3"], both),
         "whisper L0-3 + log-mel, speech, 30 s padded": (
             ["whisper_speech@pad30:0123", "logmel_speech"], both),
@@ -295,8 +298,8 @@ def experiments(config: dict[str, Any], data: Data) -> None:
             ["whisper_speech:0123", "whisper_base_speech:012345", "logmel_speech"], both),
         "recipe (config)": (recipe, both),
     }  # fmt: skip
-    speeds = config["augment"]["experiment_speeds"]
-    augmented = [embedding(data, feature_parts(TINY_FEATURES, f)) for f in speeds]
+    augmented = [embedding(data, feature_parts(TINY_FEATURES, copy))
+                 for copy in config["augment"]["experiment_copies"]]  # fmt: skip
     header = f"{'features':<42} {'norm':<12} {'val RAV':>7} {'val EMO':>7} {'R->E':>7} {'E->R':>7}"
     print(header)
     for name, (parts, norms) in variants.items():
@@ -378,7 +381,7 @@ def cross_validation(config: dict[str, Any], data: Data) -> None:
     adapt, head = config["adaptation"], config["head"]
     c, weight = head["c"], head["class_weight"]
     parts, tiny = feature_parts(config["features"]), feature_parts(TINY_FEATURES)
-    speeds = config["augment"]["experiment_speeds"]
+    speeds = config["augment"]["experiment_copies"]  # speed perturbation
     variants = {
         "recipe (config)": (parts, adapt, c, []),
         "recipe, C / 2.5": (parts, adapt, c / 2.5, []),
@@ -390,15 +393,20 @@ def cross_validation(config: dict[str, Any], data: Data) -> None:
         "recipe, whisper only": (parts[:1], adapt, c, []),
         "tiny.en L0-3 + log-mel (v1)": (tiny, adapt, 0.05, []),
         "tiny.en v1 + speed copies": (tiny, adapt, 0.05, speeds),
+        "tiny.en v1 + gain copies": (tiny, adapt, 0.05, ["gain"]),
+        "tiny.en v1 + noise copies": (tiny, adapt, 0.05, ["noise"]),
+        "tiny.en v1 + reverb copies": (tiny, adapt, 0.05, ["reverb"]),
+        "tiny.en v1 + SpecAugment copies": (tiny, adapt, 0.05, ["specaugment"]),
+        "tiny.en v1 + all 6 copies": (tiny, adapt, 0.05, list(AUGMENTATIONS)),
         "base L2-5 + log-mel": (["whisper_base_speech:2345", "logmel_speech"], adapt, c, []),
         "tiny.en + base + log-mel": (
             ["whisper_speech:0123", "whisper_base_speech:012345", "logmel_speech"], adapt, c, []),
     }  # fmt: skip
     folds = speaker_folds(data, config["cv"]["folds"])
     print(f"{'recipe':<28} {'RAVDESS':>7}  {'per fold':<24} {'EmoDB':>6}")
-    for name, (variant_parts, variant_adapt, variant_c, variant_speeds) in variants.items():
+    for name, (variant_parts, variant_adapt, variant_c, variant_copies) in variants.items():
         x = embedding(data, variant_parts)
-        copies = [embedding(data, feature_parts(TINY_FEATURES, f)) for f in variant_speeds]
+        copies = [embedding(data, feature_parts(TINY_FEATURES, f)) for f in variant_copies]
         scores: dict[str, list[float]] = {corpus: [] for corpus in CORPORA}
         for fold in folds:
             train = (data.split != "test") & ~fold
@@ -644,7 +652,7 @@ def train(config: dict[str, Any], data: Data, output: Path, without: str | None)
         fit = corpora != without
     pop = population(x[fit])
     card = adaptation_card(pop, adapt["warmup_utterances"], adapt["prior_weight"])
-    copies = [embedding(data, feature_parts(feats, speed)) for speed in config["augment"]["speeds"]]
+    copies = [embedding(data, feature_parts(feats, copy)) for copy in config["augment"]["copies"]]
     xa, ya, sa = with_copies(x, copies, y, speakers, fit)
     xt, yt = training_set(xa, ya, sa, card, adapt["train_orders"], config["seed"])
     start = time.monotonic()
@@ -733,11 +741,14 @@ def main(argv: list[str] | None = None) -> int:
     log.info("config %s: %s", args.config, json.dumps(config))
     encoder_kind = WHISPER_KINDS[config["features"].get("encoder", "tiny.en")]
     kinds = (encoder_kind, "logmel_speech", "logmel")
-    kinds += tuple(f"{kind}@{speed}" for speed in config["augment"]["speeds"] for kind in kinds[:2])
+    kinds += tuple(f"{kind}@{copy}" for copy in config["augment"]["copies"] for kind in kinds[:2])
+    if args.experiments:
+        copies = config["augment"]["experiment_copies"]
+        kinds += tuple(f"{kind}@{copy}" for copy in copies for kind in TINY_KINDS)
     if args.experiments or args.cv:
         kinds += (*WHISPER_KINDS.values(), "egemaps")
-        speeds = config["augment"]["experiment_speeds"]
-        kinds += tuple(f"{kind}@{speed}" for speed in speeds for kind in TINY_KINDS)
+    if args.cv:
+        kinds += tuple(f"{kind}@{copy}" for copy in AUGMENTATIONS for kind in TINY_KINDS)
     if args.experiments:
         kinds += ("whisper", "whisper_speech@pad30", "logmel_speech@pad30")
     kinds = tuple(dict.fromkeys(kinds))
