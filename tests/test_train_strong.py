@@ -18,9 +18,9 @@ import train_strong as ts
 from strong_features import (
     AUGMENTATIONS,
     Row,
-    add_noise,
-    random_gain,
-    reverberate,
+    gain,
+    noise,
+    reverb,
     spec_augment,
 )
 
@@ -114,17 +114,17 @@ def test_augmented_copies_are_seeded_and_change_the_clip_as_described() -> None:
     t = np.arange(32000) / 16000
     clip = (0.5 * np.sin(2 * np.pi * 220 * t) * (t < 1.2)).astype(np.float32)  # 1.2 s tone
 
-    noisy = add_noise(clip, np.random.default_rng(1))
+    noisy = noise(10.0, 20.0)(clip, np.random.default_rng(1))
     snr_db = 10 * np.log10(np.mean(clip**2) / np.mean((noisy - clip) ** 2))
     assert 9.5 <= snr_db <= 20.5
-    np.testing.assert_array_equal(noisy, add_noise(clip, np.random.default_rng(1)))
+    np.testing.assert_array_equal(noisy, noise(10.0, 20.0)(clip, np.random.default_rng(1)))
 
     voiced = clip != 0
-    gain = random_gain(clip, np.random.default_rng(1))[voiced] / clip[voiced]
-    assert np.ptp(gain) < 1e-6  # one gain for the whole clip
-    assert -6.0 <= 20 * np.log10(gain[0]) <= 6.0
+    factor = gain(-6.0, 6.0)(clip, np.random.default_rng(1))[voiced] / clip[voiced]
+    assert np.ptp(factor) < 1e-6  # one gain for the whole clip
+    assert -6.0 <= 20 * np.log10(factor[0]) <= 6.0
 
-    wet = reverberate(clip, np.random.default_rng(1))
+    wet = reverb(0.2, 0.7)(clip, np.random.default_rng(1))
     assert wet.shape == clip.shape
     assert np.abs(wet).max() == pytest.approx(np.abs(clip).max())
     assert np.abs(wet[int(1.25 * 16000) :]).max() > 1e-3  # the room rings on after the tone

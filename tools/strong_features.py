@@ -135,28 +135,36 @@ def speed(factor: float) -> AudioTransform:
     return lambda audio, rng: soxr.resample(audio, round(16000 * factor), 16000)
 
 
-def random_gain(audio: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Louder or quieter by a random -6..+6 dB (Whisper's log-mel shifts with the level)."""
-    return audio * 10 ** (rng.uniform(-6.0, 6.0) / 20)
+def gain(low_db: float, high_db: float) -> AudioTransform:
+    """Louder or quieter by a random low..high dB (Whisper's log-mel shifts with the level)."""
+    return lambda audio, rng: audio * 10 ** (rng.uniform(low_db, high_db) / 20)
 
 
-def add_noise(audio: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """White noise at a random 10-20 dB signal-to-noise ratio (over the whole clip)."""
-    snr_db = rng.uniform(10.0, 20.0)
-    power = float(np.mean(audio**2)) or 1e-10
-    return audio + rng.normal(0.0, np.sqrt(power / 10 ** (snr_db / 10)), len(audio))
+def noise(low_db: float, high_db: float) -> AudioTransform:
+    """White noise at a random low..high dB signal-to-noise ratio (over the whole clip)."""
+
+    def add(audio: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        snr_db = rng.uniform(low_db, high_db)
+        power = float(np.mean(audio**2)) or 1e-10
+        return audio + rng.normal(0.0, np.sqrt(power / 10 ** (snr_db / 10)), len(audio))
+
+    return add
 
 
-def reverberate(audio: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Convolved with a synthetic room response (exponentially decaying noise, RT60 0.2-0.7 s,
-    after the direct sound), peak level kept."""
-    rt60_s = rng.uniform(0.2, 0.7)
-    t = np.arange(int(rt60_s * 16000)) / 16000
-    response = rng.normal(0.0, 1.0, len(t)) * 10 ** (-3 * t / rt60_s)  # -60 dB at rt60
-    response *= 0.3 / np.sqrt(np.sum(response**2))
-    response[0] = 1.0
-    wet = scipy.signal.fftconvolve(audio, response)[: len(audio)]
-    return wet * (np.abs(audio).max() / max(np.abs(wet).max(), 1e-9))
+def reverb(low_s: float, high_s: float) -> AudioTransform:
+    """Convolved with a synthetic room response (exponentially decaying noise after the direct
+    sound, a random RT60 of low..high s), peak level kept."""
+
+    def convolve(audio: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        rt60_s = rng.uniform(low_s, high_s)
+        t = np.arange(int(rt60_s * 16000)) / 16000
+        response = rng.normal(0.0, 1.0, len(t)) * 10 ** (-3 * t / rt60_s)  # -60 dB at rt60
+        response *= 0.3 / np.sqrt(np.sum(response**2))
+        response[0] = 1.0
+        wet = scipy.signal.fftconvolve(audio, response)[: len(audio)]
+        return wet * (np.abs(audio).max() / max(np.abs(wet).max(), 1e-9))
+
+    return convolve
 
 
 def spec_augment(mel: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
@@ -179,9 +187,9 @@ def spec_augment(mel: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
 AUGMENTATIONS: dict[str, tuple[AudioTransform | None, MelTransform | None]] = {
     "0.9": (speed(0.9), None),
     "1.1": (speed(1.1), None),
-    "gain": (random_gain, None),
-    "noise": (add_noise, None),
-    "reverb": (reverberate, None),
+    "gain": (gain(-6.0, 6.0), None),
+    "noise": (noise(10.0, 20.0), None),
+    "reverb": (reverb(0.2, 0.7), None),
     "specaugment": (None, spec_augment),
 }
 
