@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ from stream_ser.errors import ConfigError, StreamSerError
 log = logging.getLogger(__name__)
 
 INSTALL_HINT = "pip install 'stream-ser[plot]'"
+STDIN = Path("-")  # the results argument that reads stdin
 HORIZONTAL_LABELS_UP_TO = 12  # more utterances than this: top labels are written vertically
 MAX_WIDTH_IN = 40.0  # figure width grows with the utterance count up to this
 LABEL_GAP_PX = 12  # a top label closer than this to the previous one is left out
@@ -46,9 +48,10 @@ class Utterance:
 
 
 def read_results(path: Path) -> list[dict[str, Any]]:
-    """The JSON objects of a JSON Lines file; lines that are not JSON are skipped (counted)."""
+    """The JSON objects of a JSON Lines file (`-`: stdin); lines that are not JSON are skipped
+    (counted)."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = sys.stdin.read() if path == STDIN else path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
         reason = err.strerror if isinstance(err, OSError) else "not UTF-8 text"
         raise StreamSerError(f"cannot read {path}: {reason}") from err
@@ -240,7 +243,9 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     parser = commands.add_parser(
         "plot", help="draw an emotion-over-time PNG from recorded results (JSON Lines)"
     )
-    parser.add_argument("results", metavar="RESULTS.jsonl", help="results as JSON Lines")
+    parser.add_argument(
+        "results", metavar="RESULTS.jsonl", help="results as JSON Lines (-: stdin, with -o)"
+    )
     parser.add_argument(
         "-o", "--output", metavar="PNG", help="image to write (default: RESULTS.png)"
     )
@@ -252,6 +257,8 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 def plot_command(args: argparse.Namespace) -> int:
     """Run `stream-ser plot`; prints the image's path."""
     path = Path(args.results)
+    if path == STDIN and args.output is None:
+        raise ConfigError("results on stdin (-) need -o PNG, the image to write")
     utterances = final_utterances(read_results(path))
     if args.stream is not None:
         streams = sorted({u.stream_id for u in utterances})
@@ -264,6 +271,6 @@ def plot_command(args: argparse.Namespace) -> int:
     if not utterances:
         raise StreamSerError(f"{path}: no final utterance results to plot")
     output = Path(args.output) if args.output else path.with_suffix(".png")
-    title = args.title or f"stream-ser: {path.name}"
+    title = args.title or f"stream-ser: {'stdin' if path == STDIN else path.name}"
     print(plot_timeline(utterances, output, title))
     return 0

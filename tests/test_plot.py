@@ -87,3 +87,16 @@ def test_plot_reports_unknown_stream_and_empty_input(
     assert main(["plot", str(empty)]) == 1
     assert "no final utterance results" in capsys.readouterr().err
     assert not (tmp_path / "empty.png").exists()
+
+
+def test_plot_reads_results_piped_on_stdin(tmp_path: Path) -> None:
+    results = session(tmp_path / "session.jsonl")
+    assert main(["plot", str(results), "-o", str(tmp_path / "from-file.png")]) == 0
+    output = tmp_path / "piped.png"
+    done = run_cli("plot", "-", "-o", str(output), stdin=results.read_bytes(), timeout_s=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == str(output)
+    assert png_size(output) == png_size(tmp_path / "from-file.png")  # the same panels
+    refused = run_cli("plot", "-", stdin=results.read_bytes(), timeout_s=60)
+    assert refused.returncode == 2
+    assert "need -o PNG" in refused.stderr
