@@ -189,12 +189,15 @@ class TailView:
         return [format_status(client_id, message)]
 
     def _speaking(self, stream_id: str, payload: bytes) -> list[str]:
-        state = payload.decode("utf-8", "replace").strip()
-        if self.options.json or not state or self._states.get(stream_id) == state:
+        """A change of the retained voice activity (messages.speaking_message)."""
+        message = None if self.options.json else _json_object(payload)
+        if message is None or not isinstance(message.get("speaking"), bool):
             return []
-        self._states[stream_id] = state
-        word = "speaking" if state == "ON" else "quiet"
-        return [f"{clock(None)}  {stream_id:<7}  {word}"]
+        word = "speaking" if message["speaking"] else "quiet"
+        if self._states.get(stream_id) == word:
+            return []
+        self._states[stream_id] = word
+        return [f"{clock(message.get('wall_time'))}  {stream_id:<7}  {word}"]
 
 
 def _json_object(payload: bytes) -> dict[str, Any] | None:

@@ -6,12 +6,14 @@ import asyncio
 import json
 import signal
 import sys
+from pathlib import Path
 from typing import Any
 
 import aiomqtt
 from conftest import LABELS, REPO, Broker, free_port, run_cli
 from schema import check_result
 
+from stream_ser.messages import StreamInfo, speaking_message
 from stream_ser.tail import TailOptions, TailView, bar, format_result
 
 PREFIX = "tail-test"
@@ -43,6 +45,12 @@ def status(state: str, utterances: int = 0) -> bytes:
     }).encode()  # fmt: skip
 
 
+def speaking(stream_id: str, utterance_id: int, now: bool) -> bytes:
+    """The retained voice-activity message the pipeline publishes."""
+    stream = StreamInfo(stream_id, "session", "model", LABELS)
+    return json.dumps(speaking_message(stream, utterance_id, now, 1000)).encode()
+
+
 def payload(message: dict[str, Any]) -> bytes:
     return json.dumps(message).encode()
 
@@ -64,8 +72,12 @@ def test_view_deduplicates_and_reports_changes_only() -> None:
     assert len(view.handle(STATUS, status("online"))) == 1
     assert view.handle(STATUS, status("online", 5)) == []  # a refresh, not a change
     assert "offline" in view.handle(STATUS, status("offline"))[0]
-    assert "speaking" in view.handle(f"{PREFIX}/room1/speaking", b"ON")[0]
-    assert view.handle(f"{PREFIX}/room1/speaking", b"ON") == []
+    topic = f"{PREFIX}/room1/speaking"
+    assert view.handle(topic, speaking("room1", 1, True))[0].split()[1:] == ["room1", "speaking"]
+    assert view.handle(topic, speaking("room1", 1, True)) == []  # no change
+    assert view.handle(topic, speaking("room1", 1, False))[0].split()[1:] == ["room1", "quiet"]
+    assert view.handle(topic, speaking("room1", 2, False)) == []
+    assert view.handle(topic, b"ON") == []  # not the message format: ignored
     assert view.handle("other/room1/utterance", payload(first)) == []
     assert view.handle(f"{PREFIX}/room1/utterance", b"not json") == []
     assert view.results == 1
@@ -118,7 +130,8 @@ async def test_tail_prints_live_results_from_a_real_broker(broker: Broker) -> No
                 "room1", 1, 500, 1500, type="window")), qos=0)  # fmt: skip
             await client.publish(f"{PREFIX}/room1/utterance", payload(first), qos=1)
             await client.publish(f"{PREFIX}/room1/utterance", payload(first), qos=1)
-            await client.publish(f"{PREFIX}/room1/speaking", b"ON", qos=1, retain=True)
+            await client.publish(f"{PREFIX}/room1/speaking", speaking("room1", 2, True), qos=1,
+                                 retain=True)  # fmt: skip
             await client.publish(f"{PREFIX}/kitchen/utterance", payload(
                 result("kitchen", 1, 0, 900) | {"final": False}), qos=1)  # fmt: skip
             await client.publish(STATUS, status("offline", 2), qos=1, retain=True)
@@ -163,3 +176,31 @@ def test_tail_reports_an_unreachable_broker() -> None:
     assert done.returncode == 1
     assert "cannot connect to broker" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+async def test_tail_follows_a_running_pipeline(
+    broker: Broker, tiny_model: Path, speech_with_pauses: tuple[Path, int]
+) -> None:
+    """The real publisher's messages, not hand-made ones: speaking/quiet around each result."""
+    path, clip_count = speech_with_pauses
+    async with asyncio.timeout(10), aiomqtt.Client("127.0.0.1", broker.port) as client:
+        await client.publish(STATUS, status("online"), qos=1, retain=True)
+    process = await start_tail(broker, "--count", str(2 * clip_count))  # provisional + final
+    try:
+        assert "online" in await read_line(process)  # the retained status: subscribed
+        done = await asyncio.to_thread(
+            run_cli, "run", "--input", str(path), "--model", str(tiny_model), "--mqtt",
+            broker.url, "--mqtt-topic-prefix", PREFIX, "--mqtt-client-id", "tailed",
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        async with asyncio.timeout(30):
+            out, err = await process.communicate()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert process.returncode == 0, err.decode()
+    lines = [line.split() for line in out.decode().splitlines()]
+    assert len([words for words in lines if "final" in words]) == clip_count
+    activity = [words[2] for words in lines if words[1] != "status" and len(words) == 3]
+    assert activity == ["speaking", "quiet"] * clip_count
