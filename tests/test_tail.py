@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -118,12 +120,24 @@ async def read_line(process: asyncio.subprocess.Process) -> str:
         return (await process.stdout.readline()).decode()
 
 
-async def test_tail_prints_live_results_from_a_real_broker(broker: Broker) -> None:
+@contextlib.asynccontextmanager
+async def subscribed_tail(broker: Broker, *args: str) -> AsyncIterator[asyncio.subprocess.Process]:
+    """`stream-ser tail` once subscribed (it has printed a retained status); killed at the end
+    if it still runs."""
     async with asyncio.timeout(10), aiomqtt.Client("127.0.0.1", broker.port) as client:
         await client.publish(STATUS, status("online"), qos=1, retain=True)
-    process = await start_tail(broker, "--count", "3")
+    process = await start_tail(broker, *args)
     try:
-        assert "online" in await read_line(process)  # the retained status: subscribed
+        assert "online" in await read_line(process)
+        yield process
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+async def test_tail_prints_live_results_from_a_real_broker(broker: Broker) -> None:
+    async with subscribed_tail(broker, "--count", "3") as process:
         first = result("room1", 1, 500, 2500, arousal=0.3, valence=0.2)
         async with asyncio.timeout(10), aiomqtt.Client("127.0.0.1", broker.port) as client:
             await client.publish(f"{PREFIX}/room1/window", payload(result(
@@ -139,10 +153,6 @@ async def test_tail_prints_live_results_from_a_real_broker(broker: Broker) -> No
                 result("room1", 2, 3000, 4000)), qos=1)  # fmt: skip
         async with asyncio.timeout(20):
             out, err = await process.communicate()
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
     assert process.returncode == 0, err.decode()
     lines = out.decode().splitlines()
     assert len(lines) == 5, lines
@@ -183,22 +193,14 @@ async def test_tail_follows_a_running_pipeline(
 ) -> None:
     """The real publisher's messages, not hand-made ones: speaking/quiet around each result."""
     path, clip_count = speech_with_pauses
-    async with asyncio.timeout(10), aiomqtt.Client("127.0.0.1", broker.port) as client:
-        await client.publish(STATUS, status("online"), qos=1, retain=True)
-    process = await start_tail(broker, "--count", str(2 * clip_count))  # provisional + final
-    try:
-        assert "online" in await read_line(process)  # the retained status: subscribed
+    async with subscribed_tail(broker, "--count", str(2 * clip_count)) as process:
         done = await asyncio.to_thread(
             run_cli, "run", "--input", str(path), "--model", str(tiny_model), "--mqtt",
             broker.url, "--mqtt-topic-prefix", PREFIX, "--mqtt-client-id", "tailed",
         )  # fmt: skip
         assert done.returncode == 0, done.stderr
-        async with asyncio.timeout(30):
+        async with asyncio.timeout(30):  # provisional + final of each utterance
             out, err = await process.communicate()
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
     assert process.returncode == 0, err.decode()
     lines = [line.split() for line in out.decode().splitlines()]
     assert len([words for words in lines if "final" in words]) == clip_count
