@@ -401,17 +401,20 @@ def _plot_reliability(plt: Any, report: Report, path: Path) -> None:
     rows = calibration_bins(confidences, correct)
     width = 1.0 / len(rows)
     centers = [(b + 0.5) * width for b in range(len(rows))]
-    figure, axes = plt.subplots(figsize=(5, 5))
+    figure, axes = plt.subplots(figsize=(5, 5.4))
     axes.bar(centers, [acc for _, acc, _ in rows], width=width * 0.9, label="accuracy")
+    for center, (_, acc, count) in zip(centers, rows, strict=True):
+        if count:  # how many clips a bar stands for
+            axes.text(center, acc + 0.01, str(count), ha="center", va="bottom", fontsize=7)
     axes.plot([0, 1], [0, 1], "k--", label="perfect calibration")
     axes.set_xlim(0, 1)
-    axes.set_ylim(0, 1)
-    axes.set_xlabel("confidence (top probability)")
+    axes.set_ylim(0, 1.05)
+    axes.set_xlabel("confidence (top probability); clips per bin above the bars")
     axes.set_ylabel("accuracy")
     ece = expected_calibration_error(confidences, correct)
     axes.set_title(f"reliability, ECE {ece:.3f}")
-    axes.legend(loc="upper left")
-    figure.tight_layout()
+    figure.legend(loc="lower center", ncol=2, frameon=False)  # below: bars fill the axes
+    figure.tight_layout(rect=(0, 0.06, 1, 1))
     figure.savefig(path, dpi=100)
     plt.close(figure)
 
