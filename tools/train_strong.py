@@ -742,14 +742,13 @@ def main(argv: list[str] | None = None) -> int:
     encoder_kind = WHISPER_KINDS[config["features"].get("encoder", "tiny.en")]
     kinds = (encoder_kind, "logmel_speech", "logmel")
     kinds += tuple(f"{kind}@{copy}" for copy in config["augment"]["copies"] for kind in kinds[:2])
-    if args.experiments:
-        copies = config["augment"]["experiment_copies"]
-        kinds += tuple(f"{kind}@{copy}" for copy in copies for kind in TINY_KINDS)
     if args.experiments or args.cv:
         kinds += (*WHISPER_KINDS.values(), "egemaps")
     if args.cv:
         kinds += tuple(f"{kind}@{copy}" for copy in AUGMENTATIONS for kind in TINY_KINDS)
     if args.experiments:
+        copies = config["augment"]["experiment_copies"]
+        kinds += tuple(f"{kind}@{copy}" for copy in copies for kind in TINY_KINDS)
         kinds += ("whisper", "whisper_speech@pad30", "logmel_speech@pad30")
     kinds = tuple(dict.fromkeys(kinds))
     data = load_data(config, kinds)
