@@ -14,6 +14,11 @@ Queues and their overflow rules:
                         oldest is dropped (the stream counts it in `windows_dropped`);
                         a `lossless` stream (a file read as fast as possible) waits instead.
     Recognizer utterances  never dropped.
+    lossless utterances a `lossless` stream has at most MAX_LOSSLESS_UTTERANCES utterances
+                        without a final result: capture waits. Their finals wait for every
+                        stage (no fusion deadline, no skipped descriptors), and an utterance
+                        starts only once the one before it is in the speaker baseline, so a
+                        file's output does not depend on how busy the machine is.
     stream `pending`    at most MAX_PENDING_RESULTS results wait to be published: capture
                         waits (a file is read more slowly; a microphone keeps capturing into
                         its own bounded queue).
@@ -66,6 +71,7 @@ from stream_ser.vad import Segmenter, segment
 log = logging.getLogger(__name__)
 
 MAX_PENDING_RESULTS = 64
+MAX_LOSSLESS_UTTERANCES = 8  # a lossless stream's utterances between capture and their final
 MAX_WINDOW_BATCH = 32
 T = TypeVar("T")
 
@@ -264,7 +270,8 @@ class Analyzer:
     Overflow rule: at most `max_pending` analyses wait; beyond that, and for an utterance
     whose final result has already gone out (its deadline passed) when its turn comes, the
     analysis is skipped (the final is flagged `descriptors_skipped`). A skipped utterance does
-    not join the stream's speaker baseline.
+    not join the stream's speaker baseline. An analysis without a deadline (a lossless
+    stream's, which bounds its own utterances in flight) is never skipped.
     """
 
     def __init__(self, max_pending: int = 32) -> None:
@@ -275,10 +282,11 @@ class Analyzer:
         self._executor.submit(warm_up)  # opensmile loads while the pipeline starts
 
     async def analyse(
-        self, acoustics: StreamAcoustics, samples: np.ndarray, deadline_s: float
+        self, acoustics: StreamAcoustics, samples: np.ndarray, deadline_s: float | None
     ) -> Analysis:
-        """One utterance, against (then into) its stream's speaker baseline."""
-        if self._pending >= self.max_pending:
+        """One utterance, against (then into) its stream's speaker baseline; skipped if its
+        final result goes out at `deadline_s` (monotonic) before its turn comes."""
+        if deadline_s is not None and self._pending >= self.max_pending:
             self.skipped += 1
             raise AnalysisSkipped(f"{self._pending} analyses already waiting")
         self._pending += 1
@@ -294,8 +302,10 @@ class Analyzer:
             self._pending -= 1
 
     @staticmethod
-    def _analyse(acoustics: StreamAcoustics, samples: np.ndarray, deadline_s: float) -> Analysis:
-        if time.monotonic() > deadline_s:
+    def _analyse(
+        acoustics: StreamAcoustics, samples: np.ndarray, deadline_s: float | None
+    ) -> Analysis:
+        if deadline_s is not None and time.monotonic() > deadline_s:
             raise AnalysisSkipped("its final result has already gone out")
         return acoustics.analyse(samples)
 
@@ -408,12 +418,16 @@ class StreamPipeline:
     observer: Observer | None = None
     more_counters: Callable[[], dict[str, int]] | None = None  # e.g. a remote stream's
     # the source waits for us (a file read as fast as possible): it is read no faster than
-    # the specialist scores its windows, so none is dropped and the output is reproducible
+    # the specialist scores its windows and the stages finish its utterances, so no window is
+    # dropped, every final waits for all its stages, and the output is reproducible
     lossless: bool = False
 
     def __post_init__(self) -> None:
         self.finished = asyncio.Event()
         self._windows_in_flight: deque[asyncio.Future[Outcome]] = deque()
+        self._utterances_in_flight = asyncio.Semaphore(MAX_LOSSLESS_UTTERANCES)
+        self._baseline_current = asyncio.Event()  # no utterance waits to join the baseline
+        self._baseline_current.set()
         self._origin_s: float | None = None  # monotonic time of the stream's time zero
         adaptation = self.recognizer.specialist.card.adaptation
         self.baseline = StreamBaseline(adaptation) if adaptation is not None else None
@@ -456,9 +470,13 @@ class StreamPipeline:
             chunks = until_stopped(self.source, stop, self._track_lag)
             async for event in segment(chunks, self.segmenter):
                 await self._speaking(event)
+                if self.lossless and isinstance(event, UtteranceStart):
+                    await self._baseline_current.wait()
                 for job in self._jobs(event, windower):
                     if self.lossless and job.kind == "window":
                         await self._room_for_a_window()
+                    elif self.lossless:
+                        await self._utterances_in_flight.acquire()  # released by its final
                     await pending.put(self._submit(job))
         finally:
             await pending.put(None)
@@ -503,9 +521,11 @@ class StreamPipeline:
             if self.lossless:
                 self._windows_in_flight.append(scored)
             return Pending(job, scored)
+        if self.lossless:
+            self._baseline_current.clear()
         analysis = None
         if self.stages.analyzer is not None and self.acoustics is not None:
-            deadline_s = job.ready_s + self.stages.fusion.deadline_ms / 1000
+            deadline_s = self._deadline_s(job)
             analysis = asyncio.ensure_future(
                 self.stages.analyzer.analyse(self.acoustics, job.samples, deadline_s)
             )
@@ -535,6 +555,7 @@ class StreamPipeline:
                 continue
             if scored is not None and self.baseline is not None and scored.embedding is not None:
                 self.baseline.update(scored.embedding)
+            self._baseline_current.set()
             if scored is not None and self.stages.final_waits:
                 timing = {"model_ms": round(scored.model_ms, 3)}
                 await self._send(job, scored.probabilities, "provisional", timing)
@@ -557,7 +578,7 @@ class StreamPipeline:
     async def _finalize(self, finals: asyncio.Queue[_Final | None]) -> None:
         """Exactly one final result per utterance, at the latest at the fusion deadline."""
         while (item := await finals.get()) is not None:
-            deadline_s = item.job.ready_s + self.stages.fusion.deadline_ms / 1000
+            deadline_s = self._deadline_s(item.job)
             analysis = await _by_deadline(item.analysis, deadline_s)
             alm = await _by_deadline(item.alm, deadline_s)
             side = await _by_deadline(item.side, deadline_s)
@@ -572,6 +593,15 @@ class StreamPipeline:
             self.counters.descriptors_skipped += "descriptors_skipped" in extras["flags"]
             await self._send(item.job, probabilities, "final", extras, self.stages.fusion.labels)
             self.counters.utterances += 1
+            if self.lossless:
+                self._utterances_in_flight.release()
+
+    def _deadline_s(self, job: Job) -> float | None:
+        """When the utterance's final goes out at the latest (monotonic); None: when every
+        stage has answered (a lossless stream)."""
+        if self.lossless:
+            return None
+        return job.ready_s + self.stages.fusion.deadline_ms / 1000
 
     async def _send(
         self,
@@ -604,14 +634,18 @@ async def _ask_alm(
     return await alm.submit(samples, cues=cues)
 
 
-async def _by_deadline(future: asyncio.Future[T] | None, deadline_s: float) -> T | Exception | None:
-    """The future's result, its exception, or None if it is absent or not done by the deadline."""
+async def _by_deadline(
+    future: asyncio.Future[T] | None, deadline_s: float | None
+) -> T | Exception | None:
+    """The future's result, its exception, or None if it is absent or not done by the deadline
+    (None: no deadline)."""
     if future is None:
         return None
     if future.done():
         return future.exception() or future.result()  # type: ignore[return-value]
     try:
-        async with asyncio.timeout(max(0.0, deadline_s - time.monotonic())):
+        remaining_s = None if deadline_s is None else max(0.0, deadline_s - time.monotonic())
+        async with asyncio.timeout(remaining_s):
             return await asyncio.shield(future)
     except TimeoutError:
         return None

@@ -234,7 +234,9 @@ class FusionSettings:
     )
     rule: str | None = setting(None, "mean or geometric (default: the file's, else geometric)")
     deadline_ms: int | None = setting(
-        None, "how long the final result waits for the ALM (default: the file's, else 3000)"
+        None,
+        "how long a live stream's final result waits for the ALM and descriptors (default: "
+        "the file's, else 3000; a file without --realtime waits for them)",
     )
 
     def __post_init__(self) -> None:

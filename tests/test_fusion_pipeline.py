@@ -1,4 +1,5 @@
-"""The ALM stage in the running pipeline: provisional then final results, fusion, deadlines.
+"""The ALM stage in the running pipeline: provisional then final results, fusion, deadlines
+(live streams; a file read as fast as possible waits for every stage).
 
 The ALM is a local fake of an OpenAI-compatible server (tools/fake_openai_alm.py) reached over
 real HTTP by the real remote backend; the CLI runs as a subprocess.
@@ -78,7 +79,7 @@ def test_slow_alm_meets_the_deadline_with_flagged_specialist_only_results(
         started = time.monotonic()
         messages = run_with_alm(
             path, tiny_model, server.url, "--fusion-deadline-ms", "400", "--alm-max-batch", "1",
-            "--no-descriptors",
+            "--no-descriptors", "--realtime", "--speed", "4",  # paced: a live stream
         )
         elapsed_s = time.monotonic() - started
     provisional, finals = by_stage(messages)
@@ -94,6 +95,26 @@ def test_slow_alm_meets_the_deadline_with_flagged_specialist_only_results(
     # answering every utterance would take the ALM >= 3 utterances x 3 templates x 4 s = 36 s;
     # the run ends long before (only the one request in flight at exit is waited for)
     assert elapsed_s < 25
+
+
+def test_a_file_read_as_fast_as_possible_waits_for_a_slow_alm(
+    tiny_model: Path, speech_with_pauses: tuple[Path, int]
+) -> None:
+    """No live deadline for a file without --realtime: every final has the ALM's answer and its
+    descriptors, however long they take, so the output does not depend on the machine."""
+    path, clip_count = speech_with_pauses
+    with fake.FakeOpenAIServer(latency_s=0.5) as server:
+        messages = run_with_alm(
+            path, tiny_model, server.url, "--fusion-deadline-ms", "100", "--alm-max-batch", "1"
+        )
+    _, finals = by_stage(messages)
+    assert [m["utterance_id"] for m in finals] == list(range(1, clip_count + 1))
+    for final in finals:
+        assert final["flags"] == []
+        assert final["sources"]["alm"]["ok"] is True
+        assert final["fusion"]["sources"] == ["specialist", "alm"]
+        assert "descriptors" in final
+        assert final["latency_ms"] > 500  # it waited past the 100 ms deadline for the ALM
 
 
 def test_failing_alm_gives_flagged_results(
@@ -176,6 +197,14 @@ async def test_analyser_skips_work_it_cannot_finish_in_time() -> None:
             await analyzer.analyse(StreamAcoustics(), audio, deadline_s=time.monotonic() + 60)
         with pytest.raises(AnalysisSkipped, match="already gone out"):
             await asyncio.wait_for(late, 60)
+        assert analyzer.skipped == 2
+        # no deadline (a lossless stream bounds its own utterances): never skipped
+        waiting = asyncio.create_task(analyzer.analyse(StreamAcoustics(), audio, deadline_s=None))
+        await asyncio.sleep(0)
+        also = await asyncio.wait_for(
+            analyzer.analyse(StreamAcoustics(), audio, deadline_s=None), 60
+        )
+        assert (await asyncio.wait_for(waiting, 60)).descriptors and also.descriptors
         assert analyzer.skipped == 2
     finally:
         analyzer.close()

@@ -11,14 +11,16 @@ from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
+from test_evaluate import build_adaptive_model
 
+from stream_ser.adaptation import StreamBaseline
 from stream_ser.errors import ModelError
 from stream_ser.fusion import FusionConfig
 from stream_ser.messages import StreamInfo
 from stream_ser.pipeline import Job, Recognizer, StreamPipeline, UtteranceStages
 from stream_ser.settings import SourceSettings, VadSettings
 from stream_ser.source import SourceStats, open_source
-from stream_ser.specialist import Specialist
+from stream_ser.specialist import Baseline, Specialist
 from stream_ser.vad import Segmenter
 
 
@@ -150,3 +152,56 @@ async def test_a_file_read_as_fast_as_possible_loses_no_window(
     assert counters[True].windows_dropped == 0
     assert len(windows[True]) == len(windows[False]) + counters[False].windows_dropped
     assert set(windows[False]) < set(windows[True])
+
+
+class SlowUtterances(Specialist):
+    """A real adaptive model, 300 ms per utterance: a fast file's next utterance ends before
+    this one is scored. Records the speaker baseline each utterance was given."""
+
+    def __init__(self, directory: Path) -> None:
+        super().__init__(directory)
+        self.given: list[Baseline | None] = []
+        self.embeddings: list[np.ndarray] = []
+
+    def analyze(
+        self, batch: Sequence[np.ndarray], baseline: Baseline | None = None
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        time.sleep(0.3)
+        self.given += [baseline] * len(batch)
+        probabilities, embeddings = super().analyze(batch, baseline)
+        assert embeddings is not None
+        self.embeddings += list(embeddings)
+        return probabilities, embeddings
+
+
+async def test_a_file_read_as_fast_as_possible_adapts_to_every_earlier_utterance(
+    tmp_path: Path, speech_with_pauses: tuple[Path, int]
+) -> None:
+    """Each utterance of a lossless stream is normalised with the baseline of all the ones
+    before it, however long the specialist takes: the output does not depend on timing."""
+    path, clip_count = speech_with_pauses
+    specialist = SlowUtterances(build_adaptive_model(tmp_path / "adaptive"))
+    assert specialist.card.adaptation is not None
+    sink = Collected()
+    async with Recognizer(specialist) as recognizer:
+        stream = StreamPipeline(
+            StreamInfo("s", "test", "tiny", specialist.labels),
+            open_source(SourceSettings(input=str(path)), SourceStats()),
+            Segmenter(VadSettings()), recognizer, sink,  # type: ignore[arg-type]
+            specialist.card.window_ms, specialist.card.hop_ms,
+            UtteranceStages(FusionConfig(specialist.labels)), windows=False, lossless=True,
+        )  # fmt: skip
+        await stream.run(asyncio.Event())
+    assert len([m for m in sink.results if m["type"] == "utterance"]) == clip_count
+    expected = StreamBaseline(specialist.card.adaptation)
+    assert len(specialist.given) == clip_count
+    for given, embedding in zip(specialist.given, specialist.embeddings, strict=True):
+        wanted = expected.current()
+        if wanted is None:  # warm-up: the population's statistics
+            assert given is None
+        else:
+            assert given is not None
+            np.testing.assert_allclose(given.mean, wanted.mean)
+            np.testing.assert_allclose(given.std, wanted.std)
+        expected.update(embedding)
+    assert expected.current() is not None  # the replay did leave the warm-up
