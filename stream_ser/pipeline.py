@@ -16,7 +16,8 @@ Queues and their overflow rules:
     Recognizer utterances  never dropped.
     lossless utterances a `lossless` stream has at most MAX_LOSSLESS_UTTERANCES utterances
                         without a final result: capture waits. Their finals wait for every
-                        stage (no fusion deadline, no skipped descriptors), and an utterance
+                        stage (no fusion deadline until the run is stopped; no skipped
+                        descriptors), and an utterance
                         starts only once the one before it is in the speaker baseline, so a
                         file's output does not depend on how busy the machine is.
     stream `pending`    at most MAX_PENDING_RESULTS results wait to be published: capture
@@ -441,7 +442,7 @@ class StreamPipeline:
             async with asyncio.TaskGroup() as group:
                 group.create_task(self._capture(pending, stop), name=f"capture-{self.stream_id}")
                 group.create_task(self._publish(pending, finals), name=f"publish-{self.stream_id}")
-                group.create_task(self._finalize(finals), name=f"finalize-{self.stream_id}")
+                group.create_task(self._finalize(finals, stop), name=f"finalize-{self.stream_id}")
         finally:
             self.finished.set()
 
@@ -575,10 +576,18 @@ class StreamPipeline:
             self.counters.windows_dropped += 1
         return scored, None
 
-    async def _finalize(self, finals: asyncio.Queue[_Final | None]) -> None:
-        """Exactly one final result per utterance, at the latest at the fusion deadline."""
+    async def _finalize(self, finals: asyncio.Queue[_Final | None], stop: asyncio.Event) -> None:
+        """Exactly one final result per utterance, at the latest at the fusion deadline (a
+        lossless stream's: once every stage has answered or, after `stop`, at the deadline
+        counted from the stop)."""
+        stopped_s: float | None = None
         while (item := await finals.get()) is not None:
             deadline_s = self._deadline_s(item.job)
+            if deadline_s is None:  # lossless
+                await _answered_or_stopped((item.analysis, item.alm, item.side), stop)
+                if stop.is_set():
+                    stopped_s = stopped_s or time.monotonic()
+                    deadline_s = stopped_s + self.stages.fusion.deadline_ms / 1000
             analysis = await _by_deadline(item.analysis, deadline_s)
             alm = await _by_deadline(item.alm, deadline_s)
             side = await _by_deadline(item.side, deadline_s)
@@ -634,6 +643,21 @@ async def _ask_alm(
     return await alm.submit(samples, cues=cues)
 
 
+async def _answered_or_stopped(
+    futures: Sequence[asyncio.Future[Any] | None], stop: asyncio.Event
+) -> None:
+    """Return when every future is done or `stop` is set."""
+    waiting = {future for future in futures if future is not None and not future.done()}
+    if not waiting or stop.is_set():
+        return
+    stopping: asyncio.Future[Any] = asyncio.ensure_future(stop.wait())
+    try:
+        everything: asyncio.Future[Any] = asyncio.gather(*waiting, return_exceptions=True)
+        await asyncio.wait({everything, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopping.cancel()
+
+
 async def _by_deadline(
     future: asyncio.Future[T] | None, deadline_s: float | None
 ) -> T | Exception | None:
@@ -671,7 +695,7 @@ async def until_stopped(
         while True:
             next_chunk = asyncio.ensure_future(anext(chunks))
             await asyncio.wait({next_chunk, stopping}, return_when=asyncio.FIRST_COMPLETED)
-            if not next_chunk.done():
+            if stopping.done():  # also when the next chunk was ready too (a fast file)
                 next_chunk.cancel()
                 await asyncio.gather(next_chunk, return_exceptions=True)
                 return

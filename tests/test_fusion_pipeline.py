@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -16,7 +19,7 @@ from typing import Any
 import numpy as np
 import pytest
 from alm.alm_helpers import tool
-from conftest import LABELS, build_tiny_model, run_cli
+from conftest import LABELS, REPO, build_tiny_model, run_cli
 from schema import check_result, parse_lines
 
 fake = tool("fake_openai_alm")
@@ -179,6 +182,40 @@ def test_a_further_specialist_is_fused_per_utterance(
         np.testing.assert_allclose(
             [final["distribution"][k] for k in LABELS], expected / expected.sum(), atol=2e-5
         )
+
+
+def test_a_stopped_file_run_stops_waiting_for_a_slow_alm(
+    tiny_model: Path, speech_with_pauses: tuple[Path, int]
+) -> None:
+    """SIGTERM during a file read as fast as possible: reading stops, and the utterances in
+    flight get their finals by the fusion deadline counted from the stop, not by the ALM."""
+    path, _ = speech_with_pauses
+    with fake.FakeOpenAIServer(latency_s=5.0) as server:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "stream_ser", "run", "--input", str(path), "--model",
+             str(tiny_model), "--no-model-windows", "--alm", f"openai:{server.url}",
+             "--alm-max-batch", "1", "--fusion-deadline-ms", "1000"],
+            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+            assert process.stdout is not None
+            first = json.loads(process.stdout.readline())  # a provisional: the ALM is asked
+            process.send_signal(signal.SIGTERM)
+            stopped = time.monotonic()
+            rest, stderr = process.communicate(timeout=60)
+            elapsed_s = time.monotonic() - stopped
+        finally:
+            process.kill()
+            process.wait(timeout=10)
+    assert process.returncode == 0, stderr
+    messages = [first, *parse_lines(rest)]
+    provisional, finals = by_stage(messages)
+    assert [m["utterance_id"] for m in finals] == [m["utterance_id"] for m in provisional]
+    assert finals and all("alm_deadline" in m["flags"] for m in finals)
+    # answering one utterance takes the ALM 3 templates x 5 s = 15 s: the finals did not wait
+    assert all(m["latency_ms"] < 8000 for m in finals)
+    # exit waits only for the backend call in flight (15 s), not for every utterance's
+    assert elapsed_s < 25
 
 
 async def test_analyser_skips_work_it_cannot_finish_in_time() -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import numpy as np
@@ -11,8 +13,8 @@ from conftest import LABELS, SAMPLE, run_cli
 from schema import check_result, parse_lines, utterances
 from signals import buzz, silence
 
-from stream_ser.events import SpeechAudio, UtteranceStart
-from stream_ser.pipeline import Windower
+from stream_ser.events import AudioChunk, SpeechAudio, UtteranceStart
+from stream_ser.pipeline import Windower, until_stopped
 
 
 def test_real_speech_file_gives_one_result_per_utterance(
@@ -157,3 +159,22 @@ def test_stream_id_with_several_sources_is_refused(tiny_model: Path) -> None:
                    "--model", str(tiny_model))  # fmt: skip
     assert done.returncode == 2
     assert "--stream-id names one stream" in done.stderr
+
+
+async def test_stop_ends_a_source_whose_chunks_are_always_ready() -> None:
+    """A file read as fast as possible never makes the reader wait: stop still ends it."""
+    stop = asyncio.Event()
+
+    async def endless() -> AsyncIterator[AudioChunk]:
+        start_ms = 0
+        while True:
+            yield AudioChunk(np.zeros(160, dtype=np.float32), start_ms)
+            start_ms += 10
+
+    seen = 0
+    async with asyncio.timeout(10):
+        async for _ in until_stopped(endless(), stop):
+            seen += 1
+            if seen == 5:
+                stop.set()
+    assert seen == 5
