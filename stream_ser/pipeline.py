@@ -522,8 +522,8 @@ class StreamPipeline:
             if self.lossless:
                 self._windows_in_flight.append(scored)
             return Pending(job, scored)
-        if self.lossless:
-            self._baseline_current.clear()
+        if self.lossless and self.baseline is not None:
+            self._baseline_current.clear()  # the next utterance waits until this one is in it
         analysis = None
         if self.stages.analyzer is not None and self.acoustics is not None:
             deadline_s = self._deadline_s(job)
