@@ -55,6 +55,7 @@ from stream_ser.settings import (
 from stream_ser.source import (
     SourceStats,
     default_stream_id,
+    is_recording,
     list_input_devices,
     open_source,
 )
@@ -300,8 +301,9 @@ async def _run(
         streams = []
         for source, stream_id in zip(sources, stream_ids, strict=True):
             stats = SourceStats()
-            lossless = source.input not in (None, "-") and not source.realtime
-            streams.append(shared.pipeline(stream_id, open_source(source, stats), stats, lossless))
+            streams.append(
+                shared.pipeline(stream_id, open_source(source, stats), stats, is_recording(source))
+            )
         async with sink:
             await _announce(settings, sink, stream_ids)
             await _run_all(settings, shared, streams, stop, client_id)

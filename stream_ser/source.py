@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import re
+import stat
 import sys
 import threading
 import time
@@ -83,6 +84,17 @@ def default_stream_id(settings: SourceSettings) -> str:
     if settings.input in (None, "-"):
         return "stdin"
     return re.sub(r"[^A-Za-z0-9_.-]", "_", Path(settings.input).stem) or "file"
+
+
+def is_recording(settings: SourceSettings) -> bool:
+    """A recording read as fast as possible: a file without --realtime, or stdin redirected
+    from a file. Making it wait loses nothing (a pipe's live producer, such as arecord, would
+    overrun instead), so its stream is lossless."""
+    if settings.mic is not None or settings.input is None or settings.realtime:
+        return False
+    if settings.input == "-":
+        return stat.S_ISREG(os.fstat(sys.stdin.fileno()).st_mode)
+    return True
 
 
 def open_source(settings: SourceSettings, stats: SourceStats) -> AsyncIterator[AudioChunk]:

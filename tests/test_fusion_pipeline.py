@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import soundfile
 from alm.alm_helpers import tool
 from conftest import LABELS, REPO, build_tiny_model, run_cli
 from schema import check_result, parse_lines
@@ -182,6 +183,34 @@ def test_a_further_specialist_is_fused_per_utterance(
         np.testing.assert_allclose(
             [final["distribution"][k] for k in LABELS], expected / expected.sum(), atol=2e-5
         )
+
+
+def test_stdin_redirected_from_a_file_is_a_recording_a_pipe_is_live(
+    tmp_path: Path, tiny_model: Path, speech_with_pauses: tuple[Path, int]
+) -> None:
+    """`--input - < file.raw` waits for the ALM like a file; a pipe (arecord) keeps the deadline."""
+    path, clip_count = speech_with_pauses
+    audio, _ = soundfile.read(path, dtype="int16")
+    raw = tmp_path / "speech.raw"
+    raw.write_bytes(audio.astype("<i2").tobytes())
+    args = ["run", "--input", "-", "--rate", "16000", "--model", str(tiny_model),
+            "--no-model-windows", "--no-descriptors", "--alm-max-wait-ms", "20",
+            "--alm-max-batch", "1", "--fusion-deadline-ms", "100"]  # fmt: skip
+    with fake.FakeOpenAIServer(latency_s=0.5) as server:
+        alm = ["--alm", f"openai:{server.url}"]
+        with raw.open("rb") as redirected:
+            done = subprocess.run(
+                [sys.executable, "-m", "stream_ser", *args, *alm], stdin=redirected,
+                capture_output=True, text=True, timeout=120, cwd=REPO,
+            )  # fmt: skip
+        piped = run_cli(*args, *alm, stdin=raw.read_bytes())
+    for run in (done, piped):
+        assert run.returncode == 0, run.stderr
+    _, from_file = by_stage(parse_lines(done.stdout))
+    _, from_pipe = by_stage(parse_lines(piped.stdout))
+    assert len(from_file) == len(from_pipe) == clip_count
+    assert all(m["flags"] == [] for m in from_file)
+    assert all(m["flags"] == ["alm_deadline", "specialist_only"] for m in from_pipe)
 
 
 def test_a_stopped_file_run_stops_waiting_for_a_slow_alm(
