@@ -17,9 +17,9 @@ Queues and their overflow rules:
     lossless utterances a `lossless` stream has at most MAX_LOSSLESS_UTTERANCES utterances
                         without a final result: capture waits. Their finals wait for every
                         stage (no fusion deadline until the run is stopped; no skipped
-                        descriptors), and an utterance
-                        starts only once the one before it is in the speaker baseline, so a
-                        file's output does not depend on how busy the machine is.
+                        descriptors), and an utterance starts only once the one before it
+                        is in the speaker baseline, so a file's output does not depend on
+                        how busy the machine is.
     stream `pending`    at most MAX_PENDING_RESULTS results wait to be published: capture
                         waits (a file is read more slowly; a microphone keeps capturing into
                         its own bounded queue).
