@@ -22,6 +22,7 @@ from stream_ser.fusion import RULES
 from stream_ser.metrics import MetricsSettings
 
 FRAME_MS_CHOICES = (10, 20, 30)
+VAD_BACKENDS = ("webrtc", "silero")
 
 
 def setting(default: Any, help: str, flag: str | None = None, **argparse_options: Any) -> Any:
@@ -96,9 +97,13 @@ class SourceSettings:
 
 @dataclass(frozen=True)
 class VadSettings:
-    """Speech segmentation (webrtcvad)."""
+    """Speech segmentation (webrtcvad or Silero)."""
 
-    frame_ms: int = setting(30, "VAD frame length: 10, 20 or 30 ms")
+    backend: str = setting(
+        "webrtc", "voice detector: webrtc or silero (ONNX, 32 ms frames)", "--vad"
+    )
+    threshold: float = setting(0.5, "silero: speech probability that starts a voiced run")
+    frame_ms: int = setting(30, "webrtc: VAD frame length 10, 20 or 30 ms")
     aggressiveness: int = setting(2, "webrtcvad aggressiveness 0 (least) to 3 (most)")
     preroll_ms: int = setting(300, "audio kept before speech onset (ms)")
     onset_ms: int = setting(90, "voiced audio within the pre-roll that starts speech (ms)")
@@ -107,6 +112,8 @@ class VadSettings:
     max_utterance_ms: int = setting(15000, "longer turns are split here (ms)")
 
     def __post_init__(self) -> None:
+        _require(self.backend in VAD_BACKENDS, "--vad must be webrtc or silero")
+        _require(0.15 < self.threshold < 1.0, "--vad-threshold must be between 0.15 and 1")
         _require(self.frame_ms in FRAME_MS_CHOICES, "--vad-frame-ms must be 10, 20 or 30")
         _require(0 <= self.aggressiveness <= 3, "--vad-aggressiveness must be 0..3")
         _require(self.preroll_ms >= self.frame_ms, "--vad-preroll-ms must be >= frame_ms")

@@ -1,10 +1,11 @@
-"""Voice activity detection and utterance segmentation with webrtcvad.
+"""Utterance segmentation on top of a voice detector (webrtcvad or Silero, vad_backends.py).
 
 An utterance starts when `onset_ms` of voiced frames fall within the last `preroll_ms`;
 its audio then includes that pre-roll. It ends after `hangover_ms` of unvoiced frames,
 trimmed to the end of its last voiced frame. A turn longer than `max_utterance_ms` is
 split and goes on as a new utterance, so no speech is lost. Segments whose voiced span is
 shorter than `min_utterance_ms` are not utterances: they are counted and never reported.
+All of these are counted in whole detector frames (30 ms webrtcvad, 32 ms Silero by default).
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import numpy as np
-import webrtcvad
 
 from stream_ser import SAMPLE_RATE
 from stream_ser.events import (
@@ -26,6 +26,7 @@ from stream_ser.events import (
     samples_to_ms,
 )
 from stream_ser.settings import VadSettings
+from stream_ser.vad_backends import VoiceDetector, make_detector
 
 
 @dataclass
@@ -43,14 +44,15 @@ class _Utterance:
 class Segmenter:
     """Turns 16 kHz audio into utterance events; synchronous and deterministic."""
 
-    def __init__(self, settings: VadSettings) -> None:
+    def __init__(self, settings: VadSettings, detector: VoiceDetector | None = None) -> None:
+        """`detector` defaults to the one `settings.backend` names."""
         self.settings = settings
-        self._vad = webrtcvad.Vad(settings.aggressiveness)
-        self._frame_samples = SAMPLE_RATE * settings.frame_ms // 1000
+        self.detector = detector if detector is not None else make_detector(settings)
+        self._frame_samples = self.detector.frame_samples
         self._remainder = np.zeros(0, dtype=np.float32)
         self._position = 0  # samples consumed as whole frames
         self._ring: deque[tuple[np.ndarray, bool]] = deque(
-            maxlen=max(1, settings.preroll_ms // settings.frame_ms)
+            maxlen=max(1, _samples(settings.preroll_ms) // self._frame_samples)
         )
         self._utterance: _Utterance | None = None
         self._next_id = 1
@@ -61,12 +63,9 @@ class Segmenter:
         audio = np.concatenate([self._remainder, chunk.samples])
         whole = len(audio) - len(audio) % self._frame_samples
         self._remainder = audio[whole:]
-        pcm = _to_pcm16(audio[:whole])  # one conversion per chunk, not one per frame
-        frame_bytes = 2 * self._frame_samples
+        frames = audio[:whole].reshape(-1, self._frame_samples)
         events: list[VadEvent] = []
-        for offset in range(0, whole, self._frame_samples):
-            frame = audio[offset : offset + self._frame_samples]
-            voiced = self._is_speech(pcm[2 * offset : 2 * offset + frame_bytes])
+        for frame, voiced in zip(frames, self.detector.classify(frames), strict=True):
             self._frame(frame, voiced, events)
         self._emit_speech(events)
         return events
@@ -83,8 +82,8 @@ class Segmenter:
         utterance = self._utterance
         if utterance is None:
             self._ring.append((frame, voiced))
-            voiced_ms = sum(flag for _, flag in self._ring) * self.settings.frame_ms
-            if voiced_ms >= self.settings.onset_ms:
+            voiced_samples = sum(flag for _, flag in self._ring) * self._frame_samples
+            if voiced_samples >= _samples(self.settings.onset_ms):
                 self._open()
             return
         utterance.frames.append(frame)
@@ -94,7 +93,8 @@ class Segmenter:
         else:
             utterance.silent_frames += 1
         self._announce_if_long_enough(utterance, events)
-        if utterance.silent_frames * self.settings.frame_ms >= self.settings.hangover_ms:
+        silent = utterance.silent_frames * self._frame_samples
+        if silent >= _samples(self.settings.hangover_ms):
             self._finish("silence", utterance.voiced_end_sample, events)
         elif self._position - utterance.start_sample >= self._max_samples:
             self._finish("max_length", self._position, events)
@@ -155,22 +155,18 @@ class Segmenter:
             )
         )
 
-    def _is_speech(self, pcm: bytes) -> bool:
-        return bool(self._vad.is_speech(pcm, SAMPLE_RATE))
-
     @property
     def _min_samples(self) -> int:
-        return SAMPLE_RATE * self.settings.min_utterance_ms // 1000
+        return _samples(self.settings.min_utterance_ms)
 
     @property
     def _max_samples(self) -> int:
-        return SAMPLE_RATE * self.settings.max_utterance_ms // 1000
+        return _samples(self.settings.max_utterance_ms)
 
 
-def _to_pcm16(audio: np.ndarray) -> bytes:
-    """float32 in [-1, 1] as the little-endian 16-bit PCM webrtcvad reads."""
-    pcm: bytes = (np.clip(audio, -1.0, 1.0) * 32767.0).astype("<i2").tobytes()
-    return pcm
+def _samples(ms: int) -> int:
+    """Milliseconds as a sample count at 16 kHz."""
+    return SAMPLE_RATE * ms // 1000
 
 
 async def segment(
