@@ -20,8 +20,10 @@ aggressiveness 2; silero: 32 ms, threshold 0.5):
   recall and F1;
 - onset delay: end of the first voiced detector frame at or after a clip's labelled start,
   minus that start (only clips where one is found within the clip);
-- offset delay: end of the last voiced detector frame before the next clip's start (at most
-  the labelled end + 1 s), minus the labelled end (negative: the detector stopped early);
+- offset delay: end of the last voiced detector frame from the clip's start to 500 ms after
+  its labelled end, minus that end (negative: the detector stopped early; 500 = still voiced
+  half a gap later, e.g. in babble; the next clip is at least 1 s away, so its onset frame
+  is never counted);
 - utterances from the full segmenter (onset, hangover, pre-roll, min length): clips covered
   by at least one utterance, and utterances overlapping no clip (false alarms);
 - CPU: the detector's process time per audio second (one thread, numpy + onnxruntime).
@@ -179,9 +181,7 @@ def frame_scores(labels: np.ndarray, voiced: np.ndarray) -> dict[str, float]:
     }
 
 
-def delays_ms(
-    stream: Labelled, voiced: np.ndarray, size: int
-) -> tuple[list[float], list[float]]:
+def delays_ms(stream: Labelled, voiced: np.ndarray, size: int) -> tuple[list[float], list[float]]:
     """Onset and offset delays per clip (ms), as defined in the module docstring."""
     onsets: list[float] = []
     offsets: list[float] = []
@@ -191,7 +191,8 @@ def delays_ms(
         if len(inside):
             first = start + int(inside[0])
             onsets.append((first // size + 1) * size - start)  # decided at its frame's end
-        after = np.flatnonzero(voiced[start : min(next_start, end + RATE)])
+        horizon = end + min(RATE // 2, (next_start - end) // 2)  # gaps are >= 1 s
+        after = np.flatnonzero(voiced[start:horizon])
         if len(after):
             offsets.append(start + int(after[-1]) + 1 - end)
     return [1000 * d / RATE for d in onsets], [1000 * d / RATE for d in offsets]
