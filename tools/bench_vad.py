@@ -1,6 +1,6 @@
 """Benchmark: the voice detectors (webrtcvad, Silero) on the same labelled audio.
 
-    .venv/bin/python tools/bench_vad.py [--clips 40] [--snr-db 10] [--seed 0] [--json FILE]
+    .venv/bin/python tools/bench_vad.py [--clips 40] [--snr-db 20 10] [--seed 0] [--json FILE]
 
 Labelled audio, built in memory from real speech (never written to the repo):
 - speech: `--clips` clips alternating RAVDESS (one per actor, cycling) and EmoDB, each trimmed
@@ -9,10 +9,12 @@ Labelled audio, built in memory from real speech (never written to the repo):
   words inside it count as speech, as a VAD that must keep an utterance whole should treat
   them); everything between clips is non-speech;
 - gaps of 1.0-2.5 s (seeded) between clips;
-- three conditions over the same clips and gaps: `clean` (digital silence in the gaps),
-  `white` (white noise over the whole stream at `--snr-db` below the mean speech power) and
-  `babble` (6 overlapping nEMO Polish talkers, a different corpus, over the whole stream at
-  the same SNR: the gaps hold background talk, labelled non-speech).
+- every clip scaled so its speech extent has an RMS of -26 dBFS (RAVDESS is recorded ~20 dB
+  quieter than EmoDB; without this one SNR would mean two);
+- conditions over the same clips and gaps: `clean` (digital silence in the gaps), `white`
+  (white noise over the whole stream, each `--snr-db` below the speech power) and `babble`
+  (6 overlapping nEMO Polish talkers, a different corpus, over the whole stream at the same
+  SNRs: the gaps hold background talk, labelled non-speech).
 
 Per backend and condition, with the default settings of each backend (webrtc: 30 ms,
 aggressiveness 2; silero: 32 ms, threshold 0.5):
@@ -52,8 +54,8 @@ from stream_ser.vad_backends import make_detector
 
 RATE = bc.SAMPLE_RATE
 GRID = RATE // 100  # 10 ms label grid
+SPEECH_RMS = 10 ** (-26 / 20)  # every clip's speech extent is scaled to -26 dBFS RMS
 BACKENDS = ("webrtc", "silero")
-CONDITIONS = ("clean", "white", "babble")
 
 
 @dataclass
@@ -103,7 +105,7 @@ def read(path: Path) -> np.ndarray:
 
 
 def clean_stream(count: int, seed: int) -> Labelled:
-    """Trimmed clips joined by silent gaps of 1.0-2.5 s; the first gap too."""
+    """Trimmed clips at -26 dBFS joined by silent gaps of 1.0-2.5 s; the first gap too."""
     rng = np.random.default_rng(seed)
     pieces: list[np.ndarray] = []
     spans: list[tuple[int, int]] = []
@@ -111,6 +113,7 @@ def clean_stream(count: int, seed: int) -> Labelled:
     for path in clip_paths(count):
         audio = read(path)
         start, end = speech_bounds(audio)
+        audio = audio * (SPEECH_RMS / np.sqrt(np.mean(audio[start:end] ** 2)))
         gap = np.zeros(int(rng.uniform(1.0, 2.5) * RATE), dtype=np.float32)
         pieces += [gap, audio[start:end]]
         spans.append((position + len(gap), position + len(gap) + end - start))
@@ -140,8 +143,8 @@ def speech_slice(audio: np.ndarray) -> np.ndarray:
 
 
 def with_noise(stream: Labelled, kind: str, snr_db: float, seed: int) -> Labelled:
-    """The stream plus unit-power noise scaled `snr_db` below the mean speech power."""
-    speech_power = np.mean(np.concatenate([stream.audio[a:b] for a, b in stream.spans]) ** 2)
+    """The stream plus unit-power noise `snr_db` below the speech power (every clip's)."""
+    speech_power = SPEECH_RMS**2
     if kind == "white":
         noise = np.random.default_rng(seed).standard_normal(len(stream.audio))
     else:
@@ -231,7 +234,9 @@ def main() -> None:
     """Build the labelled streams, measure both backends, print and optionally save."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clips", type=int, default=40, help="speech clips per stream")
-    parser.add_argument("--snr-db", type=float, default=10.0, help="speech-to-noise ratio (dB)")
+    parser.add_argument(
+        "--snr-db", type=float, nargs="+", default=[20.0, 10.0], help="speech-to-noise ratios (dB)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="also write the figures to this JSON file")
     args = parser.parse_args()
@@ -239,15 +244,16 @@ def main() -> None:
     clean = clean_stream(args.clips, args.seed)
     streams = {"clean": clean}
     for kind in ("white", "babble"):
-        streams[kind] = with_noise(clean, kind, args.snr_db, args.seed)
+        for snr in args.snr_db:
+            streams[f"{kind} {snr:g} dB"] = with_noise(clean, kind, snr, args.seed)
     results = {
-        f"{backend}/{condition}": measure(backend, streams[condition])
-        for condition in CONDITIONS
+        f"{backend}/{condition}": measure(backend, stream)
+        for condition, stream in streams.items()
         for backend in BACKENDS
     }
     seconds = len(clean.audio) / RATE
     print(bc.machine_line(facts))
-    print(f"{args.clips} clips, {seconds:.0f} s per stream, noise at {args.snr_db:g} dB SNR")
+    print(f"{args.clips} clips, {seconds:.0f} s per stream (speech at -26 dBFS RMS)")
     bc.print_table("Voice detectors on labelled speech (frame level: 10 ms grid)", HEADER,
                    [row(name, figures) for name, figures in results.items()])  # fmt: skip
     bc.write_json(args.json, {"machine": facts, "args": vars(args), "results": results})
