@@ -7,8 +7,12 @@ from z-scores of six key functionals against the stream's own running speaker ba
 `min_count` voiced utterances.
 
 Probes (from the acoustic-cue paper) replace the true cues to measure how much a model follows them:
-`aligned` keeps them, `none` drops them, `shuffled` draws every level at random with a seed taken
-from the audio (deterministic, uncorrelated with the audio), `conflicting` gives the opposite level.
+`aligned` keeps them, `none` drops them, `shuffled` permutes the utterance's real levels across its
+cues (the mix of levels is kept, their assignment broken), `corrupted` draws every level at random,
+`conflicting` gives the opposite level. Random choices are seeded from the audio (deterministic).
+
+No cue word equals a label word or shares its first three letters (`cue_label_collisions`): a cue
+word like "neutral" would prime the very label whose shift the probes measure.
 
 Synchronous numpy code; opensmile (heavy: pandas, pyarrow) is imported on first use.
 """
@@ -18,7 +22,7 @@ from __future__ import annotations
 import math
 import threading
 import zlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -27,7 +31,7 @@ import numpy as np
 from stream_ser import SAMPLE_RATE
 from stream_ser.errors import ConfigError, ModelError, StreamSerError
 
-CUE_MODES = ("aligned", "none", "shuffled", "conflicting")
+CUE_MODES = ("aligned", "none", "shuffled", "corrupted", "conflicting")
 LEVELS = ("low", "mid", "high")
 Z_THRESHOLD = 0.75
 """|z| above this gives `low` or `high`; within it `mid` (about the middle 55% of a speaker)."""
@@ -62,8 +66,14 @@ CUES: tuple[CueSpec, ...] = (
         "speaking rate", "loudnessPeaksPerSec", ("slow", "moderate", "fast"), 3.093, 1.34, False
     ),
     CueSpec(
-        "brightness", "alphaRatioV_sma3nz_amean", ("dark", "neutral", "bright"), -11.69, 4.935, True
+        "brightness",
+        "alphaRatioV_sma3nz_amean",
+        ("dark", "balanced", "bright"),
+        -11.69,
+        4.935,
+        True,
     ),
+    CueSpec("formants", "F1frequency_sma3nz_amean", ("low", "mid", "high"), 694.7, 123.0, True),
     # H1-H2: a large first-harmonic lead means a breathy voice, a small one a tense (pressed) voice.
     CueSpec(
         "voice quality",
@@ -74,8 +84,11 @@ CUES: tuple[CueSpec, ...] = (
         True,
     ),
 )
-"""The six cues. Population mean/std (used until a stream has its own baseline) are measured over
-RAVDESS + EmoDB, 1735 clips, by `tools/population_baseline.py`: acted speech, so a calm
+"""The seven cues: the cue-token paper's six - energy (loudness), pitch, dynamics (pitch
+variability), brightness, formants (mean first-formant frequency) and voice quality - plus
+speaking rate. Population mean/std (used until a stream has its own baseline) are measured over
+RAVDESS + EmoDB, 1735 clips, by `tools/population_baseline.py` (formants: every second clip,
+868, `--limit 600`): acted speech, so a calm
 conversational speaker reads a little low on pitch variability and loudness against them."""
 
 DESCRIPTOR_SPECS: tuple[CueSpec, ...] = (
@@ -264,24 +277,54 @@ def cue_tokens(
 
 
 def probe(cues: CueTokens | None, mode: str, seed: int) -> CueTokens | None:
-    """Apply a cue probe: aligned, none, shuffled (seeded random levels) or conflicting."""
+    """Apply a cue probe: aligned, none, shuffled, corrupted or conflicting (module docstring)."""
     if mode not in CUE_MODES:
         raise ConfigError(f"cue mode must be one of {CUE_MODES}, not {mode!r}")
     if cues is None or mode == "none":
         return None
     if mode == "aligned":
         return cues
-    words = {spec.name: spec.words for spec in CUES}
+    rng = np.random.default_rng(seed)
     if mode == "shuffled":
-        rng = np.random.default_rng(seed)
+        levels = _permuted([cue.level for cue in cues.cues], rng)
+    elif mode == "corrupted":
         levels = [int(level) for level in rng.integers(0, len(LEVELS), size=len(cues.cues))]
     else:
         levels = [_opposite(cue) for cue in cues.cues]
+    words = {spec.name: spec.words for spec in CUES}
     changed = tuple(
         replace(cue, level=level, word=words[cue.name][level])
         for cue, level in zip(cues.cues, levels, strict=True)
     )
     return replace(cues, cues=changed)
+
+
+def _permuted(levels: list[int], rng: np.random.Generator) -> list[int]:
+    """A seeded permutation of the levels over the cues that differs from the original order
+    whenever the levels are not all equal (then no permutation can change them)."""
+    for _ in range(32):
+        order = [levels[int(i)] for i in rng.permutation(len(levels))]
+        if order != levels:
+            return order
+    return levels
+
+
+BASELINE_PHRASES = {
+    "speaker": "relative to this speaker's earlier speech",
+    "population": "relative to typical adult speech (no history of this speaker yet)",
+}
+"""How the cue sentence names its baseline (`{baseline}` in the prompt templates)."""
+
+
+def cue_label_collisions(labels: Sequence[str]) -> list[tuple[str, str]]:
+    """(cue word, label) pairs that are equal or share their first three letters."""
+    return [
+        (word, label)
+        for spec in ALL_SPECS
+        for word in dict.fromkeys(spec.words)
+        for label in labels
+        if word.lower()[:3] == label.strip().lower()[:3]
+    ]
 
 
 def _opposite(cue: Cue) -> int:

@@ -1,7 +1,10 @@
 """Learning fusion settings on a development set: temperatures, then weights.
 
 All fits minimise the negative log-likelihood (NLL) of the true labels, by grid search:
-few parameters, no dependency beyond numpy, and the same answer every time.
+few parameters, no dependency beyond numpy, and the same answer every time. The NLL is taken on
+the labels eval scores (`scored`: the development set's labels), each distribution restricted to
+them and renormalised, exactly as `stream-ser eval` scores a manifest with fewer labels than the
+model; mass on labels that are never scored does not pull the fit.
 1. Temperature per source: the T in [0.1, 10] (log grid) that minimises the source's own NLL.
 2. Global weights: a grid over the weight simplex (step 0.05; coordinate ascent beyond three
    sources) minimising the fused NLL.
@@ -23,9 +26,23 @@ TEMPERATURES = np.geomspace(0.1, 10.0, 81)
 CLASS_FACTORS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
 
 
-def nll(fused: Sequence[np.ndarray], truth: Sequence[int]) -> float:
-    """Mean negative log-likelihood of the true label indices."""
-    return float(-np.mean([np.log(max(p[t], FLOOR)) for p, t in zip(fused, truth, strict=True)]))
+def nll(
+    fused: Sequence[np.ndarray], truth: Sequence[int], scored: np.ndarray | None = None
+) -> float:
+    """Mean negative log-likelihood of the true label indices; with `scored` (a boolean mask
+    over the labels) each distribution is first restricted to the scored labels."""
+    losses = []
+    for p, t in zip(fused, truth, strict=True):
+        mass = float(p[scored].sum()) if scored is not None else 1.0
+        losses.append(np.log(max(p[t] / max(mass, FLOOR), FLOOR)))
+    return float(-np.mean(losses))
+
+
+def scored_mask(labels: Sequence[str], scored: Sequence[str] | None) -> np.ndarray | None:
+    """Boolean mask of the scored labels over `labels` (None: all are scored)."""
+    if scored is None:
+        return None
+    return np.array([label in set(scored) for label in labels])
 
 
 def fit_temperature(
@@ -34,17 +51,21 @@ def fit_temperature(
     source: SourceFusion,
     labels: Sequence[str],
     name: str,
+    scored: Sequence[str] | None = None,
 ) -> float:
-    """The temperature that minimises this source's NLL on the labels it covers."""
+    """The temperature that minimises this source's NLL on the labels it covers (restricted
+    to the `scored` labels when given)."""
     aligned = [align(d, source, labels, name) for d in distributions]
     index = {label: i for i, label in enumerate(labels)}
     usable = [(a, index[t]) for a, t in zip(aligned, truth, strict=True) if a.covered[index[t]]]
     if not usable:
         return 1.0
+    mask = scored_mask(labels, scored)
     losses = [
         nll(
             [temper(a.probabilities, a.covered, float(t)) for a, _ in usable],
             [i for _, i in usable],
+            mask,
         )
         for t in TEMPERATURES
     ]
@@ -56,14 +77,17 @@ def calibrate(
     truth: Sequence[str],
     base: FusionConfig,
     per_class: bool = False,
+    scored: Sequence[str] | None = None,
 ) -> FusionConfig:
-    """Fit temperatures and weights of every source in `per_source` on (distributions, truth)."""
+    """Fit temperatures and weights of every source in `per_source` on (distributions, truth);
+    the NLL is taken on the `scored` labels (default: all output labels)."""
     names = list(per_source)
+    mask = scored_mask(base.labels, scored)
     sources = {
         name: replace(
             base.source(name),
             temperature=fit_temperature(
-                per_source[name], truth, base.source(name), base.labels, name
+                per_source[name], truth, base.source(name), base.labels, name, scored
             ),
             weight=1.0,
             class_weights={},
@@ -71,14 +95,17 @@ def calibrate(
         for name in names
     }
     config = replace(base, sources=sources)
-    config = _fit_global_weights(config, per_source, truth)
+    config = _fit_global_weights(config, per_source, truth, mask)
     if per_class:
-        config = _fit_class_weights(config, per_source, truth)
+        config = _fit_class_weights(config, per_source, truth, mask)
     return config
 
 
 def _loss(
-    config: FusionConfig, per_source: Mapping[str, Sequence[Distribution]], truth: Sequence[str]
+    config: FusionConfig,
+    per_source: Mapping[str, Sequence[Distribution]],
+    truth: Sequence[str],
+    mask: np.ndarray | None,
 ) -> float:
     index = {label: i for i, label in enumerate(config.labels)}
     active = [name for name in per_source if config.source(name).weight > 0]
@@ -90,7 +117,7 @@ def _loss(
             fused.append(fuse({name: per_source[name][item] for name in active}, config)[0])
         except ValueError:  # every weight for this item is 0
             return float("inf")
-    return nll(fused, [index[t] for t in truth])
+    return nll(fused, [index[t] for t in truth], mask)
 
 
 def _with_weights(config: FusionConfig, weights: Mapping[str, float]) -> FusionConfig:
@@ -99,7 +126,10 @@ def _with_weights(config: FusionConfig, weights: Mapping[str, float]) -> FusionC
 
 
 def _fit_global_weights(
-    config: FusionConfig, per_source: Mapping[str, Sequence[Distribution]], truth: Sequence[str]
+    config: FusionConfig,
+    per_source: Mapping[str, Sequence[Distribution]],
+    truth: Sequence[str],
+    mask: np.ndarray | None,
 ) -> FusionConfig:
     names = list(per_source)
     if len(names) == 1:
@@ -113,18 +143,21 @@ def _fit_global_weights(
         ]
         return min(
             (_with_weights(config, w) for w in candidates),
-            key=lambda c: _loss(c, per_source, truth),
+            key=lambda c: _loss(c, per_source, truth, mask),
         )
     best = _with_weights(config, dict.fromkeys(names, 1.0 / len(names)))
     for _ in range(3):
         for name in names:
             options = [_with_weights(best, {name: w}) for w in np.linspace(0, 1, 11)]
-            best = min(options, key=lambda c: _loss(c, per_source, truth))
+            best = min(options, key=lambda c: _loss(c, per_source, truth, mask))
     return best
 
 
 def _fit_class_weights(
-    config: FusionConfig, per_source: Mapping[str, Sequence[Distribution]], truth: Sequence[str]
+    config: FusionConfig,
+    per_source: Mapping[str, Sequence[Distribution]],
+    truth: Sequence[str],
+    mask: np.ndarray | None,
 ) -> FusionConfig:
     best = config
     for _ in range(2):
@@ -140,5 +173,5 @@ def _fit_class_weights(
                             sources={**best.sources, name: replace(source, class_weights=factors)},
                         )
                     )
-                best = min(options, key=lambda c: _loss(c, per_source, truth))
+                best = min(options, key=lambda c: _loss(c, per_source, truth, mask))
     return best

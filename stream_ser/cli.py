@@ -282,7 +282,9 @@ async def _run(
     backend = _load_alm(settings, fusion.labels)
     stop = asyncio.Event()
     install_stop_handlers(stop)
-    analyzer = Analyzer() if settings.output.descriptors else None
+    # the ALM's cue tokens need the analyzer too: --no-descriptors must not change the cues
+    needs_cues = backend is not None and backend.kind != "clap" and settings.alm.cues != "none"
+    analyzer = Analyzer() if settings.output.descriptors or needs_cues else None
     side = None
     if settings.model.extra:
         side = SideSpecialists([_load_specialist(path) for path in settings.model.extra])
@@ -295,7 +297,7 @@ async def _run(
             alm_stage = await stack.enter_async_context(AlmBatcher(backend))
             # every final result is out when the streams end: answers still pending are moot
             stack.push_async_callback(alm_stage.close, False)
-        stages = UtteranceStages(fusion, analyzer, alm_stage, side)
+        stages = UtteranceStages(fusion, analyzer, alm_stage, side, settings.output.descriptors)
         metrics = await _serve_metrics(settings, stack)
         shared = _Shared(settings, specialist, recognizer, stages, sink, new_session_id(), metrics)
         streams = []

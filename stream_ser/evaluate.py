@@ -28,6 +28,7 @@ import soxr
 
 from stream_ser import SAMPLE_RATE
 from stream_ser.adaptation import StreamBaseline
+from stream_ser.ambiguity import VOTE_PREFIX, format_votes, vote_report
 from stream_ser.errors import AudioInputError, ConfigError, ModelError, StreamSerError
 from stream_ser.specialist import Specialist, bundled_model_dir
 
@@ -37,7 +38,6 @@ ADAPT_CHOICES = ("auto", "stream", "none")
 ECE_BINS = 15
 PROGRESS_MIN_CLIPS = 20
 TOOLS_HINT = "pip install 'stream-ser[tools]'"
-VOTE_PREFIX = "votes_"
 
 
 @dataclass(frozen=True)
@@ -68,6 +68,7 @@ class Report:
     y_true: np.ndarray  # label indices into `labels`
     probabilities: np.ndarray  # (n, len(labels)), restricted and renormalised
     failures: list[Failure] = field(default_factory=list)
+    votes: list[dict[str, float]] | None = None  # per scored clip, when the manifest has votes
 
     @property
     def y_pred(self) -> np.ndarray:
@@ -96,7 +97,12 @@ class Report:
             "ece": expected_calibration_error(confidences, correct),
             "adaptation": self.adaptation,
             "failed": [{"path": f.path, "reason": f.reason} for f in self.failures],
-        }
+        } | self._votes()
+
+    def _votes(self) -> dict[str, Any]:
+        if not self.votes:
+            return {}
+        return {"votes": vote_report(self.votes, self.labels, self.probabilities)}
 
 
 # --------------------------------------------------------------------------- metrics
@@ -290,6 +296,7 @@ def evaluate(
     adaptation = resolve_adaptation(adapt, specialist, clips)
     rows: list[np.ndarray] = []
     truth: list[int] = []
+    votes: list[dict[str, float] | None] = []
     failures: list[Failure] = []
     for clip, outcome in _with_progress(
         recognize(specialist, clips, adaptation), len(clips), progress
@@ -300,12 +307,14 @@ def evaluate(
             continue
         rows.append(outcome)
         truth.append(subset.index(clip.label))
+        votes.append(clip.votes)
     if not rows:
         raise StreamSerError(f"no clip could be evaluated ({len(failures)} failed)")
     probabilities = restrict(np.vstack(rows), specialist.labels, subset)
     return Report(
-        specialist.card.model_id, subset, adaptation, np.asarray(truth), probabilities, failures
-    )
+        specialist.card.model_id, subset, adaptation, np.asarray(truth), probabilities, failures,
+        [v for v in votes if v is not None] if all(v is not None for v in votes) else None,
+    )  # fmt: skip
 
 
 def _with_progress(items: Iterator[Any], total: int, enabled: bool) -> Iterator[Any]:
@@ -353,6 +362,8 @@ def format_table(report: Report) -> str:
     lines.append(" " * width + "  " + " ".join(f"{label[:5]:>5}" for label in report.labels))
     for i, label in enumerate(report.labels):
         lines.append(f"{label:<{width}}  " + " ".join(f"{count:>5}" for count in matrix[i]))
+    if "votes" in metrics:
+        lines += ["", format_votes(metrics["votes"])]
     for failure in report.failures:
         lines.append(f"failed: {failure.reason}")
     return "\n".join(lines)

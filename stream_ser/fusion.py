@@ -5,7 +5,7 @@ labels. A fusion file says how each maps onto the output labels, how much each c
 how to sharpen or soften it:
 
     labels = ["neutral", "happy", "sad", "angry"]   # output labels (default: the specialist's)
-    rule = "geometric"          # "mean" (weighted arithmetic) or "geometric" (log-linear)
+    rule = "geometric"          # "geometric" (log-linear pool) or "mean" (weighted arithmetic)
     deadline_ms = 3000          # how long the final result waits for slow sources
     [sources.specialist]
     weight = 0.6
@@ -24,9 +24,20 @@ Label alignment rules (explicit, never silent):
   error. Several source labels may map to one output label (their probabilities add up).
 - Mass on labels mapped to "" is removed and the source's remaining mass renormalised; the
   dropped mass is reported per result (`dropped_mass`).
-- An output label that a source cannot produce gets no vote from that source: the fused
-  score of each label is the weighted combination over the sources that cover it, and the
-  fused scores are then normalised. A label no available source covers gets probability 0.
+- An output label that a source cannot produce gets no vote from that source. Rule "mean":
+  the fused score of each label is the weighted mean over the sources that cover it, then
+  normalised. Rule "geometric": the source counts at its mean log-probability over the labels
+  it covers for that label (no push either way). A label no available source covers gets 0.
+
+The rules:
+- "geometric" (default): log-linear pooling, fused ∝ prod_i p_i ** w_i with the weights NOT
+  divided by their sum. With the default weights (1 each) every source keeps its own temperature:
+  a near-uniform ALM leaves the specialist's distribution (and its calibration) as it is, and an
+  informative one sharpens it where they agree. (Dividing by the weight sum, as a weighted
+  geometric mean does, raises the specialist's temperature to n_sources x T.) Weights that sum
+  to one (what `stream-ser calibrate` fits, after fitting each source's temperature) give the
+  weighted geometric mean.
+- "mean": weighted arithmetic mean (a mixture), sum_i w_i p_i / sum_i w_i per label.
 """
 
 from __future__ import annotations
@@ -223,13 +234,18 @@ def fuse(
         dropped[name] = aligned.dropped_mass
         p = temper(aligned.probabilities, aligned.covered, source.temperature)
         w = source.weight * np.array([source.class_weights.get(k, 1.0) for k in config.labels])
-        w = np.where(aligned.covered, w, 0.0)
         if config.rule == "mean":
-            scores += w * p
+            scores += np.where(aligned.covered, w * p, 0.0)
         else:
-            scores += w * np.log(np.maximum(p, FLOOR))
-        weights += w
+            scores += w * _log_votes(p, aligned.covered)
+        weights += np.where(aligned.covered, w, 0.0)
     return _normalise(scores, weights, config.rule), dropped
+
+
+def _log_votes(p: np.ndarray, covered: np.ndarray) -> np.ndarray:
+    """Log-probabilities; a label the source does not cover gets its mean over those it does."""
+    logs = np.log(np.maximum(p, FLOOR))
+    return np.where(covered, logs, logs[covered].mean() if covered.any() else 0.0)
 
 
 def _normalise(scores: np.ndarray, weights: np.ndarray, rule: str) -> np.ndarray:
@@ -239,8 +255,7 @@ def _normalise(scores: np.ndarray, weights: np.ndarray, rule: str) -> np.ndarray
     if rule == "mean":
         fused = np.where(voted, scores / np.where(voted, weights, 1.0), 0.0)
     else:
-        log_mean = np.where(voted, scores / np.where(voted, weights, 1.0), -np.inf)
-        fused = np.exp(log_mean - log_mean[voted].max())
+        fused = np.where(voted, np.exp(scores - scores[voted].max()), 0.0)
     return fused / fused.sum()  # type: ignore[no-any-return]
 
 

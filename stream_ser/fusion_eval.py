@@ -6,9 +6,8 @@ enters fusion) and the fused output, learning nothing from the clips it scores. 
 runs the same sources on a separate development manifest and writes a fusion file.
 
 With annotators' votes in the manifest (`votes_<label>` columns), each report also gets the
-distribution metrics of the token-level-logits paper against the vote distribution, as means
-over clips: Jensen-Shannon divergence (base 2, 0..1), KL(votes || prediction) in nats, and the
-Bhattacharyya coefficient (1 = identical).
+distribution metrics of the token-level-logits paper against the vote distribution
+(`stream_ser.ambiguity`, which states the rules for missing columns and unscored labels).
 """
 
 from __future__ import annotations
@@ -25,6 +24,7 @@ import numpy as np
 
 from stream_ser.acoustics import CueTokens, StreamAcoustics
 from stream_ser.alm.base import AlmBackend
+from stream_ser.ambiguity import format_votes
 from stream_ser.calibration import calibrate
 from stream_ser.errors import StreamSerError
 from stream_ser.evaluate import (
@@ -38,7 +38,7 @@ from stream_ser.evaluate import (
     resolve_adaptation,
     restrict,
 )
-from stream_ser.fusion import FLOOR, FusionConfig, align, fuse, fusion_to_toml, temper
+from stream_ser.fusion import FusionConfig, align, fuse, fusion_to_toml, temper
 from stream_ser.specialist import Specialist
 
 log = logging.getLogger(__name__)
@@ -157,15 +157,12 @@ def report_dict(
     index = [i for i, _ in answered]
     probabilities = restrict(np.vstack([row for _, row in answered]), fusion.labels, subset)
     y_true = np.array([subset.index(scores.clips[i].label) for i in index])
-    report = Report(name, subset, scores.adaptation, y_true, probabilities)
-    result = report.to_dict() | {"n_failed": len(rows) - len(index)}
     votes = [scores.clips[i].votes for i in index]
-    if all(v is not None for v in votes):
-        result["votes"] = vote_metrics(
-            np.array([[v[label] for label in subset] for v in votes if v is not None]),
-            probabilities,
-        )
-    return result
+    report = Report(
+        name, subset, scores.adaptation, y_true, probabilities,
+        votes=[v for v in votes if v is not None] if all(v is not None for v in votes) else None,
+    )  # fmt: skip
+    return report.to_dict() | {"n_failed": len(rows) - len(index)}
 
 
 def evaluate_sources(scores: Scores, fusion: FusionConfig) -> dict[str, Any]:
@@ -188,25 +185,6 @@ def evaluate_sources(scores: Scores, fusion: FusionConfig) -> dict[str, Any]:
     return result
 
 
-def vote_metrics(votes: np.ndarray, predicted: np.ndarray) -> dict[str, float]:
-    """Mean JSD (base 2), KL(votes || predicted) in nats and Bhattacharyya coefficient."""
-    target = votes / np.maximum(votes.sum(axis=1, keepdims=True), 1e-300)
-    p = np.maximum(predicted, FLOOR)
-    p = p / p.sum(axis=1, keepdims=True)
-    middle = (target + p) / 2
-    return {
-        "jsd": float(np.mean(0.5 * _kl(target, middle, 2) + 0.5 * _kl(p, middle, 2))),
-        "kl": float(np.mean(_kl(target, p, np.e))),
-        "bhattacharyya": float(np.mean(np.sqrt(target * p).sum(axis=1))),
-        "n": len(target),
-    }
-
-
-def _kl(a: np.ndarray, b: np.ndarray, base: float) -> np.ndarray:
-    terms = np.where(a > 0, a * (np.log(np.maximum(a, 1e-300)) - np.log(b)), 0.0)
-    return terms.sum(axis=1) / np.log(base)  # type: ignore[no-any-return]
-
-
 def calibrate_sources(scores: Scores, base: FusionConfig, per_class: bool) -> FusionConfig:
     """Fit temperatures and weights on a development set's scores (clips where all answered)."""
     complete = [
@@ -217,13 +195,13 @@ def calibrate_sources(scores: Scores, base: FusionConfig, per_class: bool) -> Fu
         raise StreamSerError(
             f"calibration needs at least 10 clips every source answered; {len(complete)} here"
         )
-    label_subset(base.labels, scores.clips)  # every dev label must be an output label
+    scored = label_subset(base.labels, scores.clips)  # every dev label must be an output label
     per_source: dict[str, list[Distribution]] = {
         name: [d for i, d in enumerate(column) if i in complete and d is not None]
         for name, column in scores.per_source.items()
     }
     labels = [scores.clips[i].label for i in complete]
-    return calibrate(per_source, labels, base, per_class)
+    return calibrate(per_source, labels, base, per_class, scored)
 
 
 def print_report(result: dict[str, Any], as_json: bool) -> None:
@@ -238,8 +216,7 @@ def print_report(result: dict[str, Any], as_json: bool) -> None:
             continue
         print(_table(figures))
         if "votes" in figures:
-            v = figures["votes"]
-            print(f"votes: JSD {v['jsd']:.4f}  KL {v['kl']:.4f}  BC {v['bhattacharyya']:.4f}")
+            print(format_votes(figures["votes"]))
         print()
 
 

@@ -170,6 +170,7 @@ def _alm_source(alm: AlmResult | Exception | None) -> dict[str, Any]:
         "text_repeats": alm.text_repeats,
         "cue_mode": alm.cue_mode,
         "cues": alm.cues,
+        "cue_baseline": alm.cue_baseline,
         "latency_ms": alm.latency_ms,
         "batch_size": alm.batch_size,
     }
@@ -179,6 +180,8 @@ def _alm_source(alm: AlmResult | Exception | None) -> dict[str, Any]:
         fields["error"] = alm.error
     if alm.rationale is not None:
         fields["rationale"] = alm.rationale
+    if alm.templates:  # explain mode: the prompt ensemble's members, in template order
+        fields["templates"] = [_rounded(member) for member in alm.templates]
     return fields
 
 

@@ -370,6 +370,8 @@ class UtteranceStages:
     analyzer: Analyzer | None = None  # descriptors (and cues for the ALM)
     alm: AlmBatcher | None = None
     side: SideSpecialists | None = None
+    descriptors: bool = True
+    """Publish the analyzer's descriptors (False: it runs only for the ALM's cue tokens)."""
 
     @property
     def final_waits(self) -> bool:
@@ -591,10 +593,11 @@ class StreamPipeline:
             analysis = await _by_deadline(item.analysis, deadline_s)
             alm = await _by_deadline(item.alm, deadline_s)
             side = await _by_deadline(item.side, deadline_s)
+            published = self.stages.descriptors and item.analysis is not None
             probabilities, extras = final_fields(
                 self.stream, self.stages.fusion, item.scored, item.specialist_error,
-                item.alm is not None, alm, analysis,
-                side if isinstance(side, dict) else {}, item.analysis is not None,
+                item.alm is not None, alm, analysis if published else None,
+                side if isinstance(side, dict) else {}, published,
             )  # fmt: skip
             if item.scored is not None:
                 extras["model_ms"] = round(item.scored.model_ms, 3)

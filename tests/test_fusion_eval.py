@@ -13,8 +13,8 @@ import pytest
 from alm.alm_helpers import tool
 from conftest import DATASETS, LABELS, run_cli
 
+from stream_ser.ambiguity import vote_metrics
 from stream_ser.fusion import load_fusion
-from stream_ser.fusion_eval import vote_metrics
 
 fake = tool("fake_openai_alm")
 

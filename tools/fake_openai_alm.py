@@ -3,7 +3,8 @@
 `GET /v1/models` lists one model; `POST /v1/chat/completions` checks the request shape (system +
 user message, base64 WAV `input_audio` parts, a text part) and answers with deterministic
 `top_logprobs` derived from the audio and the prompt text, or with a short message when no
-logprobs are asked. Every request is recorded. For tests and benchmarks:
+logprobs are asked (a written distribution "neutral: 12%, ..." when the prompt asks for percents:
+the text-level baseline). Every request is recorded. For tests and benchmarks:
 
     with FakeOpenAIServer(latency_s=0.02) as server:
         backend = stream_ser.alm.load(f"openai:{server.url}", labels)
@@ -28,6 +29,7 @@ import numpy as np
 MODEL_ID = "fake-qwen2-audio"
 TOKENS = ("neutral", " happy", "Sad", "ang", "The", " ", "sad")
 """The listed candidate tokens: label words, a prefix, a non-label word, a bare space."""
+WRITTEN_LABELS = ("neutral", "calm", "happy", "sad", "angry", "fearful", "disgust", "surprise")
 
 
 def decode_wav(data: str) -> np.ndarray:
@@ -47,6 +49,15 @@ def fake_logprobs(audio: list[np.ndarray], text: str) -> list[tuple[str, float]]
     logits = rng.normal(0.0, 1.5, len(TOKENS))
     log_z = math.log(float(np.exp(logits).sum()) + 1.0)  # +1: mass of unlisted tokens
     return [(token, float(value) - log_z) for token, value in zip(TOKENS, logits, strict=True)]
+
+
+def written_distribution(audio: list[np.ndarray], text: str) -> str:
+    """A deterministic written answer "neutral: 12%, calm: 3%, ..." (whole percents)."""
+    logprobs = fake_logprobs(audio, text)
+    rng = np.random.default_rng(int(-1000 * logprobs[0][1]))
+    shares = rng.dirichlet(np.ones(len(WRITTEN_LABELS)))
+    pairs = zip(WRITTEN_LABELS, shares, strict=True)
+    return ", ".join(f"{label}: {round(100 * p)}%" for label, p in pairs)
 
 
 class FakeOpenAIServer:
@@ -92,6 +103,8 @@ class FakeOpenAIServer:
             time.sleep(self.latency_s)
         if not body.get("logprobs"):
             content = f"fake rationale for {len(audio)} clip(s)"
+            if "percent" in text:
+                content = written_distribution(audio, text)
             return {"choices": [{"message": {"role": "assistant", "content": content}}]}
         top = fake_logprobs(audio, text)[: body.get("top_logprobs", 0)]
         entries = [{"token": token, "logprob": lp, "bytes": list(token.encode())}

@@ -17,7 +17,8 @@ from stream_ser.errors import ConfigError, ModelError
 KINDS = ("qwen2-audio", "clap", "openai")
 DEVICES = ("cpu", "cuda")
 DTYPES = ("fp32", "bf16", "fp16")
-TOKEN_MODES = ("first", "mean")
+TOKEN_MODES = ("first", "sequence", "mean")
+SCORINGS = ("logits", "text")
 INSTALL_HINT = "pip install 'stream-ser[alm]'"
 
 
@@ -52,9 +53,15 @@ class AlmOptions:
     text_repeats: int = 1
     """Prompt amplification: the question (or CLAP class description) repeats this many times."""
     cues: str = "none"
-    """Acoustic cue tokens in the prompt: aligned, none, shuffled or conflicting."""
+    """Acoustic cue tokens in the prompt: aligned, none, shuffled, corrupted or conflicting."""
     token_mode: str = "first"
-    """first: next-token logits of each label's first token; mean: mean log-prob of its tokens."""
+    """first: each label's first-token probability; sequence: the probability of all its tokens
+    (the multi-token mode); mean: their mean log-probability (length-normalised, biased)."""
+    scoring: str = "logits"
+    """logits: the distribution from token probabilities; text: the model writes a distribution
+    that is parsed (the text-level baseline, generative backends only)."""
+    text_tokens: int = 64
+    """scoring "text": how many tokens the written distribution may take."""
     explain: bool = False
     """Also generate a short free-text rationale (never used for the distribution)."""
     explain_tokens: int = 48
@@ -77,12 +84,19 @@ class AlmOptions:
                     "audio_repeats",
                     "text_repeats",
                     "explain_tokens",
+                    "text_tokens",
                     "top_logprobs",
                 ),
             ),
             *_choice(
                 self,
-                {"device": DEVICES, "dtype": DTYPES, "cues": CUE_MODES, "token_mode": TOKEN_MODES},
+                {
+                    "device": DEVICES,
+                    "dtype": DTYPES,
+                    "cues": CUE_MODES,
+                    "token_mode": TOKEN_MODES,
+                    "scoring": SCORINGS,
+                },
             ),
         ]
         if self.max_wait_ms < 0 or self.cpu_threads < 0 or self.timeout_s <= 0:
@@ -146,8 +160,12 @@ class AlmResult:
     """Utterances in that model call (after any split)."""
     cues: str | None = None
     """The cue phrase put in the prompt, if any."""
+    cue_baseline: str | None = None
+    """What the cues are relative to: "speaker" or "population"; None without cues."""
     rationale: str | None = None
     """Free-text rationale (explain mode only)."""
+    templates: tuple[Mapping[str, float], ...] = ()
+    """Per prompt template, its distribution (explain mode only): the ensemble's members."""
 
 
 class AlmBackend(Protocol):
@@ -162,6 +180,16 @@ class AlmBackend(Protocol):
         self, batch: Sequence[np.ndarray], cues: Sequence[CueTokens | None] | None = None
     ) -> list[dict[str, float]]:
         """One label -> probability dict per utterance; raises ModelError on failure."""
+        ...
+
+    def predict_templates(
+        self, batch: Sequence[np.ndarray], cues: Sequence[CueTokens | None] | None = None
+    ) -> list[list[dict[str, float]]]:
+        """Per utterance, one distribution per prompt template (`predict` is their mean)."""
+        ...
+
+    def template_names(self) -> list[str]:
+        """The prompt templates, in the order of `predict_templates`."""
         ...
 
     def explain(
@@ -275,6 +303,22 @@ def softmax_rows(scores: np.ndarray) -> np.ndarray:
     shifted = scores.astype(np.float64) - scores.max(axis=-1, keepdims=True)
     exp = np.exp(shifted)
     return exp / exp.sum(axis=-1, keepdims=True)  # type: ignore[no-any-return]
+
+
+def template_means(
+    labels: Sequence[str], per_template: Sequence[Sequence[Mapping[str, float]]]
+) -> list[dict[str, float]]:
+    """The ensemble's distribution per utterance: the mean over its templates."""
+    rows = np.array([[[d[label] for label in labels] for d in row] for row in per_template])
+    return as_distributions(labels, rows.mean(axis=1))
+
+
+def per_template(
+    labels: Sequence[str], rows: np.ndarray, n_templates: int
+) -> list[list[dict[str, float]]]:
+    """(utterances x templates, labels) probabilities -> per utterance, per template dicts."""
+    grouped = rows.reshape(-1, n_templates, len(labels))
+    return [as_distributions(labels, group) for group in grouped]
 
 
 def as_distributions(labels: Sequence[str], rows: np.ndarray) -> list[dict[str, float]]:

@@ -29,7 +29,13 @@ import numpy as np
 
 from stream_ser import acoustics
 from stream_ser.acoustics import CueTokens
-from stream_ser.alm.base import AlmBackend, AlmOptions, AlmOutOfMemoryError, AlmResult
+from stream_ser.alm.base import (
+    AlmBackend,
+    AlmOptions,
+    AlmOutOfMemoryError,
+    AlmResult,
+    template_means,
+)
 from stream_ser.errors import StreamSerError
 
 log = logging.getLogger(__name__)
@@ -70,6 +76,8 @@ class _Outcome:
     batch_size: int
     cue_phrase: str | None = None
     rationale: str | None = None
+    cue_baseline: str | None = None
+    templates: tuple[dict[str, float], ...] = ()
 
 
 class AlmBatcher:
@@ -212,7 +220,9 @@ class AlmBatcher:
             inference_ms=round(outcome.inference_ms, 3),
             batch_size=outcome.batch_size,
             cues=outcome.cue_phrase,
+            cue_baseline=outcome.cue_baseline,
             rationale=outcome.rationale,
+            templates=outcome.templates,
         )
 
     # --- executor thread from here on: no event-loop objects are touched ---
@@ -237,7 +247,8 @@ class AlmBatcher:
         self._batches += 1
         start_s = time.perf_counter()
         try:
-            distributions = self.backend.predict(audio, cues)
+            members = self.backend.predict_templates(audio, cues)
+            distributions = template_means(self.backend.labels, members)
             phrases = self.backend.cue_phrases(audio, cues)
         except AlmOutOfMemoryError as err:
             if len(audio) == 1:
@@ -253,12 +264,16 @@ class AlmBatcher:
             return [_Outcome(None, str(err), _ms(start_s), len(audio)) for _ in audio]
         rationales = self._explain(audio, cues)
         elapsed_ms = _ms(start_s)
+        explain = self.backend.options.explain
         return [
-            _Outcome(distribution, None, elapsed_ms, len(audio), phrase, rationale)
-            for distribution, phrase, rationale in zip(
-                distributions, phrases, rationales, strict=True
+            _Outcome(
+                distribution, None, elapsed_ms, len(audio), phrase, rationale,
+                _baseline(tokens) if phrase else None, tuple(member) if explain else (),
             )
-        ]
+            for distribution, phrase, rationale, tokens, member in zip(
+                distributions, phrases, rationales, cues, members, strict=True
+            )
+        ]  # fmt: skip
 
     def _explain(
         self, audio: Sequence[np.ndarray], cues: Sequence[CueTokens | None]
@@ -287,6 +302,11 @@ class AlmBatcher:
 def _resolve(pending: _Pending, result: AlmResult) -> None:
     if not pending.future.done():
         pending.future.set_result(result)
+
+
+def _baseline(tokens: CueTokens | None) -> str | None:
+    """What an utterance's cues are relative to ("speaker" or "population")."""
+    return tokens.baseline if tokens is not None else None
 
 
 def _ms(start_s: float) -> float:

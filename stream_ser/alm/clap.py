@@ -4,9 +4,16 @@ Class descriptions ("a {label} speaker", several templates per label, from the t
 are embedded once at load. Each utterance is resampled to the model's rate (48 kHz for the LAION
 models) and cut into consecutive windows of the feature extractor's length (10 s), so nothing is
 cropped at random (`rand_trunc`) and the fusion path's random `is_longer` never applies; the
-window embeddings are averaged. Audio amplification tiles the waveform `audio_repeats` times;
-text amplification repeats each class description. Per template the scaled cosine similarities
-are softmaxed over labels; the distribution is the mean over templates.
+window embeddings are averaged.
+
+Audio amplification (`audio_repeats = k`) gives a dual encoder k distinct views of the utterance:
+view i is the waveform rotated circularly by i/k of its length (its start moved to the end), cut
+into windows as above; the k view embeddings are averaged before the cosine. Tiling the waveform
+instead would be a no-op: the feature extractor repeat-pads a short clip to its window anyway, so
+k copies give bit-identical input whenever they fit it. Rotated views repeat-pad differently
+(the window's content shifts), so k changes the embedding for any utterance. Text amplification
+repeats each class description. Per template the scaled cosine similarities are softmaxed over
+labels; the distribution is the mean over templates.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from stream_ser.alm.base import (
     local_or_hub,
     set_threads,
     softmax_rows,
+    template_means,
     torch_dtype,
     torch_guard,
 )
@@ -49,6 +57,10 @@ class ClapBackend:
                 "alm: cue tokens need a generative backend (qwen2-audio, openai); "
                 "clap has no per-utterance text prompt - use cues = 'none'"
             )
+        if options.scoring != "logits":
+            raise ConfigError(
+                "alm: scoring 'text' needs a generative backend (qwen2-audio, openai)"
+            )
         self._torch, transformers = import_torch_stack()
         self.spec = f"{self.kind}:{path}"
         self.labels = check_labels(labels)
@@ -68,17 +80,30 @@ class ClapBackend:
         self, batch: Sequence[np.ndarray], cues: Sequence[CueTokens | None] | None = None
     ) -> list[dict[str, float]]:
         """One distribution per utterance (cues are not used by a dual encoder)."""
+        return template_means(self.labels, self.predict_templates(batch, cues))
+
+    def predict_templates(
+        self, batch: Sequence[np.ndarray], cues: Sequence[CueTokens | None] | None = None
+    ) -> list[list[dict[str, float]]]:
+        """Per utterance, the distribution of each class-description template."""
         clips = check_batch(batch)
         windows, owner = [], []
         for index, clip in enumerate(clips):
-            parts = self._windows(clip)
-            windows.extend(parts)
-            owner.extend([index] * len(parts))
+            for view in self._views(clip):
+                parts = self._windows(view)
+                windows.extend(parts)
+                owner.extend([index] * len(parts))
         embedded = self._embed_audio(windows)
         owners = np.array(owner)
-        audio = np.stack([_unit(embedded[owners == i].mean(axis=0)) for i in range(len(clips))])
+        audio = np.stack(
+            [_unit(self._pooled_views(embedded, owners == i)) for i in range(len(clips))]
+        )
         logits = self._scale * np.einsum("bd,tld->btl", audio, self._text)
-        return as_distributions(self.labels, softmax_rows(logits).mean(axis=1))
+        return [as_distributions(self.labels, row) for row in softmax_rows(logits)]
+
+    def template_names(self) -> list[str]:
+        """The class-description templates."""
+        return list(self.prompts.templates)
 
     def explain(
         self, batch: Sequence[np.ndarray], cues: Sequence[CueTokens | None] | None = None
@@ -98,12 +123,23 @@ class ClapBackend:
         """CLAP takes no cues."""
         return [None] * len(batch)
 
-    def _windows(self, clip: np.ndarray) -> list[np.ndarray]:
+    def _views(self, clip: np.ndarray) -> list[np.ndarray]:
+        """The k = audio_repeats views: the clip (at the model's rate) rotated by i/k."""
         if self._sample_rate != SAMPLE_RATE:
             import soxr
 
             clip = soxr.resample(clip, SAMPLE_RATE, self._sample_rate).astype(np.float32)
-        clip = np.tile(clip, self.options.audio_repeats)
+        k = self.options.audio_repeats
+        return [np.roll(clip, -((i * clip.shape[0]) // k)) for i in range(k)]
+
+    def _pooled_views(self, embedded: np.ndarray, mine: np.ndarray) -> np.ndarray:
+        """One utterance's embedding: its windows averaged per view, the views averaged
+        (every view has the same number of windows)."""
+        views = embedded[mine].reshape(self.options.audio_repeats, -1, embedded.shape[-1])
+        return views.mean(axis=(0, 1))  # type: ignore[no-any-return]
+
+    def _windows(self, clip: np.ndarray) -> list[np.ndarray]:
+        """Consecutive windows of the extractor's length (clip at the model's rate)."""
         return [
             clip[start : start + self._window] for start in range(0, clip.shape[0], self._window)
         ]

@@ -13,9 +13,22 @@ The rule (token_mode "first"):
    spellings), and the distribution is the softmax of the scores over labels - the vocabulary-wide
    normaliser cancels.
 
-token_mode "mean" (the token-level-logits paper): every surface form is scored by the mean
-log-probability of all its tokens under teacher forcing; score(label) = log sum over forms of
-exp(mean log-prob). Shared first tokens are then told apart by the later tokens.
+token_mode "sequence" (the multi-token mode): every surface form is teacher-forced on the prompt's
+KV cache and scored by the SUM of its token log-probabilities - the log-probability that the model
+says exactly that spelling; score(label) = log sum over forms of exp(sum). Labels sharing a first
+token are told apart by their later tokens, and the score is the model's probability of saying the
+label, whatever its length.
+
+token_mode "mean" (length-normalised): the MEAN token log-probability per form instead. Kept as an
+option only: it inflates labels whose later tokens are near-certain continuations. A one-token
+label at p = 0.05 against a two-token label at 0.0099 x 1.0 scores 0.05 vs sqrt(0.0099) = 0.0995,
+i.e. 0.33 vs 0.67, although the model is five times likelier to say the first (sequence: 0.83 vs
+0.17).
+
+Collisions, warned about at load: a first token shared by several labels (rule 3), and a first
+token that is also a prefix of common answer words ("h" starts "he", "his"; "the" starts "there"):
+in token_mode "first" such a token's whole probability counts for the label although the model may
+be starting another word. token_mode "sequence" removes both problems.
 
 Remote servers give top-k token strings instead of ids: `from_top_logprobs` documents its rule.
 """
@@ -75,8 +88,17 @@ def map_labels(
     if shared:
         log.warning(
             "alm: first tokens %s start several labels; their probability is split "
-            "equally - token_mode 'mean' tells such labels apart",
+            "equally - token_mode 'sequence' tells such labels apart",
             shared,
+        )
+    common = common_word_collisions([decode(token) for token in owners], labels)
+    if common:
+        log.warning(
+            "alm: first label tokens %s also start common words (%s); in token_mode 'first' "
+            "their whole probability counts for the label - token_mode 'sequence' scores the "
+            "whole label",
+            [token for token, _ in common],
+            ", ".join(word for _, word in common),
         )
     first = tuple(_weighted(labels[i], ids, owners) for i, ids in enumerate(candidates))
     return LabelTokens(labels=tuple(labels), forms=forms, first=first)
@@ -100,6 +122,37 @@ def first_token_scores(mapping: LabelTokens, logits: np.ndarray) -> np.ndarray:
         log_weights = np.log(np.array([weight for _, weight in pairs]))
         scores[:, index] = _logsumexp(logits[:, ids] + log_weights, axis=-1)
     return scores
+
+
+COMMON_WORDS = (
+    "the", "this", "that", "there", "they", "their", "it", "is", "i", "a", "an", "and", "he",
+    "his", "she", "her", "speaker", "speech", "sounds", "voice", "emotion", "answer", "not", "no",
+    "none", "yes", "unknown", "maybe", "probably", "based", "in", "of", "to", "with", "as",
+)  # fmt: skip
+"""Words an answer may start with instead of a label."""
+
+
+def common_word_collisions(
+    first_tokens: Sequence[str], labels: Sequence[str]
+) -> list[tuple[str, str]]:
+    """(token text, common word) pairs: a label's first token that also starts a common word
+    which is not itself a label."""
+    names = {label.lower() for label in labels}
+    found = []
+    for token in dict.fromkeys(first_tokens):
+        prefix = token.strip().lower()
+        for word in COMMON_WORDS:
+            if prefix and word.startswith(prefix) and word not in names:
+                found.append((token, word))
+                break
+    return found
+
+
+def sequence_form_scores(form_logprobs: Sequence[Sequence[float]]) -> float:
+    """Log-score of one label: log of the summed probabilities of its spellings, each the
+    product of its token probabilities (token_mode "sequence")."""
+    sums = np.array([float(np.sum(lp)) for lp in form_logprobs])
+    return float(_logsumexp(sums, axis=-1))
 
 
 def mean_form_scores(form_logprobs: Sequence[Sequence[float]]) -> float:

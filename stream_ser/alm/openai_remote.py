@@ -27,14 +27,16 @@ import numpy as np
 from stream_ser import SAMPLE_RATE
 from stream_ser.acoustics import CueTokens
 from stream_ser.alm import labels as label_rules
+from stream_ser.alm import text_scoring
 from stream_ser.alm.base import (
     AlmOptions,
     as_distributions,
     check_batch,
     check_labels,
     resolve_cues,
+    template_means,
 )
-from stream_ser.alm.prompts import load_generative, question_text
+from stream_ser.alm.prompts import cue_sentence, load_generative, question_text
 from stream_ser.errors import ConfigError, ModelError
 
 log = logging.getLogger(__name__)
@@ -81,36 +83,48 @@ class OpenAIRemoteBackend:
         self, batch: Sequence[np.ndarray], cues: Sequence[CueTokens | None] | None = None
     ) -> list[dict[str, float]]:
         """One distribution per utterance: concurrent requests, mean over templates."""
+        return template_means(self.labels, self.predict_templates(batch, cues))
+
+    def predict_templates(
+        self, batch: Sequence[np.ndarray], cues: Sequence[CueTokens | None] | None = None
+    ) -> list[list[dict[str, float]]]:
+        """Per utterance, the distribution of each question template."""
         clips = check_batch(batch)
-        phrases = self.cue_phrases(clips, cues)
+        questions = self.template_names()
+        written = self.options.scoring == "text"
         bodies = [
             self._body(
                 clip,
-                question_text(
-                    template, self.labels, self.options.text_repeats, phrase, self.prompts.cues
-                ),
-                scoring=True,
+                question_text(template, self.labels, self.options.text_repeats, sentence),
+                scoring=not written,
+                max_tokens=self.options.text_tokens,
             )
-            for clip, phrase in zip(clips, phrases, strict=True)
-            for template in self.prompts.questions
+            for clip, sentence in zip(clips, self._cue_sentences(clips, cues), strict=True)
+            for template in questions
         ]
         replies = self._post_all(bodies)
-        rows = np.stack([label_rules.from_top_logprobs(self.labels, _top(r)) for r in replies])
-        per_template = rows.reshape(len(clips), len(self.prompts.questions), -1)
-        return as_distributions(self.labels, per_template.mean(axis=1))
+        if written:
+            rows = [text_scoring.parse(self.labels, _message(r), self.spec) for r in replies]
+            return [rows[i : i + len(questions)] for i in range(0, len(rows), len(questions))]
+        top = np.stack([label_rules.from_top_logprobs(self.labels, _top(r)) for r in replies])
+        grouped = top.reshape(len(clips), len(questions), -1)
+        return [as_distributions(self.labels, group) for group in grouped]
+
+    def template_names(self) -> list[str]:
+        """The question templates (scoring "text": the distribution question)."""
+        if self.options.scoring == "text":
+            return [self.prompts.distribution]
+        return list(self.prompts.questions)
 
     def explain(
         self, batch: Sequence[np.ndarray], cues: Sequence[CueTokens | None] | None = None
     ) -> list[str]:
         """A short free-text rationale per utterance (separate requests)."""
         clips = check_batch(batch)
-        phrases = self.cue_phrases(clips, cues)
         bodies = []
-        for clip, phrase in zip(clips, phrases, strict=True):
-            question = self.prompts.explain
-            if phrase:
-                question += "\n" + self.prompts.cues.replace("{cues}", phrase)
-            bodies.append(self._body(clip, question, scoring=False))
+        for clip, sentence in zip(clips, self._cue_sentences(clips, cues), strict=True):
+            question = self.prompts.explain + (f"\n{sentence}" if sentence else "")
+            bodies.append(self._body(clip, question, False, self.options.explain_tokens))
         return [_message(reply) for reply in self._post_all(bodies)]
 
     def cue_phrases(
@@ -120,7 +134,16 @@ class OpenAIRemoteBackend:
         resolved = resolve_cues(batch, cues, self.options.cues)
         return [tokens.text() if tokens and tokens.cues else None for tokens in resolved]
 
-    def _body(self, clip: np.ndarray, question: str, scoring: bool) -> dict[str, Any]:
+    def _cue_sentences(
+        self, batch: Sequence[np.ndarray], cues: Sequence[CueTokens | None] | None
+    ) -> list[str | None]:
+        resolved = resolve_cues(batch, cues, self.options.cues)
+        return [cue_sentence(self.prompts.cues, tokens) for tokens in resolved]
+
+    def _body(
+        self, clip: np.ndarray, question: str, scoring: bool, max_tokens: int = 0
+    ) -> dict[str, Any]:
+        """One request; `scoring`: one token with its top logprobs, else up to `max_tokens`."""
         window = WINDOW_S * SAMPLE_RATE
         parts = [clip[start : start + window] for start in range(0, clip.shape[0], window)]
         content: list[dict[str, Any]] = [
@@ -139,7 +162,7 @@ class OpenAIRemoteBackend:
         if scoring:
             body |= {"max_tokens": 1, "logprobs": True, "top_logprobs": self.options.top_logprobs}
         else:
-            body["max_tokens"] = self.options.explain_tokens
+            body["max_tokens"] = max_tokens
         return body
 
     def _post_all(self, bodies: list[dict[str, Any]]) -> list[dict[str, Any]]:

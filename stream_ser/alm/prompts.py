@@ -14,6 +14,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from stream_ser.acoustics import BASELINE_PHRASES, CueTokens
 from stream_ser.errors import ConfigError
 
 
@@ -26,6 +27,8 @@ class GenerativePrompts:
     questions: tuple[str, ...]
     cues: str
     explain: str
+    distribution: str
+    """The text-level baseline's question (scoring "text"): the model writes a distribution."""
 
 
 @dataclass(frozen=True)
@@ -71,7 +74,7 @@ def load_generative(path: str | None, name: str) -> GenerativePrompts:
     questions = _strings(table, "questions", where)
     if not all("{labels}" in question for question in questions):
         raise ConfigError(f"{where}: every question must contain {{labels}}")
-    cues = str(table.get("cues", "Acoustic cues: {cues}."))
+    cues = str(table.get("cues", "Acoustic cues {baseline}: {cues}."))
     if "{cues}" not in cues:
         raise ConfigError(f"{where}: cues must contain {{cues}}")
     return GenerativePrompts(
@@ -80,7 +83,21 @@ def load_generative(path: str | None, name: str) -> GenerativePrompts:
         questions=questions,
         cues=cues,
         explain=str(table.get("explain", "Briefly explain the speaker's emotion.")),
+        distribution=_distribution(table, where),
     )
+
+
+DEFAULT_DISTRIBUTION = (
+    "How likely is each emotion in the speaker's voice: {labels}? Answer with one line per "
+    "emotion in the form 'emotion: percent', the percents summing to 100."
+)
+
+
+def _distribution(table: Mapping[str, Any], where: str) -> str:
+    question = str(table.get("distribution", DEFAULT_DISTRIBUTION))
+    if "{labels}" not in question:
+        raise ConfigError(f"{where}: distribution must contain {{labels}}")
+    return question
 
 
 def load_clap(path: str | None, name: str) -> ClapPrompts:
@@ -105,14 +122,23 @@ def label_list(labels: Sequence[str]) -> str:
 
 
 def question_text(
-    template: str, labels: Sequence[str], repeats: int, cue_phrase: str | None, cue_template: str
+    template: str, labels: Sequence[str], repeats: int, cue_sentence: str | None
 ) -> str:
     """The user text: the question `repeats` times, then the cue sentence if any."""
     question = template.replace("{labels}", label_list(labels))
     text = "\n".join([question] * repeats)
-    if cue_phrase:
-        text += "\n" + cue_template.replace("{cues}", cue_phrase)
+    if cue_sentence:
+        text += "\n" + cue_sentence
     return text
+
+
+def cue_sentence(cue_template: str, tokens: CueTokens | None) -> str | None:
+    """The cue sentence of one prompt: {cues} the cue words, {baseline} which baseline they are
+    relative to (the speaker's own or the population's); None without cues."""
+    if tokens is None or not tokens.cues:
+        return None
+    baseline = BASELINE_PHRASES.get(tokens.baseline, tokens.baseline)
+    return cue_template.replace("{cues}", tokens.text()).replace("{baseline}", baseline)
 
 
 def class_texts(prompts: ClapPrompts, labels: Sequence[str], repeats: int) -> list[list[str]]:

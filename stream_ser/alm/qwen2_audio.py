@@ -3,7 +3,9 @@
 For each utterance and each question template, the chat prompt holds the audio (`audio_repeats`
 times), the question listing the labels (`text_repeats` times) and optionally the acoustic cue
 sentence; one forward pass gives the next-token logits, mapped to labels by `labels.py`. Generated
-text is never parsed for the distribution (the optional rationale is generated separately).
+text is never parsed for the distribution (the optional rationale is generated separately), except
+with scoring "text", the text-level baseline, where the model writes a distribution
+(`text_scoring.py`).
 
 Audio longer than the feature extractor's window (30 s for Qwen2-Audio) is cut into consecutive
 windows, each an audio entry in the prompt, so the whole utterance is heard. Sequences are
@@ -25,20 +27,22 @@ import numpy as np
 
 from stream_ser.acoustics import CueTokens
 from stream_ser.alm import labels as label_rules
+from stream_ser.alm import text_scoring
 from stream_ser.alm.base import (
     AlmOptions,
-    as_distributions,
     check_batch,
     check_labels,
     import_torch_stack,
     local_or_hub,
+    per_template,
     resolve_cues,
     set_threads,
     softmax_rows,
+    template_means,
     torch_dtype,
     torch_guard,
 )
-from stream_ser.alm.prompts import load_generative, question_text
+from stream_ser.alm.prompts import cue_sentence, load_generative, question_text
 from stream_ser.errors import ModelError
 
 log = logging.getLogger(__name__)
@@ -80,45 +84,38 @@ class Qwen2AudioBackend:
         self, batch: Sequence[np.ndarray], cues: Sequence[CueTokens | None] | None = None
     ) -> list[dict[str, float]]:
         """One distribution per utterance: mean over the question templates."""
+        return template_means(self.labels, self.predict_templates(batch, cues))
+
+    def predict_templates(
+        self, batch: Sequence[np.ndarray], cues: Sequence[CueTokens | None] | None = None
+    ) -> list[list[dict[str, float]]]:
+        """Per utterance, the distribution of each question template."""
         clips = check_batch(batch)
-        phrases = self.cue_phrases(clips, cues)
-        texts, audios = [], []
-        for clip, phrase in zip(clips, phrases, strict=True):
-            parts = self._audio_parts(clip)
-            for template in self.prompts.questions:
-                question = question_text(
-                    template, self.labels, self.options.text_repeats, phrase, self.prompts.cues
-                )
-                texts.append(self._chat(len(parts), question))
-                audios.extend(parts)
+        if self.options.scoring == "text":
+            return self._written(clips, cues)
+        texts, audios = self._prompts(clips, cues, self.prompts.questions)
         scores = self._scores(texts, audios)
-        per_template = softmax_rows(scores).reshape(len(clips), len(self.prompts.questions), -1)
-        return as_distributions(self.labels, per_template.mean(axis=1))
+        return per_template(self.labels, softmax_rows(scores), len(self.prompts.questions))
+
+    def template_names(self) -> list[str]:
+        """The question templates (scoring "text": the distribution question)."""
+        if self.options.scoring == "text":
+            return [self.prompts.distribution]
+        return list(self.prompts.questions)
 
     def explain(
         self, batch: Sequence[np.ndarray], cues: Sequence[CueTokens | None] | None = None
     ) -> list[str]:
         """A short greedy free-text rationale per utterance."""
         clips = check_batch(batch)
-        phrases = self.cue_phrases(clips, cues)
+        sentences = self._cue_sentences(clips, cues)
         texts, audios = [], []
-        for clip, phrase in zip(clips, phrases, strict=True):
+        for clip, sentence in zip(clips, sentences, strict=True):
             parts = self._audio_parts(clip)
-            question = self.prompts.explain
-            if phrase:
-                question += "\n" + self.prompts.cues.replace("{cues}", phrase)
+            question = self.prompts.explain + (f"\n{sentence}" if sentence else "")
             texts.append(self._chat(len(parts), question))
             audios.extend(parts)
-        inputs = self._inputs(texts, audios)
-        with self._guard():
-            generated = self._model.generate(
-                **inputs,
-                max_new_tokens=self.options.explain_tokens,
-                do_sample=False,
-            )
-        new_tokens = generated[:, inputs["input_ids"].shape[1] :]
-        decoded = self._processor.batch_decode(new_tokens, skip_special_tokens=True)
-        return [str(text).strip() for text in decoded]
+        return self._generate(texts, audios, self.options.explain_tokens)
 
     def cue_phrases(
         self, batch: Sequence[np.ndarray], cues: Sequence[CueTokens | None] | None = None
@@ -126,6 +123,44 @@ class Qwen2AudioBackend:
         """The cue phrase of each prompt after the probe (None without cues)."""
         resolved = resolve_cues(batch, cues, self.options.cues)
         return [tokens.text() if tokens and tokens.cues else None for tokens in resolved]
+
+    def _cue_sentences(
+        self, batch: Sequence[np.ndarray], cues: Sequence[CueTokens | None] | None
+    ) -> list[str | None]:
+        resolved = resolve_cues(batch, cues, self.options.cues)
+        return [cue_sentence(self.prompts.cues, tokens) for tokens in resolved]
+
+    def _prompts(
+        self,
+        clips: Sequence[np.ndarray],
+        cues: Sequence[CueTokens | None] | None,
+        questions: Sequence[str],
+    ) -> tuple[list[str], list[np.ndarray]]:
+        """Chat texts (utterance-major, then template) and their audio entries."""
+        texts, audios = [], []
+        for clip, sentence in zip(clips, self._cue_sentences(clips, cues), strict=True):
+            parts = self._audio_parts(clip)
+            for template in questions:
+                question = question_text(template, self.labels, self.options.text_repeats, sentence)
+                texts.append(self._chat(len(parts), question))
+                audios.extend(parts)
+        return texts, audios
+
+    def _written(
+        self, clips: Sequence[np.ndarray], cues: Sequence[CueTokens | None] | None
+    ) -> list[list[dict[str, float]]]:
+        """Text-level baseline: the model writes a distribution, which is parsed."""
+        texts, audios = self._prompts(clips, cues, [self.prompts.distribution])
+        written = self._generate(texts, audios, self.options.text_tokens)
+        return [[text_scoring.parse(self.labels, text, self.spec)] for text in written]
+
+    def _generate(self, texts: list[str], audios: list[np.ndarray], tokens: int) -> list[str]:
+        inputs = self._inputs(texts, audios)
+        with self._guard():
+            generated = self._model.generate(**inputs, max_new_tokens=tokens, do_sample=False)
+        new_tokens = generated[:, inputs["input_ids"].shape[1] :]
+        decoded = self._processor.batch_decode(new_tokens, skip_special_tokens=True)
+        return [str(text).strip() for text in decoded]
 
     def _audio_parts(self, clip: np.ndarray) -> list[np.ndarray]:
         if self._sample_rate != 16000:
@@ -175,17 +210,23 @@ class Qwen2AudioBackend:
         inputs = self._inputs(texts, audios)
         mask = inputs["attention_mask"].long()
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        mean_mode = self.options.token_mode == "mean"
+        whole_label = self.options.token_mode != "first"
         with self._guard():
-            output = self._model(**inputs, position_ids=positions, use_cache=mean_mode)
+            output = self._model(**inputs, position_ids=positions, use_cache=whole_label)
             last = output.logits[:, -1].float()
-            if not mean_mode:
+            if not whole_label:
                 return label_rules.first_token_scores(self.mapping, last.cpu().numpy())
-            return self._mean_scores(last, _KvCache.of(output), mask, positions[:, -1])
+            return self._form_scores(last, _KvCache.of(output), mask, positions[:, -1])
 
-    def _mean_scores(self, last: Any, cache: _KvCache, mask: Any, last_position: Any) -> np.ndarray:
-        """Teacher-force every surface form on the prompt's cache; mean token log-prob."""
+    def _form_scores(self, last: Any, cache: _KvCache, mask: Any, last_position: Any) -> np.ndarray:
+        """Teacher-force every surface form on the prompt's cache; score each label by the sum
+        (token_mode "sequence") or the mean ("mean") of its forms' token log-probs."""
         torch = self._torch
+        combine = (
+            label_rules.sequence_form_scores
+            if self.options.token_mode == "sequence"
+            else label_rules.mean_form_scores
+        )
         first_logprobs = torch.log_softmax(last, dim=-1)
         scores = np.empty((last.shape[0], len(self.labels)))
         for index, forms in enumerate(self.mapping.forms):
@@ -194,7 +235,7 @@ class Qwen2AudioBackend:
                 for form in forms
             ]
             for row in range(last.shape[0]):
-                scores[row, index] = label_rules.mean_form_scores([lp[row] for lp in per_form])
+                scores[row, index] = combine([lp[row] for lp in per_form])
         return scores
 
     def _form_logprobs(
