@@ -449,6 +449,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--probes", metavar="MODES",
+        help="with --alm: also run the ALM under each cue probe (aligned,none,shuffled,corrupted,"
+        "conflicting) and print the probe table (see docs/alm.md)",
+    )  # fmt: skip
     from stream_ser import fusion_eval
 
     fusion_eval.add_source_arguments(parser)
@@ -456,11 +461,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _eval_sources(args: argparse.Namespace, clips: list[Clip]) -> int:
     """`eval` with an ALM, further specialists or a fusion file: every source and the fusion."""
-    from stream_ser import fusion_eval
+    from stream_ser import alm_analysis, fusion_eval
     from stream_ser.cli import load_recognizers, source_settings
 
     settings = source_settings(args)
     recognizers, fusion = load_recognizers(settings, args.model, args.model_extra, args.threads)
+    recognizers.probes = alm_analysis.parse_probes(args.probes)
+    if recognizers.probes and recognizers.alm is None:
+        raise ConfigError("--probes needs an ALM (--alm KIND:PATH)")
     scores = fusion_eval.score(recognizers, clips, args.adapt)
     fusion_eval.print_report(fusion_eval.evaluate_sources(scores, fusion), args.json)
     return 0
@@ -480,7 +488,7 @@ def eval_command(args: argparse.Namespace) -> int:
     clips = read_manifest(Path(args.manifest), root)
     from stream_ser import fusion_eval
 
-    if fusion_eval.uses_sources(args):
+    if fusion_eval.uses_sources(args) or args.probes:
         return _eval_sources(args, clips)
     specialist = Specialist(model_dir, intra_op_threads=args.threads)
     report = evaluate(specialist, clips, args.adapt, progress=not args.no_progress)

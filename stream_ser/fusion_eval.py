@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from stream_ser.acoustics import CueTokens, StreamAcoustics
+from stream_ser import alm_analysis
 from stream_ser.alm.base import AlmBackend
 from stream_ser.ambiguity import format_votes
 from stream_ser.calibration import calibrate
@@ -54,6 +54,8 @@ class Recognizers:
     extras: list[Specialist] = field(default_factory=list)
     alm: AlmBackend | None = None
     alm_batch: int = 8
+    probes: tuple[str, ...] = ()
+    """Cue probes to run the ALM with besides its own cue mode (`--probes`)."""
 
     def names(self) -> list[str]:
         """Source names, as in fusion files and published results."""
@@ -69,6 +71,11 @@ class Scores:
     per_source: dict[str, list[Distribution | None]]
     adaptation: str
     failures: list[Failure]
+    alm_templates: list[alm_analysis.Members] = field(default_factory=list)
+    """The ALM's per-template distributions per clip (its own cue mode)."""
+    template_names: list[str] = field(default_factory=list)
+    probe_runs: dict[str, list[alm_analysis.Members]] = field(default_factory=dict)
+    """Per probe (cue mode), the ALM's per-template distributions per clip."""
 
 
 def score(recognizers: Recognizers, clips: Sequence[Clip], adapt: str = "auto") -> Scores:
@@ -89,10 +96,10 @@ def score(recognizers: Recognizers, clips: Sequence[Clip], adapt: str = "auto") 
         per_source["specialist"].append(_as_dict(specialist.labels, outcome))
     for extra in recognizers.extras:
         per_source[f"specialist:{extra.card.model_id}"] = list(_score_extra(extra, audio))
+    scores = Scores(kept, per_source, adaptation, failures)
     if recognizers.alm is not None:
-        cues = _cues(recognizers.alm, kept, audio)
-        per_source["alm"] = list(_score_alm(recognizers.alm, audio, cues, recognizers.alm_batch))
-    return Scores(kept, per_source, adaptation, failures)
+        _score_alm(recognizers, kept, audio, scores)
+    return scores
 
 
 def _as_dict(labels: Sequence[str], row: np.ndarray) -> Distribution:
@@ -108,28 +115,20 @@ def _score_extra(extra: Specialist, audio: list[np.ndarray]) -> Iterator[Distrib
             yield None
 
 
-def _cues(alm: AlmBackend, clips: list[Clip], audio: list[np.ndarray]) -> list[CueTokens | None]:
-    """Cue tokens per clip, each speaker's clips one causal stream, when the ALM uses cues."""
-    if alm.options.cues == "none" or alm.kind == "clap":
-        return [None] * len(audio)
-    streams: dict[str | None, StreamAcoustics] = {}
-    cues: list[CueTokens | None] = []
-    for clip, samples in zip(clips, audio, strict=True):
-        stream = streams.setdefault(clip.speaker, StreamAcoustics())
-        cues.append(stream.analyse(samples).cues)
-    return cues
-
-
 def _score_alm(
-    alm: AlmBackend, audio: list[np.ndarray], cues: list[CueTokens | None], batch: int
-) -> Iterator[Distribution | None]:
-    for start in range(0, len(audio), batch):
-        part = audio[start : start + batch]
-        try:
-            yield from alm.predict(part, cues[start : start + batch])
-        except StreamSerError as err:
-            log.warning("alm: %d clip(s) failed: %s", len(part), err)
-            yield from [None] * len(part)
+    recognizers: Recognizers, clips: list[Clip], audio: list[np.ndarray], scores: Scores
+) -> None:
+    """The ALM in its own cue mode (per template, and their mean), and under each probe."""
+    alm = recognizers.alm
+    assert alm is not None
+    own = alm.options.cues if alm.kind != "clap" else "none"
+    runs = alm_analysis.run_modes(
+        alm, clips, audio, recognizers.alm_batch, [own, *recognizers.probes]
+    )
+    scores.alm_templates = runs[own]
+    scores.per_source["alm"] = alm_analysis.means(alm.labels, runs[own])
+    scores.template_names = alm.template_names()
+    scores.probe_runs = {mode: runs[mode] for mode in recognizers.probes}
 
 
 def truth(scores: Scores) -> list[str]:
@@ -180,6 +179,14 @@ def evaluate_sources(scores: Scores, fusion: FusionConfig) -> dict[str, Any]:
     result["sources"] = {
         name: report_dict(name, rows, scores, fusion, subset) for name, rows in per_source.items()
     }
+    if "alm" in result["sources"]:
+        result["sources"]["alm"]["templates"] = alm_analysis.template_report(
+            scores.template_names, scores.alm_templates, truth(scores), fusion, subset
+        )
+    if scores.probe_runs:
+        result["probes"] = alm_analysis.probe_table(
+            scores.probe_runs, scores.per_source["specialist"], truth(scores), fusion, subset
+        )
     result["fusion"] = {"rule": fusion.rule, "labels": list(fusion.labels)}
     result["failed"] = [{"path": f.path, "reason": f.reason} for f in scores.failures]
     return result
@@ -217,7 +224,12 @@ def print_report(result: dict[str, Any], as_json: bool) -> None:
         print(_table(figures))
         if "votes" in figures:
             print(format_votes(figures["votes"]))
+        if len(figures.get("templates", [])) > 1:
+            print(alm_analysis.format_templates(figures["templates"]))
         print()
+    if "probes" in result:
+        print("== cue probes (ALM and fused; neutral: the ALM's) ==")
+        print(alm_analysis.format_probes(result["probes"]))
 
 
 def _table(figures: dict[str, Any]) -> str:

@@ -308,7 +308,10 @@ def softmax_rows(scores: np.ndarray) -> np.ndarray:
 def template_means(
     labels: Sequence[str], per_template: Sequence[Sequence[Mapping[str, float]]]
 ) -> list[dict[str, float]]:
-    """The ensemble's distribution per utterance: the mean over its templates."""
+    """The ensemble's distribution per utterance: the mean over its templates (one template's
+    distribution is returned as it is)."""
+    if all(len(row) == 1 for row in per_template):
+        return [dict(row[0]) for row in per_template]
     rows = np.array([[[d[label] for label in labels] for d in row] for row in per_template])
     return as_distributions(labels, rows.mean(axis=1))
 

@@ -124,22 +124,21 @@ class ClapBackend:
         return [None] * len(batch)
 
     def _views(self, clip: np.ndarray) -> list[np.ndarray]:
-        """The k = audio_repeats views: the clip (at the model's rate) rotated by i/k."""
-        if self._sample_rate != SAMPLE_RATE:
-            import soxr
-
-            clip = soxr.resample(clip, SAMPLE_RATE, self._sample_rate).astype(np.float32)
+        """The k = audio_repeats views of a 16 kHz clip: rotated circularly by i/k."""
         k = self.options.audio_repeats
         return [np.roll(clip, -((i * clip.shape[0]) // k)) for i in range(k)]
 
     def _pooled_views(self, embedded: np.ndarray, mine: np.ndarray) -> np.ndarray:
-        """One utterance's embedding: its windows averaged per view, the views averaged
-        (every view has the same number of windows)."""
-        views = embedded[mine].reshape(self.options.audio_repeats, -1, embedded.shape[-1])
-        return views.mean(axis=(0, 1))  # type: ignore[no-any-return]
+        """One utterance's embedding: the mean over its views' windows (every view of a clip
+        has the same number of windows, so this is the mean of the per-view means)."""
+        return embedded[mine].mean(axis=0)  # type: ignore[no-any-return]
 
     def _windows(self, clip: np.ndarray) -> list[np.ndarray]:
-        """Consecutive windows of the extractor's length (clip at the model's rate)."""
+        """A 16 kHz clip at the model's rate, in consecutive windows of the extractor's length."""
+        if self._sample_rate != SAMPLE_RATE:
+            import soxr
+
+            clip = soxr.resample(clip, SAMPLE_RATE, self._sample_rate).astype(np.float32)
         return [
             clip[start : start + self._window] for start in range(0, clip.shape[0], self._window)
         ]

@@ -46,6 +46,14 @@ class FakeBackend:
             raise self.error
         return [expected(int(clip[0])) for clip in batch]
 
+    def predict_templates(self, batch: Sequence[np.ndarray],
+                          cues: Sequence[CueTokens | None] | None = None
+                          ) -> list[list[dict[str, float]]]:
+        return [[distribution] for distribution in self.predict(batch, cues)]
+
+    def template_names(self) -> list[str]:
+        return ["fake template"]
+
     def explain(self, batch: Sequence[np.ndarray],
                 cues: Sequence[CueTokens | None] | None = None) -> list[str]:
         return [f"because {int(clip[0])}" for clip in batch]

@@ -67,13 +67,51 @@ def test_mixed_length_batch_equals_one_by_one(
     np.testing.assert_allclose(batched.sum(-1), 1.0, atol=1e-12)
 
 
-def test_amplification(tiny_clap: Path, backend: ClapBackend) -> None:
-    amplified = alm.load(f"clap:{tiny_clap}", LABELS, audio_repeats=2, text_repeats=3,
-                         prompt_set="single", cpu_threads=1)
-    assert [w.shape[0] for w in amplified._windows(noise(1.5, 1))] == [96000, 48000]
+def test_audio_amplification_gives_distinct_views(tiny_clap: Path, backend: ClapBackend) -> None:
+    """Tiling a short clip was a no-op (the extractor repeat-pads it anyway); rotated views are
+    not: k = 2 and k = 3 change the distribution of a 1.5 s utterance, text repeats held fixed."""
+    short = noise(0.8, 5)  # 2 x 0.8 s fits the tiny model's 2 s window
+    at_48k = backend._windows(short)[0]
+    features = [backend._processor.feature_extractor(w, sampling_rate=48000)["input_features"]
+                for w in (at_48k, np.tile(at_48k, 2))]
+    np.testing.assert_array_equal(features[0], features[1])  # the old tiling: a no-op, shown
+    clip = noise(1.5, 5)
+    base = _values(backend.predict([clip]))
+    for k in (2, 3):
+        amplified = alm.load(f"clap:{tiny_clap}", LABELS, audio_repeats=k, cpu_threads=1)
+        views = amplified._views(clip)
+        assert len(views) == k and all(v.shape == clip.shape for v in views)
+        np.testing.assert_array_equal(views[1][: len(clip) - len(clip) // k], clip[len(clip) // k:])
+        got = _values(amplified.predict([clip]))
+        assert np.abs(got - base).max() > 1e-6  # identical input gave exactly 0
+        np.testing.assert_allclose(got.sum(), 1.0)
+        # several clips in one batch give what each gives alone
+        other = noise(2.7, 6)
+        np.testing.assert_allclose(
+            _values(amplified.predict([clip, other])),
+            _values([amplified.predict([clip])[0], amplified.predict([other])[0]]), atol=1e-6)
+
+
+def test_text_amplification(tiny_clap: Path, backend: ClapBackend) -> None:
+    amplified = alm.load(f"clap:{tiny_clap}", LABELS, text_repeats=3, prompt_set="single",
+                         cpu_threads=1)
     assert amplified._text.shape[0] == 1
     clip = noise(0.7, 5)
     assert not np.allclose(_values(amplified.predict([clip])), _values(backend.predict([clip])))
+
+
+def test_per_template_distributions_average_to_the_prediction(backend: ClapBackend) -> None:
+    clips = [noise(0.9, 8), noise(1.7, 9)]
+    members = backend.predict_templates(clips)
+    assert [len(m) for m in members] == [len(backend.template_names())] * 2
+    mean = np.array([[np.mean([d[k] for d in m]) for k in LABELS] for m in members])
+    np.testing.assert_allclose(_values(backend.predict(clips)), mean, atol=1e-12)
+    assert np.abs(_values(members[0]) - _values(members[0])[0]).max() > 1e-6  # they differ
+
+
+def test_text_scoring_is_refused(tiny_clap: Path) -> None:
+    with pytest.raises(ConfigError, match="generative"):
+        alm.load(f"clap:{tiny_clap}", LABELS, scoring="text")
 
 
 def test_cues_are_refused(tiny_clap: Path) -> None:

@@ -50,7 +50,7 @@ def test_shared_first_tokens_are_split() -> None:
 def test_fully_shared_labels_warn(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING):
         rules.map_labels(["sad", "sadness"], encode, DECODE.__getitem__)
-    assert "token_mode 'mean'" in caplog.text
+    assert "token_mode 'sequence'" in caplog.text
 
 
 def test_partly_shared_label_splits_only_the_shared_tokens() -> None:

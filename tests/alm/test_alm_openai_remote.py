@@ -55,7 +55,7 @@ def test_distribution_from_top_logprobs(fake_server: Any) -> None:
     for clip, dist in zip(clips, got, strict=True):
         heard = fake.decode_wav(wav_base64(clip))
         rows = [rules.from_top_logprobs(LABELS, fake.fake_logprobs(
-            [heard], question_text(q, LABELS, 1, None, prompts.cues))) for q in prompts.questions]
+            [heard], question_text(q, LABELS, 1, None))) for q in prompts.questions]
         np.testing.assert_allclose([dist[k] for k in LABELS], np.mean(rows, axis=0), atol=1e-12)
         assert sum(dist.values()) == pytest.approx(1.0)
     assert len(fake_server.requests) == len(clips) * len(prompts.questions)
@@ -66,8 +66,8 @@ def test_cues_and_explain(fake_server: Any, speech: np.ndarray) -> None:
     backend = _backend(fake_server, cues="conflicting", explain=True, prompt_set="single")
     clip = speech[: 2 * 16000]
     backend.predict([clip])
-    assert "Acoustic cues relative to this speaker:" in fake_server.requests[-1]["messages"][1][
-        "content"][-1]["text"]
+    assert "Acoustic cues relative to typical adult speech (no history of this speaker yet):" in \
+        fake_server.requests[-1]["messages"][1]["content"][-1]["text"]  # no cues given: population
     (text,) = backend.explain([clip])
     assert text == "fake rationale for 1 clip(s)"
     assert "logprobs" not in fake_server.requests[-1]

@@ -19,14 +19,14 @@ def test_bundled_templates_load() -> None:
     generative = prompts.load_generative(None, "default")
     clap = prompts.load_clap(None, "default")
     assert len(generative.questions) >= 3 and all("{labels}" in q for q in generative.questions)
-    assert len(clap.templates) >= 3 and clap.descriptions["neutral"] == "calm and neutral"
+    assert len(clap.templates) >= 3 and clap.descriptions["neutral"] == "neutral"
 
 
 def test_question_repeats_and_cues() -> None:
-    text = prompts.question_text("Pick one: {labels}.", LABELS, 3, "pitch: high", "Cues: {cues}.")
+    text = prompts.question_text("Pick one: {labels}.", LABELS, 3, "Cues: pitch: high.")
     question = "Pick one: neutral, happy, sad or angry."
     assert text.split("\n") == [question] * 3 + ["Cues: pitch: high."]
-    assert "Cues" not in prompts.question_text("{labels}", LABELS, 1, None, "Cues: {cues}.")
+    assert "Cues" not in prompts.question_text("{labels}", LABELS, 1, None)
 
 
 def test_class_texts_shape_and_repeats() -> None:
