@@ -318,10 +318,10 @@ BASELINE_PHRASES = {
 
 def cue_label_collisions(labels: Sequence[str]) -> list[tuple[str, str]]:
     """(cue word, label) pairs that are equal or share their first three letters."""
+    words = dict.fromkeys(word for spec in ALL_SPECS for word in spec.words)
     return [
         (word, label)
-        for spec in ALL_SPECS
-        for word in dict.fromkeys(spec.words)
+        for word in words
         for label in labels
         if word.lower()[:3] == label.strip().lower()[:3]
     ]

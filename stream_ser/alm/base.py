@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
@@ -13,6 +14,8 @@ import numpy as np
 from stream_ser import acoustics
 from stream_ser.acoustics import CUE_MODES, CueTokens
 from stream_ser.errors import ConfigError, ModelError
+
+log = logging.getLogger(__name__)
 
 KINDS = ("qwen2-audio", "clap", "openai")
 DEVICES = ("cpu", "cuda")
@@ -236,6 +239,17 @@ def resolve_cues(
             tokens = acoustics.cue_tokens(acoustics.analyse_functionals(clip))
         resolved.append(acoustics.probe(tokens, mode, acoustics.audio_seed(clip)))
     return resolved
+
+
+def warn_cue_collisions(labels: Sequence[str]) -> None:
+    """Warn when a cue word equals or starts like a label (it would prime that label)."""
+    collisions = acoustics.cue_label_collisions(labels)
+    if collisions:
+        log.warning(
+            "alm: cue words %s start like labels %s: cue sentences would prime those labels",
+            sorted({word for word, _ in collisions}),
+            sorted({label for _, label in collisions}),
+        )
 
 
 def local_or_hub(path: str) -> tuple[str, bool]:

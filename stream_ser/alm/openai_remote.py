@@ -35,6 +35,7 @@ from stream_ser.alm.base import (
     check_labels,
     resolve_cues,
     template_means,
+    warn_cue_collisions,
 )
 from stream_ser.alm.prompts import cue_sentence, load_generative, question_text
 from stream_ser.errors import ConfigError, ModelError
@@ -73,6 +74,7 @@ class OpenAIRemoteBackend:
     def __init__(self, url: str, labels: Sequence[str], options: AlmOptions) -> None:
         self.spec = f"{self.kind}:{url}"
         self.labels = check_labels(labels)
+        warn_cue_collisions(self.labels)
         self.options = options
         self.prompts = load_generative(options.prompts, options.prompt_set)
         self._base = api_base(url)

@@ -41,6 +41,7 @@ from stream_ser.alm.base import (
     template_means,
     torch_dtype,
     torch_guard,
+    warn_cue_collisions,
 )
 from stream_ser.alm.prompts import cue_sentence, load_generative, question_text
 from stream_ser.errors import ModelError
@@ -63,6 +64,7 @@ class Qwen2AudioBackend:
         self._torch, transformers = import_torch_stack()
         self.spec = f"{self.kind}:{path}"
         self.labels = check_labels(labels)
+        warn_cue_collisions(self.labels)
         self.options = options
         self.prompts = load_generative(options.prompts, options.prompt_set)
         set_threads(options)

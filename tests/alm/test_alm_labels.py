@@ -103,3 +103,13 @@ def test_top_logprobs_mapping() -> None:
 def test_top_logprobs_without_any_label_is_an_error() -> None:
     with pytest.raises(ModelError, match="no label token"):
         rules.from_top_logprobs(["neutral", "happy"], [("The", -0.1), (" ", -3.0)])
+
+
+def test_first_tokens_that_start_common_words_warn(caplog: pytest.LogCaptureFixture) -> None:
+    """"happy" starts with the token "h", which also starts "he" and "his"."""
+    with caplog.at_level(logging.WARNING):
+        rules.map_labels(["neutral", "happy"], encode, DECODE.__getitem__)
+    assert "also start common words" in caplog.text and "'h'" in caplog.text
+    assert "token_mode 'sequence'" in caplog.text
+    assert rules.common_word_collisions(["h", " happy", "The"], ["happy", "the"]) == [
+        ("h", "he"), ("The", "there")]  # "the" is a label here, "there" is not

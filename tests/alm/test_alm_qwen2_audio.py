@@ -11,6 +11,7 @@ torch = pytest.importorskip("torch")
 
 import stream_ser.alm as alm  # noqa: E402
 from stream_ser import acoustics  # noqa: E402
+from stream_ser import errors as alm_errors  # noqa: E402
 from stream_ser.alm.qwen2_audio import Qwen2AudioBackend  # noqa: E402
 
 from .alm_helpers import LABELS, noise  # noqa: E402
@@ -166,3 +167,88 @@ def test_explain_generates_text(tiny_qwen: Path) -> None:
 def test_out_of_memory_becomes_alm_error(backend: Qwen2AudioBackend) -> None:
     with pytest.raises(alm.AlmOutOfMemoryError), backend._guard():
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+
+def _full_forward_logprob(backend: Qwen2AudioBackend, clip: np.ndarray, form: tuple[int, ...]
+                          ) -> float:
+    """log P(form | prompt) by one plain forward pass over prompt + form (no KV cache)."""
+    (text,), audios = backend._prompts([clip], None, backend.prompts.questions)
+    inputs = backend._inputs([text], audios)
+    ids = torch.cat([inputs["input_ids"], torch.tensor([form])], dim=-1)
+    mask = torch.ones_like(ids)
+    with torch.inference_mode():
+        logits = backend._model(input_ids=ids, attention_mask=mask,
+                                input_features=inputs["input_features"],
+                                feature_attention_mask=inputs["feature_attention_mask"]).logits
+    logprobs = torch.log_softmax(logits[0].double(), dim=-1)
+    start = inputs["input_ids"].shape[1] - 1
+    return float(sum(logprobs[start + i, token] for i, token in enumerate(form)))
+
+
+def test_sequence_mode_is_the_probability_of_each_label(tiny_qwen: Path) -> None:
+    """token_mode "sequence" (the default for multi-token scoring) equals the product of the
+    label's token probabilities, computed here without the KV cache, summed over spellings."""
+    backend = alm.load(f"qwen2-audio:{tiny_qwen}", LABELS, token_mode="sequence",
+                       prompt_set="single", cpu_threads=1)
+    assert any(len(form) > 1 for forms in backend.mapping.forms for form in forms)
+    clip = noise(1.2, 11)
+    scores = np.array([
+        np.logaddexp.reduce([_full_forward_logprob(backend, clip, form) for form in forms])
+        for forms in backend.mapping.forms
+    ])
+    expected = np.exp(scores - scores.max())
+    got = backend.predict([clip, noise(2.6, 12)])[0]  # in a padded batch
+    np.testing.assert_allclose([got[k] for k in LABELS], expected / expected.sum(), atol=1e-5)
+    mean = alm.load(f"qwen2-audio:{tiny_qwen}", LABELS, token_mode="mean", prompt_set="single",
+                    cpu_threads=1).predict([clip])[0]
+    assert max(abs(mean[k] - got[k]) for k in LABELS) > 1e-4
+
+
+def test_per_template_distributions(backend: Qwen2AudioBackend) -> None:
+    clips = [noise(0.8, 13), noise(1.9, 14)]
+    members = backend.predict_templates(clips)
+    assert backend.template_names() == list(backend.prompts.questions)
+    assert [len(m) for m in members] == [3, 3]
+    for member, mean in zip(members, backend.predict(clips), strict=True):
+        np.testing.assert_allclose([mean[k] for k in LABELS],
+                                   np.mean([[d[k] for k in LABELS] for d in member], axis=0))
+        assert max(abs(member[0][k] - member[1][k]) for k in LABELS) > 1e-6
+
+
+def test_cue_sentence_names_the_baseline_in_the_prompt(tiny_qwen: Path, speech: np.ndarray
+                                                        ) -> None:
+    backend = alm.load(f"qwen2-audio:{tiny_qwen}", LABELS, cues="aligned", prompt_set="single",
+                       cpu_threads=1)
+    clip = speech[: 2 * 16000]
+    tokens = acoustics.cue_tokens(acoustics.analyse_functionals(clip))
+    (population,), _ = backend._prompts([clip], [tokens], backend.prompts.questions)
+    speaker_tokens = acoustics.CueTokens(tokens.cues, "speaker")
+    (speaker,), _ = backend._prompts([clip], [speaker_tokens], backend.prompts.questions)
+    assert "relative to typical adult speech" in population
+    assert "relative to this speaker" not in population
+    assert f"relative to this speaker's earlier speech: {tokens.text()}." in speaker
+
+
+def test_text_level_scoring_asks_for_and_parses_a_written_distribution(
+    tiny_qwen: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    backend = alm.load(f"qwen2-audio:{tiny_qwen}", LABELS, scoring="text", text_tokens=6,
+                       cpu_threads=1)
+    assert backend.template_names() == [backend.prompts.distribution]
+    clips = [noise(0.9, 15), noise(1.4, 16)]
+    # the tiny random model writes gibberish: no distribution is invented from it
+    with pytest.raises(alm_errors.ModelError, match="no distribution"):
+        backend.predict(clips)
+    asked: list[str] = []
+    original = backend._generate
+
+    def written(texts: list[str], audios: list[np.ndarray], tokens: int) -> list[str]:
+        asked.extend(texts)
+        assert tokens == 6 and len(original(texts, audios, tokens)) == len(texts)
+        return ["neutral: 10%, happy: 60%, sad: 20%, angry: 10%", "sad 0.5 angry 0.5"]
+
+    monkeypatch.setattr(backend, "_generate", written)
+    first, second = backend.predict(clips)
+    assert first == {"neutral": 0.1, "happy": 0.6, "sad": 0.2, "angry": 0.1}
+    assert second == {"neutral": 0.0, "happy": 0.0, "sad": 0.5, "angry": 0.5}
+    assert all("percent" in text and "neutral, happy, sad or angry" in text for text in asked)
