@@ -34,7 +34,8 @@ def test_weighted_arithmetic_mean() -> None:
 
 
 def test_weighted_geometric_mean() -> None:
-    config = FusionConfig(LABELS, rule="geometric")
+    config = FusionConfig(LABELS, rule="geometric", sources={
+        "a": SourceFusion(weight=0.5), "b": SourceFusion(weight=0.5)})  # fmt: skip
     a, b = dist(0.5, 0.3, 0.1, 0.1), dist(0.125, 0.3, 0.4, 0.175)
     fused, _ = fuse({"a": a, "b": b}, config)
     expected = np.sqrt(np.array(list(a.values())) * np.array(list(b.values())))

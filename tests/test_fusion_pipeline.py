@@ -61,14 +61,15 @@ def test_provisional_then_one_fused_final_per_utterance(
         alm = final["sources"]["alm"]
         assert alm["ok"] is True and alm["backend"].startswith("openai:")
         assert (alm["audio_repeats"], alm["text_repeats"], alm["cue_mode"]) == (1, 1, "none")
+        assert alm["cue_baseline"] is None and "templates" not in alm
         assert alm["latency_ms"] >= 50
         assert final["fusion"]["sources"] == ["specialist", "alm"]
         specialist = final["sources"]["specialist"]["distribution"]
         assert specialist == early["distribution"]
         assert tuple(final["distribution"]) == LABELS
-        # the geometric mean of the two sources, renormalised
+        # the default log-linear pool (weights 1): the product of the two sources, renormalised
         alm_p = np.maximum([alm["distribution"][k] for k in LABELS], 1e-6)
-        expected = np.sqrt(np.maximum([specialist[k] for k in LABELS], 1e-6) * alm_p)
+        expected = np.maximum([specialist[k] for k in LABELS], 1e-6) * alm_p
         np.testing.assert_allclose(
             [final["distribution"][k] for k in LABELS], expected / expected.sum(), atol=2e-5
         )
@@ -179,7 +180,7 @@ def test_a_further_specialist_is_fused_per_utterance(
         b = np.maximum(
             [final["sources"]["specialist:tiny-extra"]["distribution"][k] for k in LABELS], 1e-6
         )
-        expected = np.sqrt(a * b)
+        expected = a * b  # the default log-linear pool: product of experts
         np.testing.assert_allclose(
             [final["distribution"][k] for k in LABELS], expected / expected.sum(), atol=2e-5
         )
@@ -274,3 +275,41 @@ async def test_analyser_skips_work_it_cannot_finish_in_time() -> None:
         assert analyzer.skipped == 2
     finally:
         analyzer.close()
+
+
+def five_utterances(tmp_path: Path, ravdess_clips: list[Path]) -> Path:
+    """Five real clips, 1.5 s of silence after each: the speaker baseline forms after three."""
+    pieces = []
+    for clip in ravdess_clips[:5]:
+        audio, _ = soundfile.read(clip, dtype="float32")
+        pieces += [audio, np.zeros(24000, dtype=np.float32)]
+    path = tmp_path / "five.wav"
+    soundfile.write(path, np.concatenate(pieces), 16000)
+    return path
+
+
+@pytest.mark.slow
+def test_no_descriptors_keeps_the_speaker_relative_cues(
+    tmp_path: Path, tiny_model: Path, ravdess_clips: list[Path]
+) -> None:
+    """Cues are relative to the stream's speaker once it has three utterances, also with
+    --no-descriptors (which used to fall back to the population baseline for every utterance);
+    the published ALM source says which baseline, and --alm-explain lists the template members."""
+    path = five_utterances(tmp_path, ravdess_clips)
+    runs = {}
+    for name, extra in (("with", ()), ("without", ("--no-descriptors",))):
+        with fake.FakeOpenAIServer() as server:
+            messages = run_with_alm(path, tiny_model, server.url, "--alm-cues", "aligned",
+                                    "--alm-explain", *extra)  # fmt: skip
+            texts = [r["messages"][1]["content"][-1]["text"] for r in server.requests
+                     if r.get("logprobs")]  # fmt: skip
+        _, finals = by_stage(messages)
+        runs[name] = [f["sources"]["alm"] for f in finals]
+        assert len(finals) == 5
+        assert all(("descriptors" in f) == (name == "with") for f in finals)
+        assert sum("relative to this speaker's earlier speech" in t for t in texts) == 2 * 3
+    for alm in runs["without"]:
+        assert len(alm["templates"]) == 3 and alm["rationale"]
+    assert [a["cue_baseline"] for a in runs["without"]] == ["population"] * 3 + ["speaker"] * 2
+    assert [a["cues"] for a in runs["without"]] == [a["cues"] for a in runs["with"]]
+    assert [a["distribution"] for a in runs["without"]] == [a["distribution"] for a in runs["with"]]

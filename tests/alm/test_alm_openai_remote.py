@@ -86,3 +86,47 @@ def test_unreachable_server_is_model_error() -> None:
         port = sock.getsockname()[1]
     with pytest.raises(ModelError, match="cannot reach"):
         alm.load(f"openai:http://127.0.0.1:{port}", LABELS, timeout_s=2)
+
+
+def test_text_level_scoring_parses_the_written_answer(fake_server: Any) -> None:
+    backend = _backend(fake_server, scoring="text", text_tokens=40)
+    clips = [noise(0.6, 4), noise(1.1, 5)]
+    got = backend.predict(clips)
+    assert len(fake_server.requests) == 2  # one distribution question per clip
+    for clip, dist, body in zip(clips, got, fake_server.requests, strict=True):
+        assert "logprobs" not in body and body["max_tokens"] == 40
+        text = body["messages"][1]["content"][-1]["text"]
+        assert text == question_text(backend.prompts.distribution, LABELS, 1, None)
+        written = fake.written_distribution([fake.decode_wav(wav_base64(clip))], text)
+        np.testing.assert_allclose(list(dist.values()),
+                                   list(rules_parse(written).values()), atol=1e-12)
+        assert sum(dist.values()) == pytest.approx(1.0)
+
+
+def rules_parse(text: str) -> dict[str, float]:
+    from stream_ser.alm.text_scoring import parse
+
+    return parse(LABELS, text)
+
+
+async def test_batcher_publishes_cue_baseline_and_template_members(
+    fake_server: Any, speech: np.ndarray
+) -> None:
+    import asyncio
+
+    from stream_ser import acoustics
+
+    backend = _backend(fake_server, cues="aligned", explain=True, max_wait_ms=10)
+    clip = speech[: 2 * 16000]
+    tokens = acoustics.cue_tokens(acoustics.analyse_functionals(clip))
+    async with asyncio.timeout(30), alm.AlmBatcher(backend) as batcher:
+        own = await batcher.submit(clip, acoustics.CueTokens(tokens.cues, "speaker"))
+        computed = await batcher.submit(clip)  # no cues given: population baseline
+    assert (own.cue_baseline, computed.cue_baseline) == ("speaker", "population")
+    assert len(own.templates) == len(backend.prompts.questions) == 3
+    mean = np.mean([[m[k] for k in LABELS] for m in own.templates], axis=0)
+    np.testing.assert_allclose([own.distribution[k] for k in LABELS], mean, atol=1e-12)
+    texts = [r["messages"][1]["content"][-1]["text"] for r in fake_server.requests
+             if r.get("logprobs")]
+    assert sum("this speaker's earlier speech" in t for t in texts) == 3
+    assert sum("typical adult speech" in t for t in texts) == 3
