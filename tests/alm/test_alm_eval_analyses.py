@@ -105,7 +105,7 @@ def test_probe_table_with_the_tiny_qwen2_audio(tmp_path: Path, tiny_qwen: Path) 
 def test_votes_for_the_specialist_alone_with_missing_and_unscored_columns(
     tmp_path: Path, tiny_model: Path
 ) -> None:
-    votes = tuple(label for label in LABELS if label != "sad") + ("boredom",)
+    votes = (*(label for label in LABELS if label != "sad"), "boredom")
     manifest = write_manifest(tmp_path / "m.csv", 12, votes)
     result = eval_json(manifest, "--model", str(tiny_model))
     figures = result["votes"]
@@ -124,7 +124,8 @@ def test_text_level_baseline_in_eval(tmp_path: Path, server: Any) -> None:
     result = eval_json(manifest, "--alm", f"openai:{server.url}", "--alm-scoring", "text")
     alm = result["sources"]["alm"]
     assert alm["n"] == 8 and alm["n_failed"] == 0
-    assert [t["template"] for t in alm["templates"]][0].startswith("How likely is each emotion")
+    (template,) = alm["templates"]
+    assert template["template"].startswith("How likely is each emotion")
 
 
 def test_probes_need_a_generative_alm(tmp_path: Path, tiny_clap: Path) -> None:
