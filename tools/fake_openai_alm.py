@@ -8,11 +8,14 @@ the text-level baseline). Every request is recorded. For tests and benchmarks:
 
     with FakeOpenAIServer(latency_s=0.02) as server:
         backend = stream_ser.alm.load(f"openai:{server.url}", labels)
+
+or from a shell: `python tools/fake_openai_alm.py --port 8765` (serves until interrupted).
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import io
 import json
@@ -63,12 +66,14 @@ def written_distribution(audio: list[np.ndarray], text: str) -> str:
 class FakeOpenAIServer:
     """ThreadingHTTPServer on 127.0.0.1, port 0, in a daemon thread; a context manager."""
 
-    def __init__(self, latency_s: float = 0.0, fail_status: int | None = None) -> None:
+    def __init__(
+        self, latency_s: float = 0.0, fail_status: int | None = None, port: int = 0
+    ) -> None:
         self.latency_s = latency_s
         self.fail_status = fail_status
         self.requests: list[dict[str, Any]] = []
         self._lock = threading.Lock()
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self._server = ThreadingHTTPServer(("127.0.0.1", port), self._handler())
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True,
                                         name="fake-openai")
@@ -150,3 +155,20 @@ class FakeOpenAIServer:
                 self.wfile.write(data)
 
         return Handler
+
+
+def main() -> None:
+    """Command line: serve until interrupted (for measurements with `stream-ser eval`)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--port", type=int, default=8765)
+    args = parser.parse_args()
+    with FakeOpenAIServer(port=args.port) as server:
+        print(f"fake OpenAI-compatible ALM on {server.url}", flush=True)
+        with contextlib.suppress(KeyboardInterrupt):
+            threading.Event().wait()
+
+
+if __name__ == "__main__":
+    main()

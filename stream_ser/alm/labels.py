@@ -98,7 +98,7 @@ def map_labels(
             "their whole probability counts for the label - token_mode 'sequence' scores the "
             "whole label",
             [token for token, _ in common],
-            ", ".join(word for _, word in common),
+            ", ".join(dict.fromkeys(word for _, word in common)),
         )
     first = tuple(_weighted(labels[i], ids, owners) for i, ids in enumerate(candidates))
     return LabelTokens(labels=tuple(labels), forms=forms, first=first)
