@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 KINDS = ("qwen2-audio", "clap", "openai")
 DEVICES = ("cpu", "cuda")
 DTYPES = ("fp32", "bf16", "fp16")
-TOKEN_MODES = ("first", "sequence", "mean")
+TOKEN_MODES = ("auto", "first", "sequence", "mean")
 SCORINGS = ("logits", "text")
 INSTALL_HINT = "pip install 'stream-ser[alm]'"
 
@@ -57,9 +57,10 @@ class AlmOptions:
     """Prompt amplification: the question (or CLAP class description) repeats this many times."""
     cues: str = "none"
     """Acoustic cue tokens in the prompt: aligned, none, shuffled, corrupted or conflicting."""
-    token_mode: str = "first"
+    token_mode: str = "auto"
     """first: each label's first-token probability; sequence: the probability of all its tokens
-    (the multi-token mode); mean: their mean log-probability (length-normalised, biased)."""
+    (the multi-token mode); mean: their mean log-probability (length-normalised, biased); auto:
+    sequence when any spelling of a label spans several tokens, else first (then the same)."""
     scoring: str = "logits"
     """logits: the distribution from token probabilities; text: the model writes a distribution
     that is parsed (the text-level baseline, generative backends only)."""

@@ -8,16 +8,18 @@ The rule (token_mode "first"):
 3. A candidate shared by k labels (e.g. "sad" starts both "sad" and "sadness") counts for each
    of them with weight 1/k: the first token cannot tell them apart, so its mass is split, not
    dropped (dropping would lose the most natural spelling). A warning names the shared tokens and
-   suggests token_mode "mean", which tells such labels apart by their later tokens.
+   suggests token_mode "sequence", which tells such labels apart by their later tokens.
 4. score(label) = log sum_t w_t * exp(logit_t) over its candidates (probability mass of any of its
    spellings), and the distribution is the softmax of the scores over labels - the vocabulary-wide
    normaliser cancels.
 
-token_mode "sequence" (the multi-token mode): every surface form is teacher-forced on the prompt's
-KV cache and scored by the SUM of its token log-probabilities - the log-probability that the model
-says exactly that spelling; score(label) = log sum over forms of exp(sum). Labels sharing a first
-token are told apart by their later tokens, and the score is the model's probability of saying the
-label, whatever its length.
+token_mode "sequence" (the multi-token mode, and what the default "auto" uses whenever a spelling
+of a label spans several tokens; with single-token spellings "first" is the same): every surface
+form is teacher-forced on the prompt's KV cache and scored by the SUM of its token
+log-probabilities - the log-probability that the model says exactly that spelling;
+score(label) = log sum over forms of exp(sum). Labels sharing a first token are told apart by
+their later tokens, and the score is the model's probability of saying the label, whatever its
+length.
 
 token_mode "mean" (length-normalised): the MEAN token log-probability per form instead. Kept as an
 option only: it inflates labels whose later tokens are near-certain continuations. A one-token
@@ -59,7 +61,7 @@ class LabelTokens:
 
     labels: tuple[str, ...]
     forms: tuple[tuple[tuple[int, ...], ...], ...]
-    """Per label: the token sequence of each surface form (for token_mode "mean")."""
+    """Per label: the token sequence of each surface form (token_mode "sequence" and "mean")."""
     first: tuple[tuple[tuple[int, float], ...], ...]
     """Per label: (candidate first-token id, weight) pairs (for token_mode "first")."""
 
@@ -111,6 +113,15 @@ def _weighted(
     if not ids:
         raise ModelError(f"alm: label {label!r} has no usable first token")
     return tuple((token, 1.0 / len(owners[token])) for token in ids)
+
+
+def resolve_token_mode(mode: str, mapping: LabelTokens) -> str:
+    """"auto": "sequence" when any surface form of a label spans several tokens (the multi-token
+    default), else "first" - which then scores exactly what "sequence" would, in one pass."""
+    if mode != "auto":
+        return mode
+    multi = any(len(form) > 1 for forms in mapping.forms for form in forms)
+    return "sequence" if multi else "first"
 
 
 def first_token_scores(mapping: LabelTokens, logits: np.ndarray) -> np.ndarray:

@@ -81,6 +81,7 @@ class Qwen2AudioBackend:
             encode=lambda text: tokenizer.encode(text, add_special_tokens=False),
             decode=lambda token: tokenizer.decode([token]),
         )
+        self.token_mode = label_rules.resolve_token_mode(options.token_mode, self.mapping)
 
     def predict(
         self, batch: Sequence[np.ndarray], cues: Sequence[CueTokens | None] | None = None
@@ -212,7 +213,7 @@ class Qwen2AudioBackend:
         inputs = self._inputs(texts, audios)
         mask = inputs["attention_mask"].long()
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        whole_label = self.options.token_mode != "first"
+        whole_label = self.token_mode != "first"
         with self._guard():
             output = self._model(**inputs, position_ids=positions, use_cache=whole_label)
             last = output.logits[:, -1].float()
@@ -226,7 +227,7 @@ class Qwen2AudioBackend:
         torch = self._torch
         combine = (
             label_rules.sequence_form_scores
-            if self.options.token_mode == "sequence"
+            if self.token_mode == "sequence"
             else label_rules.mean_form_scores
         )
         first_logprobs = torch.log_softmax(last, dim=-1)

@@ -113,3 +113,12 @@ def test_first_tokens_that_start_common_words_warn(caplog: pytest.LogCaptureFixt
     assert "token_mode 'sequence'" in caplog.text
     assert rules.common_word_collisions(["h", " happy", "The"], ["happy", "the"]) == [
         ("h", "he"), ("The", "there")]  # "the" is a label here, "there" is not
+
+
+def test_auto_token_mode_is_sequence_for_multi_token_spellings() -> None:
+    mapping = rules.map_labels(["neutral", "happy"], encode, DECODE.__getitem__)
+    assert rules.resolve_token_mode("auto", mapping) == "sequence"  # " Happy" = " " + "Happy"
+    single = rules.LabelTokens(("a", "b"), (((1,), (2,)), ((3,),)), (((1, 1.0), (2, 1.0)),
+                                                                   ((3, 1.0),)))
+    assert rules.resolve_token_mode("auto", single) == "first"
+    assert rules.resolve_token_mode("mean", mapping) == "mean"
