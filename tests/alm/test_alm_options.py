@@ -59,7 +59,8 @@ def test_templates_must_have_placeholders(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "raw",
     [{"max_batch": 0}, {"cues": "loud"}, {"token_mode": "last"}, {"device": "tpu"},
-     {"dtype": "fp16"}, {"max_wait_ms": -1}, {"top_logprobs": 21}, {"colour": "red"}],
+     {"dtype": "fp16"}, {"max_wait_ms": -1}, {"top_logprobs": 21}, {"colour": "red"},
+     {"scoring": "words"}, {"text_tokens": 0}],
 )
 def test_invalid_options(raw: dict[str, object]) -> None:
     with pytest.raises(ConfigError):
