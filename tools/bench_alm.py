@@ -107,6 +107,8 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             }
             if name != "openai":
                 options["cpu_threads"] = args.threads
+            if name == "qwen2-audio":
+                options["token_mode"] = args.token_mode
             backend = alm.load(spec, LABELS, **options)
             base = None
             for batch in args.batch_sizes:
@@ -153,6 +155,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument(
         "--prompt-set", default="single", help="'single' = one template (one forward per utterance)"
+    )
+    parser.add_argument(
+        "--token-mode", default="first", help="qwen2-audio token_mode (the docs' table: first)"
     )
     parser.add_argument("--qwen", help="a real Qwen2-Audio directory or hub id")
     parser.add_argument("--clap", help="a real CLAP directory or hub id")
