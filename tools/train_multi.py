@@ -316,13 +316,14 @@ class HeldOut:
 
 def held_out(
     config: dict[str, Any], data: ts.Data, x: np.ndarray, fitted: Fitted, target: np.ndarray,
-    corpus: str,
+    corpus: str, scored: list[str],
 ) -> HeldOut:  # fmt: skip
-    """Scores of `fitted` on the `target` clips, in the three replay modes."""
+    """Scores of `fitted` on the `target` clips whose label is in `scored`, in the three replay
+    modes."""
     y, speakers = data.labels()[target], data.speakers()[target]
     trained = [lb for lb, b in zip(fitted.head.classes_, fitted.head.intercept_, strict=True)
                if b > -30.0]  # fmt: skip
-    allowed = [lb for lb in config["labels"] if lb in set(y) and lb in trained]
+    allowed = [lb for lb in scored if lb in set(y) and lb in trained]
     keep = np.isin(y, allowed)
     x, y, speakers = x[target][keep], y[keep], speakers[keep]
     order = data.order[target][keep]
@@ -343,7 +344,8 @@ def loco(config: dict[str, Any], data: ts.Data, x: np.ndarray) -> list[HeldOut]:
     results = []
     for corpus in config["loco"]["corpora"]:
         fitted = train_recipe(config, x, data, allowed & (corpora != corpus))
-        results.append(held_out(config, data, x, fitted, corpora == corpus, corpus))
+        scored = config["loco"]["labels"]  # the same label set for every recipe
+        results.append(held_out(config, data, x, fitted, corpora == corpus, corpus, scored))
         log.info("LOCO %s done", corpus)
     return results
 
@@ -351,12 +353,12 @@ def loco(config: dict[str, Any], data: ts.Data, x: np.ndarray) -> list[HeldOut]:
 def within(config: dict[str, Any], data: ts.Data, x: np.ndarray) -> tuple[Fitted, list[HeldOut]]:
     """The recipe on every training corpus's non-test speakers, scored on each corpus's test
     speakers."""
-    corpora = data.corpora()
+    corpora, labels = data.corpora(), config["labels"]
     fitted = train_recipe(
         config, x, data, np.isin(corpora, config["training"]["corpora"]) & (data.split != "test")
     )
     results = [
-        held_out(config, data, x, fitted, (corpora == c) & (data.split == "test"), c)
+        held_out(config, data, x, fitted, (corpora == c) & (data.split == "test"), c, labels)
         for c in config["data"]["corpora"]
         if ((corpora == c) & (data.split == "test")).any()
     ]
@@ -389,6 +391,16 @@ def report(loco_results: list[HeldOut], within_results: list[HeldOut]) -> dict[s
     keys = sorted({k for row in table.values() for k in row if k not in ("n", "test_n")})
     mean = {k: float(np.mean([row[k] for row in table.values() if k in row])) for k in keys}
     return {"corpora": table, "mean": mean, "temperature": best_temperature(parts)}
+
+
+def save_logits(path: Path, loco_results: list[HeldOut], within_results: list[HeldOut]) -> None:
+    """Every logit and truth behind the table (re-scoring without retraining)."""
+    arrays = {}
+    for kind, results in (("loco", loco_results), ("test", within_results)):
+        for r in results:
+            for field in ("truth", "mixed", "blocked", "none"):
+                arrays[f"{kind}_{r.corpus}_{field}"] = getattr(r, field)
+    np.savez_compressed(path, **arrays)
 
 
 def print_report(result: dict[str, Any]) -> None:
@@ -480,7 +492,9 @@ def main(argv: list[str] | None = None) -> int:
     write_manifests(config, data, runs / "manifests")
     x = ts.embedding(data, ts.feature_parts(config["features"]))
     fitted, within_results = within(config, data, x)
-    result = report(loco(config, data, x), within_results) | {"config": config}
+    loco_results = loco(config, data, x)
+    result = report(loco_results, within_results) | {"config": config}
+    save_logits(runs / f"loco-{args.name}.npz", loco_results, within_results)
     (runs / f"loco-{args.name}.json").write_text(json.dumps(result, indent=1) + "\n")
     print_report(result)
     if not args.loco:
