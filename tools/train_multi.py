@@ -433,9 +433,9 @@ def export(config: dict[str, Any], data: ts.Data, fitted: Fitted, temperature: f
         "test_speakers_excluded": True, "loco_temperature": temperature,
     }}  # fmt: skip
     ts.export(config, output, model, None, fitted.card, extra)
-    ts._check_export(output, model, data, config)
     exp = config["export"]
     ts.adopt_window_model(ts.resolve(exp["window_source"]), exp["window_labels"], config, output)
+    ts._check_export(output, model, data, config)
     if exp.get("quantize_int8"):
         ts.quantize(output / "model.onnx")
     return output
