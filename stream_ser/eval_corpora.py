@@ -17,6 +17,7 @@ earlier clips:
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,14 @@ from typing import Any
 import numpy as np
 
 from stream_ser.errors import ConfigError
-from stream_ser.evaluate import ORDER_CHOICES, Clip, Report, evaluate, read_manifest
+from stream_ser.evaluate import (
+    ORDER_CHOICES,
+    Clip,
+    Report,
+    evaluate,
+    format_table,
+    read_manifest,
+)
 from stream_ser.specialist import Specialist
 
 MANIFEST_STEM = "manifest"  # <corpus>/manifest.csv is named after its folder
@@ -152,3 +160,13 @@ def corpus_table(reports: dict[str, Report]) -> str:
         f"{mean['macro_f1']:>5.3f}  {mean['ece']:>5.3f}"
     )
     return "\n".join(lines)
+
+
+def render(
+    reports: dict[str, Report], model_labels: Sequence[str], order: str, as_json: bool
+) -> str:
+    """What `eval` prints: the JSON object, or the pooled table plus the per-corpus table."""
+    if as_json:
+        return json.dumps(report_dict(reports, model_labels, order))
+    text = format_table(pooled(reports, model_labels))
+    return text + "\n\n" + corpus_table(reports) if len(reports) > 1 else text

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import logging
 import sys
 from collections.abc import Iterable, Iterator, Sequence
@@ -498,10 +497,5 @@ def eval_command(args: argparse.Namespace) -> int:
     report = eval_corpora.pooled(reports, specialist.labels)
     if args.plots:
         write_plots(report, Path(args.plots))
-    if args.json:
-        print(json.dumps(eval_corpora.report_dict(reports, specialist.labels, args.order)))
-    else:
-        print(format_table(report))
-        if len(reports) > 1:
-            print("\n" + eval_corpora.corpus_table(reports))
+    print(eval_corpora.render(reports, specialist.labels, args.order, args.json))
     return 0
