@@ -15,6 +15,11 @@ baseline it is given before classifying. `StreamBaseline` keeps that baseline fo
       mean = (n * stream_mean + w * population_mean) / (n + w)
       var  = (n * stream_var  + w * population_var)  / (n + w)
 
+- with per-dimension `adapt_weights` w in the card (0..1), a dimension uses
+  `w * adapted + (1 - w) * population` for both mean and variance: dimensions that carry the
+  emotion more than the speaker (w = 0) keep the population's statistics, so a speaker who stays
+  in one mood is not normalised toward neutral there.
+
 A new stream (another speaker) needs a new `StreamBaseline`.
 """
 
@@ -56,8 +61,13 @@ class StreamBaseline:
         weight = self._card.prior_weight
         population = self._card.population
         variance = self._m2 / n
+        population_var = population.std.astype(np.float64) ** 2
         mean = (n * self._mean + weight * population.mean) / (n + weight)
-        var = (n * variance + weight * population.std.astype(np.float64) ** 2) / (n + weight)
+        var = (n * variance + weight * population_var) / (n + weight)
+        share = self._card.weights
+        if share is not None:
+            mean = share * mean + (1 - share) * population.mean
+            var = share * var + (1 - share) * population_var
         std = np.maximum(np.sqrt(var), MIN_STD)
         return Baseline(mean.astype(np.float32), std.astype(np.float32))
 

@@ -7,14 +7,14 @@ with the clips of that speaker that came before it (see `stream_ser.adaptation`)
 
 Each clip is recognised as one utterance. Clips that cannot be read are reported and counted,
 and left out of the metrics. When the manifest's labels are a subset of the model's, the model's
-probabilities are restricted to that subset (and renormalised) before scoring.
+probabilities are restricted to that subset (and renormalised) before scoring. Several manifests
+(corpora) and replay orders: `stream_ser.eval_corpora`.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import json
 import logging
 import sys
 from collections.abc import Iterable, Iterator, Sequence
@@ -35,6 +35,7 @@ from stream_ser.specialist import Specialist, bundled_model_dir
 log = logging.getLogger(__name__)
 
 ADAPT_CHOICES = ("auto", "stream", "none")
+ORDER_CHOICES = ("manifest", "shuffled", "blocked")  # see stream_ser.eval_corpora
 ECE_BINS = 15
 PROGRESS_MIN_CLIPS = 20
 TOOLS_HINT = "pip install 'stream-ser[tools]'"
@@ -48,6 +49,7 @@ class Clip:
     label: str
     speaker: str | None  # None: the manifest has no speaker column
     votes: dict[str, float] | None = None  # annotators' votes per label (votes_<label> columns)
+    corpus: str | None = None  # the `corpus` column, or the manifest's name (several manifests)
 
 
 @dataclass(frozen=True)
@@ -177,8 +179,9 @@ def expected_calibration_error(
 # --------------------------------------------------------------------------- data
 
 
-def read_manifest(path: Path, root: Path | None = None) -> list[Clip]:
-    """The rows of a manifest CSV; paths resolved against `root` or the manifest's folder."""
+def read_manifest(path: Path, root: Path | None = None, corpus: str | None = None) -> list[Clip]:
+    """The rows of a manifest CSV; paths resolved against `root` or the manifest's folder; a
+    `corpus` column overrides `corpus` (see `stream_ser.eval_corpora`)."""
     base = root if root is not None else path.parent
     try:
         with path.open(newline="", encoding="utf-8") as handle:
@@ -187,6 +190,7 @@ def read_manifest(path: Path, root: Path | None = None) -> list[Clip]:
             if not {"path", "label"} <= columns:
                 raise ConfigError(f"{path}: a manifest needs the columns path,label")
             has_speaker = "speaker" in columns
+            has_corpus = "corpus" in columns
             vote_columns = sorted(c for c in columns if c.startswith(VOTE_PREFIX))
             clips = [
                 Clip(
@@ -194,6 +198,7 @@ def read_manifest(path: Path, root: Path | None = None) -> list[Clip]:
                     row["label"].strip(),
                     row["speaker"] if has_speaker else None,
                     _votes(row, vote_columns, path) if vote_columns else None,
+                    row["corpus"].strip() if has_corpus else corpus,
                 )
                 for row in reader
             ]
@@ -270,13 +275,13 @@ def recognize(
     specialist: Specialist, clips: Sequence[Clip], adaptation: str
 ) -> Iterator[tuple[Clip, np.ndarray | Failure]]:
     """Each clip with its probabilities (model label order) or why it failed, in order."""
-    streams: dict[str | None, StreamBaseline] = {}
+    streams: dict[tuple[str | None, str | None], StreamBaseline] = {}
     card = specialist.card.adaptation
     for clip in clips:
         try:
             audio = load_audio(clip.path)
             if adaptation == "stream" and card is not None:
-                stream = streams.setdefault(clip.speaker, StreamBaseline(card))
+                stream = streams.setdefault((clip.corpus, clip.speaker), StreamBaseline(card))
                 probabilities, embeddings = specialist.analyze([audio], stream.current())
                 if embeddings is not None:
                     stream.update(embeddings[0])
@@ -435,7 +440,12 @@ def _plot_reliability(plt: Any, report: Report, path: Path) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of `stream-ser eval`."""
-    parser.add_argument("manifest", metavar="MANIFEST.csv", help="CSV with path,label[,speaker]")
+    parser.add_argument(
+        "manifest",
+        metavar="MANIFEST.csv",
+        nargs="+",
+        help="CSV with path,label[,speaker][,corpus]; several: one corpus each, scored per corpus",
+    )
     parser.add_argument("--root", metavar="DIR", help="clip paths are relative to DIR")
     parser.add_argument("--model", metavar="DIR", help="model directory (default: bundled)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
@@ -447,6 +457,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="speaker adaptation: stream (each speaker one causal stream), none, or auto "
         "(stream when the manifest has a speaker column and the model is adaptive)",
     )
+    parser.add_argument(
+        "--order",
+        choices=ORDER_CHOICES,
+        default="manifest",
+        help="replay order: the manifest's, shuffled, or blocked (each speaker's clips emotion "
+        "by emotion); shuffled and blocked are seeded by --seed",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of --order shuffled|blocked")
     parser.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument(
@@ -485,14 +503,18 @@ def eval_command(args: argparse.Namespace) -> int:
     root = Path(args.root) if args.root else None
     if root is not None and not root.is_dir():
         raise ConfigError(f"--root: no such directory: {root}")
-    clips = read_manifest(Path(args.manifest), root)
-    from stream_ser import fusion_eval
+    from stream_ser import eval_corpora, fusion_eval
 
+    manifests = [Path(manifest) for manifest in args.manifest]
+    clips = eval_corpora.replay_order(
+        eval_corpora.read_manifests(manifests, root), args.order, args.seed
+    )
     if fusion_eval.uses_sources(args) or args.probes:
         return _eval_sources(args, clips)
     specialist = Specialist(model_dir, intra_op_threads=args.threads)
-    report = evaluate(specialist, clips, args.adapt, progress=not args.no_progress)
+    reports = eval_corpora.evaluate_corpora(specialist, clips, args.adapt, not args.no_progress)
+    report = eval_corpora.pooled(reports, specialist.labels)
     if args.plots:
         write_plots(report, Path(args.plots))
-    print(json.dumps(report.to_dict()) if args.json else format_table(report))
+    print(eval_corpora.render(reports, specialist.labels, args.order, args.json))
     return 0

@@ -80,6 +80,9 @@ class AdaptationCard:
     warmup_utterances: int
     prior_weight: float
     population: Baseline = field(repr=False, compare=False)
+    # per dimension 0..1: how much of the stream's statistics to use (the rest: population's);
+    # None: every dimension adapts fully
+    weights: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str) -> AdaptationCard:
@@ -94,6 +97,11 @@ class AdaptationCard:
                 warmup_utterances=int(raw.get("warmup_utterances", 3)),
                 prior_weight=float(raw.get("prior_weight", 10.0)),
                 population=Baseline(mean, std),
+                weights=(
+                    np.asarray(raw["adapt_weights"], dtype=np.float64)
+                    if "adapt_weights" in raw
+                    else None
+                ),
             )
         except (KeyError, TypeError, ValueError) as err:
             raise ModelError(f"{source}: invalid [adaptation] ({err!r})") from err
@@ -101,6 +109,9 @@ class AdaptationCard:
             raise ModelError(
                 f"{source}: adaptation population_mean/std must be equal-length lists, std > 0"
             )
+        weights = card.weights
+        if weights is not None and (weights.shape != mean.shape or not _unit(weights)):
+            raise ModelError(f"{source}: adapt_weights must be {len(mean)} numbers in 0..1")
         if card.warmup_utterances < 0 or card.prior_weight < 0:
             raise ModelError(f"{source}: adaptation warmup_utterances and prior_weight >= 0")
         return card
@@ -109,6 +120,10 @@ class AdaptationCard:
     def dims(self) -> int:
         """Length of the embedding."""
         return int(self.population.mean.shape[0])
+
+
+def _unit(values: np.ndarray) -> bool:
+    return bool(np.isfinite(values).all() and (values >= 0).all() and (values <= 1).all())
 
 
 @dataclass(frozen=True)

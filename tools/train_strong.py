@@ -492,11 +492,11 @@ def export(
     config: dict[str, Any],
     output: Path,
     model: StrongModel,
-    window: WindowModel,
+    window: WindowModel | None,
     card: AdaptationCard,
     extra_card: dict[str, Any],
 ) -> None:
-    """model.onnx, window.onnx and card.json in `output`."""
+    """model.onnx, window.onnx (unless `window` is None: adopt one) and card.json in `output`."""
     output.mkdir(parents=True, exist_ok=True)
     dims = card.dims
     opset = config["export"]["opset"]
@@ -508,7 +508,7 @@ def export(
 
 
 def _export_both(
-    output: Path, model: nn.Module, window: nn.Module, example: Any, opset: int
+    output: Path, model: nn.Module, window: nn.Module | None, example: Any, opset: int
 ) -> None:
     torch.onnx.export(
         model.eval(),
@@ -524,6 +524,8 @@ def _export_both(
         opset_version=opset,
         dynamo=False,
     )
+    if window is None:
+        return
     torch.onnx.export(
         window.eval(),
         (torch.zeros(2, 32000),),
@@ -557,7 +559,8 @@ def _card_document(config: dict[str, Any], card: AdaptationCard) -> dict[str, An
             "prior_weight": card.prior_weight,
             "population_mean": [round(float(v), 6) for v in card.population.mean],
             "population_std": [round(float(v), 6) for v in card.population.std],
-        },
+        }
+        | ({} if card.weights is None else {"adapt_weights": card.weights.tolist()}),
     }
 
 

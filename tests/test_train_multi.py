@@ -1,0 +1,146 @@
+"""tools/train_multi.py: shared label space with a masked loss, corpus-balanced weights, the
+speaker-independent split of every corpus, adaptation weights and the blocked replay."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import REPO
+
+pytest.importorskip("torch")
+sys.path.insert(0, str(REPO / "tools"))
+
+import torch
+import train_multi as tm
+import train_strong as ts
+from strong_features import Row
+
+LABELS = ["neutral", "calm", "happy", "sad", "angry", "boredom"]
+
+
+def test_corpus_labels_and_the_masked_loss_support() -> None:
+    rows = [Row("a", "x", lb, "a:1") for lb in ("neutral", "calm", "happy")]
+    rows += [Row("b", "x", lb, "b:1") for lb in ("sad", "neutral", "neutral")]
+    data = ts.Data(rows, {}, np.array(["train"] * 6), np.arange(6))
+    covers = tm.corpus_labels(data, LABELS)
+    assert covers == {"a": ["neutral", "calm", "happy"], "b": ["neutral", "sad"]}
+    mask = tm.label_mask(data.corpora(), covers, LABELS)
+    assert mask[0].tolist() == [True, True, True, False, False, False]
+    assert mask[4].tolist() == [True, False, False, True, False, False]
+
+
+def test_masked_loss_ignores_labels_outside_the_clips_corpus() -> None:
+    logits = torch.tensor([[2.0, 0.5, -1.0, 7.0]])
+    target = torch.tensor([1])
+    blocked = torch.tensor([[False, False, True, True]])
+    loss = tm.masked_loss(logits, target, blocked, torch.ones(1))
+    expected = -torch.log_softmax(logits[:, :2], dim=1)[0, 1]
+    assert float(loss) == pytest.approx(float(expected), rel=1e-6)
+    changed = logits.clone()
+    changed[0, 3] = -50.0  # a label the corpus does not have: no effect
+    assert float(tm.masked_loss(changed, target, blocked, torch.ones(1))) == pytest.approx(
+        float(loss), rel=1e-6
+    )
+    unmasked = tm.masked_loss(logits, target, torch.zeros_like(blocked), torch.ones(1))
+    assert float(unmasked) > float(loss) + 1.0  # the full softmax is pulled by label 3
+
+
+def test_corpus_balanced_weights_give_each_corpus_and_each_label_inside_it_the_same_total() -> None:
+    y = np.array(["sad"] * 90 + ["happy"] * 10 + ["sad"] * 3 + ["angry"] * 7)
+    corpora = np.array(["big"] * 100 + ["small"] * 10)
+    weights = tm.sample_weights(y, corpora, "balanced")
+    assert weights.mean() == pytest.approx(1.0)
+    totals = {
+        (c, lb): weights[(corpora == c) & (y == lb)].sum()
+        for c, lb in set(zip(corpora, y, strict=True))
+    }
+    assert len(set(np.round(list(totals.values()), 9))) == 1  # 4 groups, equal totals
+    pooled = tm.sample_weights(y, corpora, "pooled")
+    label_totals = [pooled[y == lb].sum() for lb in ("sad", "happy", "angry")]
+    assert np.allclose(label_totals, label_totals[0])  # pooled: labels equal, corpora not
+    assert pooled[corpora == "big"].sum() > 1.5 * pooled[corpora == "small"].sum()
+    with pytest.raises(SystemExit):
+        tm.sample_weights(y, corpora, "uniform")
+
+
+def test_masked_head_learns_each_corpus_and_never_predicts_an_unseen_label() -> None:
+    rng = np.random.default_rng(0)
+    centres = {"neutral": [3, 0], "calm": [0, 3], "happy": [-3, 0], "sad": [0, -3]}
+    corpus_of = {"neutral": "a", "calm": "a", "happy": "b", "sad": "b"}
+    y = np.repeat(list(centres), 40)
+    x = np.array([centres[lb] for lb in y]) + rng.normal(0, 0.5, (len(y), 2))
+    corpora = np.array([corpus_of[lb] for lb in y])
+    rows = [Row(c, "x", lb, f"{c}:1") for c, lb in zip(corpora, y, strict=True)]
+    data = ts.Data(rows, {}, np.array(["train"] * len(y)), np.arange(len(y)))
+    mask = tm.label_mask(corpora, tm.corpus_labels(data, LABELS), LABELS)
+    head = tm.fit_masked(x, y, mask, tm.sample_weights(y, corpora, "balanced"), LABELS, c=1.0)
+    # scored as eval does: restricted to the clip's corpus's labels (the masked loss never
+    # compares labels of different corpora)
+    predicted = np.array(LABELS)[np.where(mask, head.logits(x), -np.inf).argmax(1)]
+    assert (predicted == y).mean() > 0.95
+    assert head.intercept_[LABELS.index("boredom")] == -30.0  # no corpus has it
+    assert head.intercept_[LABELS.index("angry")] == -30.0
+
+
+def test_every_corpus_has_its_own_test_speakers(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    for corpus, speakers in (("one", ["s1", "s2", "s3"]), ("two", ["s1", "s2"])):
+        (root / corpus).mkdir(parents=True)
+        lines = ["path,label,speaker"] + [f"{s}.wav,sad,{s}" for s in speakers]
+        (root / corpus / "manifest.csv").write_text("\n".join(lines) + "\n")
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    for corpus, n in (("one", 3), ("two", 2)):
+        np.save(cache / f"{corpus}-whisper_speech.npy", np.zeros((n, 4 * 768), np.float32))
+        np.save(cache / f"{corpus}-logmel_speech.npy", np.zeros((n, 240), np.float32))
+    config = {
+        "seed": 1, "threads": 1, "cache_dir": str(cache),
+        "data": {"root": str(root), "corpora": ["one", "two"],
+                 "test_speakers": {"one": ["s2"], "two": ["s1"]}},
+        "features": ts.TINY_FEATURES,
+    }  # fmt: skip
+    data = tm.load(config)
+    assert [r.speaker for r in data.rows] == ["one:s1", "one:s2", "one:s3", "two:s1", "two:s2"]
+    assert data.split.tolist() == [
+        "train",
+        "test",
+        "train",
+        "test",
+        "train",
+    ]  # s1 differs per corpus
+    assert ts.embedding(data, ts.feature_parts(ts.TINY_FEATURES)).shape == (5, 3312)
+
+
+def test_adapt_weights_pick_the_speaker_heavy_dimensions() -> None:
+    rng = np.random.default_rng(0)
+    speakers = np.repeat(["a", "b", "c", "d"], 20)
+    y = np.tile(np.repeat(["sad", "happy"], 10), 4)
+    speaker_offset = {"a": -2.0, "b": -1.0, "c": 1.0, "d": 2.0}
+    x = rng.normal(0, 0.1, (80, 3))
+    x[:, 0] += [speaker_offset[s] for s in speakers]  # who speaks
+    x[:, 1] += np.where(y == "sad", -2.0, 2.0)  # how they feel
+    x[:, 2] += [speaker_offset[s] for s in speakers] + np.where(y == "sad", -1.0, 1.0)
+    ratio = tm.speaker_heaviness(x, speakers, y)
+    assert ratio[0] > ratio[2] > ratio[1]
+    assert tm.adapt_weights(x, speakers, y, 2 / 3).tolist() == [1.0, 0.0, 1.0]
+    assert tm.adapt_weights(x, speakers, y, 1.0) is None
+
+
+def test_blocked_order_replays_each_speaker_emotion_by_emotion() -> None:
+    speakers = np.repeat(["a", "b"], 6)
+    y = np.tile(["sad", "happy", "angry"], 4)
+    position = tm.blocked_order(y, speakers, seed=0)
+    for speaker in ("a", "b"):
+        inside = np.flatnonzero(speakers == speaker)
+        replayed = y[inside[np.argsort(position[inside])]]
+        assert sum(1 for i in range(1, 6) if replayed[i] != replayed[i - 1]) == 2
+    np.testing.assert_array_equal(position, tm.blocked_order(y, speakers, seed=0))
+
+
+def test_config_overrides_are_toml_values() -> None:
+    config = {"head": {"c": 0.05}, "training": {"corpora": ["a"]}}
+    tm.override(config, ["head.c=0.02", 'training.corpora=["a", "b"]'])
+    assert config == {"head": {"c": 0.02}, "training": {"corpora": ["a", "b"]}}
