@@ -438,9 +438,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    from stream_ser import fusion_eval
+    from stream_ser import asr_eval, fusion_eval
 
     fusion_eval.add_source_arguments(parser)
+    asr_eval.add_arguments(parser)
 
 
 def _eval_sources(args: argparse.Namespace, clips: list[Clip]) -> int:
@@ -467,13 +468,17 @@ def eval_command(args: argparse.Namespace) -> int:
     if root is not None and not root.is_dir():
         raise ConfigError(f"--root: no such directory: {root}")
     clips = read_manifest(Path(args.manifest), root)
-    from stream_ser import fusion_eval
+    from stream_ser import asr_eval, fusion_eval
 
     if fusion_eval.uses_sources(args):
         return _eval_sources(args, clips)
+    asr = asr_eval.from_args(args)  # None without --transcribe
     specialist = Specialist(model_dir, intra_op_threads=args.threads)
     report = evaluate(specialist, clips, args.adapt, progress=not args.no_progress)
     if args.plots:
         write_plots(report, Path(args.plots))
-    print(json.dumps(report.to_dict()) if args.json else format_table(report))
+    if args.json:
+        print(json.dumps(report.to_dict() | ({"asr": asr.to_dict()} if asr else {})))
+    else:
+        print(format_table(report) + (asr.format() if asr else ""))
     return 0
