@@ -50,7 +50,7 @@ WINDOW_FRAMES = 80
 STRIDE_FRAMES = 40
 
 DEFAULT_THRESHOLD = 0.175  # cosine distance; tuned on training speakers (tools/bench_speakers.py)
-DEFAULT_MAX_SPEAKERS = 4
+DEFAULT_MAX_SPEAKERS = 2  # a call; raise it for meetings (see docs/asr-speakers.md)
 LABEL_PREFIX = "spk-"
 
 

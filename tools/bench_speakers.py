@@ -1,8 +1,9 @@
 """Benchmark: speaker labels and per-speaker baselines in two-speaker "conversations".
 
     .venv/bin/python tools/speaker_cache.py              # embeddings once (runs/speakers/cache)
-    .venv/bin/python tools/bench_speakers.py tune        # threshold, training speakers only
-    .venv/bin/python tools/bench_speakers.py test [--threshold T] [--seeds 3] [--json FILE]
+    .venv/bin/python tools/bench_speakers.py tune [--max-speakers N]   # training speakers only
+    .venv/bin/python tools/bench_speakers.py test [--threshold T] [--max-speakers N] [--seeds 3]
+    .venv/bin/python tools/bench_speakers.py check | speed   # head == specialist; embedder RTF
 
 A conversation interleaves the clips of two speakers of one corpus (each speaker's clips in a
 seeded random order; turns of 1-3 utterances, seeded; until both run out). Every pair of the
@@ -75,9 +76,12 @@ def by_speaker(cached: Cached) -> dict[str, list[int]]:
     return clips
 
 
+MAX_SPEAKERS = [DEFAULT_MAX_SPEAKERS]  # set by --max-speakers
+
+
 def cluster(cached: Cached, turns: list[Turn], threshold: float) -> list[str]:
     """The label OnlineSpeakers gives each utterance."""
-    online = OnlineSpeakers(threshold, DEFAULT_MAX_SPEAKERS)
+    online = OnlineSpeakers(threshold, MAX_SPEAKERS[0])
     return [online.assign(cached.speaker_embeddings[index]).label for index, _ in turns]
 
 
@@ -221,7 +225,7 @@ def test(threshold: float, seeds: int, sets: Sequence[str]) -> list[dict[str, An
     head = Head()
     results = [evaluate_set(name, head, threshold, seeds) for name in sets
                if (REPO / "runs" / "speakers" / "cache" / f"{name}.npz").is_file()]
-    print(f"threshold {threshold}, max {DEFAULT_MAX_SPEAKERS} speakers, {seeds} seed(s)")
+    print(f"threshold {threshold}, max {MAX_SPEAKERS[0]} speakers, {seeds} seed(s)")
     print("| set | speakers | conversations | speaker acc. | speakers found | one voice split "
           "| UAR single | UAR per-stream | UAR per-speaker | UAR single+clustering |")
     print("| --- " * 10 + "|")
@@ -253,18 +257,45 @@ def check(count: int = 3) -> None:
     print(f"head matches the specialist on {count} clips")
 
 
+def speed(count: int = 20) -> dict[str, float]:
+    """Real-time factor of the speaker embedder (one thread) on RAVDESS test clips."""
+    import os
+    import time
+
+    from speaker_cache import DATASETS
+
+    from stream_ser.evaluate import load_audio
+    from stream_ser.speakers import SpeakerEmbedder
+
+    embedder, cached = SpeakerEmbedder(), load("test-ravdess")
+    clips = [load_audio(DATASETS / "ravdess" / p) for p in cached.paths[:count]]
+    embedder.embed(clips[0])  # warm-up
+    started = time.perf_counter()
+    for clip in clips:
+        embedder.embed(clip)
+    elapsed = time.perf_counter() - started
+    audio_s = sum(len(clip) for clip in clips) / 16000
+    result = {"clips": count, "audio_s": audio_s, "ms_per_clip": 1000 * elapsed / count,
+              "rtf": elapsed / audio_s, "load_1min": os.getloadavg()[0]}
+    print(json.dumps(result))
+    return result
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Command line."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("command", choices=("tune", "test", "check"))
+    parser.add_argument("command", choices=("tune", "test", "check", "speed"))
     parser.add_argument("--threshold", type=float, default=None)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--sets", nargs="*", default=list(TEST_SETS))
+    parser.add_argument("--max-speakers", type=int, default=DEFAULT_MAX_SPEAKERS)
     parser.add_argument("--json", metavar="FILE")
     args = parser.parse_args(argv)
+    MAX_SPEAKERS[0] = args.max_speakers
     commands: dict[str, Callable[[], Any]] = {
         "tune": lambda: tune(args.seeds),
         "check": check,
+        "speed": speed,
         "test": lambda: test(
             args.threshold if args.threshold is not None else _default_threshold(),
             args.seeds, args.sets,
