@@ -60,12 +60,17 @@ class Transcript:
             "avg_logprob": round(self.avg_logprob, 4),
         }
         if self.words is not None:
-            fields["words"] = [
-                {"text": w.text, "start_ms": w.start_ms, "end_ms": w.end_ms,
-                 "probability": round(w.probability, 4)}
-                for w in self.words
-            ]
+            fields["words"] = [_word_dict(word) for word in self.words]
         return fields
+
+
+def _word_dict(word: Word) -> dict[str, Any]:
+    return {
+        "text": word.text,
+        "start_ms": word.start_ms,
+        "end_ms": word.end_ms,
+        "probability": round(word.probability, 4),
+    }
 
 
 def default_model_dir() -> Path:
@@ -115,11 +120,6 @@ class Transcriber:
             raise ModelError(f"{self.model_dir}: cannot load the Whisper model: {err}") from err
         self._beam_size = beam_size
         self._language = language
-
-    @property
-    def multilingual(self) -> bool:
-        """Whether the model knows more languages than English."""
-        return bool(self._model.model.is_multilingual)
 
     def transcribe(self, audio: np.ndarray, words: bool = False) -> Transcript:
         """The transcript of one utterance (16 kHz mono float32); `words`: word timestamps."""

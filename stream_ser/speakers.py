@@ -8,6 +8,9 @@ from the package's `_extract_dvec` (which uses librosa), so no librosa is import
     power mel spectrogram: 16 kHz, n_fft 512, Hamming window of 400 samples (periodic,
     centred in the FFT frame), hop 160, no centre padding, 40 Slaney mel bands (0-8 kHz,
     Slaney area normalisation); features = log10(power + 1e-10)
+    frames more than `speech_db` (35) dB below the utterance's loudest frame are dropped first
+    (pauses and the VAD's padding carry no voice; this step is ours, not the package's, and raised
+    speaker-assignment accuracy on training speakers from 0.824 to 0.840)
     windows of 80 frames (0.8 s) every 40 frames; an utterance shorter than one window is
     zero-padded (in the log domain) to one window
     embedding = L2-normalise(mean over windows of L2-normalise(encoder(window)))
@@ -49,7 +52,8 @@ LOG_FLOOR = 1e-10
 WINDOW_FRAMES = 80
 STRIDE_FRAMES = 40
 
-DEFAULT_THRESHOLD = 0.175  # cosine distance; tuned on training speakers (tools/bench_speakers.py)
+SPEECH_DB = 35.0  # frames this far below the loudest are left out of the embedding
+DEFAULT_THRESHOLD = 0.375  # cosine distance; tuned on training speakers (tools/bench_speakers.py)
 DEFAULT_MAX_SPEAKERS = 2  # a call; raise it for meetings (see docs/asr-speakers.md)
 LABEL_PREFIX = "spk-"
 
@@ -111,6 +115,15 @@ def log_mel(audio: np.ndarray) -> np.ndarray:
     return features.astype(np.float32)
 
 
+def speech_frames(features: np.ndarray, speech_db: float) -> np.ndarray:
+    """The log-mel frames within `speech_db` dB of the loudest frame's power."""
+    if features.shape[0] == 0:
+        return features
+    power_db = 10.0 * np.log10(np.sum(10.0 ** features.astype(np.float64), axis=1))
+    kept: np.ndarray = features[power_db >= power_db.max() - speech_db]
+    return kept
+
+
 def mel_windows(features: np.ndarray) -> np.ndarray:
     """(windows, WINDOW_FRAMES, N_MELS): sliding windows over the log-mel frames."""
     if features.shape[0] < WINDOW_FRAMES:
@@ -147,8 +160,10 @@ class SpeakerEmbedder:
         model_path: Path | None = None,
         providers: Sequence[str] = ("CPUExecutionProvider",),
         intra_op_threads: int = 1,
+        speech_db: float | None = SPEECH_DB,
     ) -> None:
         self.model_path = model_path if model_path is not None else default_model_path()
+        self.speech_db = speech_db  # None: every frame, exactly the package's recipe
         self._session = _open_session(self.model_path, providers, intra_op_threads)
         inputs = {node.name: node.shape for node in self._session.get_inputs()}
         if list(inputs.get(INPUT_NAME, ()))[1:] != [WINDOW_FRAMES, N_MELS]:
@@ -159,7 +174,10 @@ class SpeakerEmbedder:
 
     def embed(self, audio: np.ndarray) -> np.ndarray:
         """(EMBEDDING_DIMS,) float32 unit vector for one utterance (16 kHz mono float32)."""
-        windows = mel_windows(log_mel(audio))
+        features = log_mel(audio)
+        if self.speech_db is not None:
+            features = speech_frames(features, self.speech_db)
+        windows = mel_windows(features)
         try:
             (output,) = self._session.run(None, {INPUT_NAME: windows})
         except Exception as err:  # onnxruntime raises its own untyped errors

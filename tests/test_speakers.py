@@ -19,6 +19,7 @@ from stream_ser.speakers import (
     default_model_path,
     log_mel,
     mel_windows,
+    speech_frames,
 )
 from stream_ser.specialist import AdaptationCard, Baseline
 from tests.conftest import DATASETS
@@ -66,6 +67,20 @@ def test_embeddings_are_unit_vectors_closer_within_a_speaker(embedder: SpeakerEm
     assert np.linalg.norm(a[0]) == pytest.approx(1.0, abs=1e-5)
     assert float(a[0] @ a[1]) > float(a[0] @ b)
     assert embedder.embed(first[0][:4000]).shape == (EMBEDDING_DIMS,)  # a quarter second
+
+
+def test_speech_frames_drop_what_is_far_below_the_loudest_frame() -> None:
+    features = np.array([[0.0] * 40, [-2.0] * 40, [-4.0] * 40], dtype=np.float32)  # 0, -20, -40 dB
+    np.testing.assert_array_equal(speech_frames(features, 35.0), features[:2])
+    assert speech_frames(np.zeros((0, 40), np.float32), 35.0).shape == (0, 40)
+
+
+def test_leading_silence_does_not_change_the_embedding(embedder: SpeakerEmbedder) -> None:
+    clip = _clips(1)[0]
+    padded = np.concatenate([np.zeros(16000, np.float32), clip, np.zeros(8000, np.float32)])
+    assert float(embedder.embed(clip) @ embedder.embed(padded)) > 0.999
+    every_frame = SpeakerEmbedder(speech_db=None)  # the package's recipe: silence counts
+    assert float(every_frame.embed(clip) @ every_frame.embed(padded)) < 0.99
 
 
 @pytest.mark.parametrize("actors", [(1, 2), (3, 4)])
