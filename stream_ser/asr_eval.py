@@ -87,6 +87,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def refuse_with_sources(args: argparse.Namespace) -> None:
+    """`--transcribe` is not implemented for the multi-source eval; say so instead of skipping."""
+    if getattr(args, "transcribe", False):
+        raise ConfigError("--transcribe cannot be combined with --alm, --model-extra or --fusion")
+
+
 def from_args(args: argparse.Namespace) -> AsrReport | None:
     """Run `--transcribe` for the eval command; None without it."""
     if not getattr(args, "transcribe", False):

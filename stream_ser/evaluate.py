@@ -471,6 +471,7 @@ def eval_command(args: argparse.Namespace) -> int:
     from stream_ser import asr_eval, fusion_eval
 
     if fusion_eval.uses_sources(args):
+        asr_eval.refuse_with_sources(args)
         return _eval_sources(args, clips)
     asr = asr_eval.from_args(args)  # None without --transcribe
     specialist = Specialist(model_dir, intra_op_threads=args.threads)

@@ -116,3 +116,10 @@ def test_eval_transcribe_needs_a_text_column(tmp_path: Path) -> None:
     done = run_cli("eval", str(manifest), "--transcribe")
     assert done.returncode != 0
     assert "--transcribe needs a 'text' column" in done.stderr
+
+
+def test_eval_transcribe_is_refused_with_further_sources(tmp_path: Path, tiny_model: Path) -> None:
+    manifest = _manifest(tmp_path / "m.csv", [(str(_clip(KIDS)), "angry", KIDS_TEXT)])
+    done = run_cli("eval", str(manifest), "--transcribe", "--model-extra", str(tiny_model))
+    assert done.returncode != 0
+    assert "--transcribe cannot be combined" in done.stderr
