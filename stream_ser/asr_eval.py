@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import csv
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,10 +20,10 @@ import numpy as np
 
 from stream_ser import SAMPLE_RATE
 from stream_ser.errors import AudioInputError, ConfigError, ModelError
-from stream_ser.evaluate import load_audio
 from stream_ser.wer import ErrorCounts, normalize
 
 TEXT_COLUMN = "text"
+AudioLoader = Callable[[Path], np.ndarray]  # a file as 16 kHz mono float32 (evaluate.load_audio)
 WORST_SHOWN = 5
 
 
@@ -93,7 +93,7 @@ def refuse_with_sources(args: argparse.Namespace) -> None:
         raise ConfigError("--transcribe cannot be combined with --alm, --model-extra or --fusion")
 
 
-def from_args(args: argparse.Namespace) -> AsrReport | None:
+def from_args(args: argparse.Namespace, load: AudioLoader) -> AsrReport | None:
     """Run `--transcribe` for the eval command; None without it."""
     if not getattr(args, "transcribe", False):
         return None
@@ -104,7 +104,7 @@ def from_args(args: argparse.Namespace) -> AsrReport | None:
     model_dir = Path(args.asr_model) if args.asr_model else None
     transcriber = Transcriber(model_dir, cpu_threads=args.threads)
     transcriber.transcribe(np.zeros(SAMPLE_RATE, dtype=np.float32))  # warm-up, not timed
-    return measure(transcriber, references)
+    return measure(transcriber, references, load)
 
 
 def read_references(manifest: Path, root: Path | None, column: str) -> list[tuple[Path, str]]:
@@ -121,10 +121,12 @@ def read_references(manifest: Path, root: Path | None, column: str) -> list[tupl
     return [(path, text) for path, text in rows if normalize(text or "")]
 
 
-def measure(transcriber: Any, references: list[tuple[Path, str]]) -> AsrReport:
+def measure(
+    transcriber: Any, references: list[tuple[Path, str]], load: AudioLoader
+) -> AsrReport:
     """Transcribe each clip; pool the errors and time the transcriber."""
     report = AsrReport(str(transcriber.model_dir))
-    for path, reference, outcome in _transcribed(transcriber, references, report):
+    for path, reference, outcome in _transcribed(transcriber, references, load, report):
         if outcome is None:
             report.failed.append(str(path))
             continue
@@ -136,11 +138,11 @@ def measure(transcriber: Any, references: list[tuple[Path, str]]) -> AsrReport:
 
 
 def _transcribed(
-    transcriber: Any, references: list[tuple[Path, str]], report: AsrReport
+    transcriber: Any, references: list[tuple[Path, str]], load: AudioLoader, report: AsrReport
 ) -> Iterator[tuple[Path, str, str | None]]:
     for path, reference in references:
         try:
-            audio = load_audio(path)
+            audio = load(path)
             started = time.perf_counter()
             text = transcriber.transcribe(audio).text
         except (AudioInputError, ModelError):

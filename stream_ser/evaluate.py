@@ -473,7 +473,7 @@ def eval_command(args: argparse.Namespace) -> int:
     if fusion_eval.uses_sources(args):
         asr_eval.refuse_with_sources(args)
         return _eval_sources(args, clips)
-    asr = asr_eval.from_args(args)  # None without --transcribe
+    asr = asr_eval.from_args(args, load_audio)  # None without --transcribe
     specialist = Specialist(model_dir, intra_op_threads=args.threads)
     report = evaluate(specialist, clips, args.adapt, progress=not args.no_progress)
     if args.plots:
