@@ -20,16 +20,24 @@ baseline it is given before classifying. `StreamBaseline` keeps that baseline fo
   emotion more than the speaker (w = 0) keep the population's statistics, so a speaker who stays
   in one mood is not normalised toward neutral there.
 
-A new stream (another speaker) needs a new `StreamBaseline`.
+A new stream (another speaker) needs a new `StreamBaseline`. Within a stream with several
+voices, `PerSpeaker` keeps one baseline (or any per-speaker state, such as the descriptors'
+`StreamAcoustics`) per speaker label: a new speaker starts from the population's statistics.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable, Hashable
+from typing import Generic, TypeVar
 
 import numpy as np
 
 from stream_ser.specialist import AdaptationCard, Baseline
 
 MIN_STD = 1e-4
+DEFAULT_SPEAKER = ""  # the key of utterances without a speaker label (one voice per stream)
+
+T = TypeVar("T")
 
 
 class StreamBaseline:
@@ -80,3 +88,29 @@ class StreamBaseline:
         delta = value - self._mean
         self._mean += delta / self._count
         self._m2 += delta * (value - self._mean)
+
+
+class PerSpeaker(Generic[T]):
+    """Per-speaker state within one stream, made by `new` when a speaker is first seen.
+
+    `PerSpeaker(lambda: StreamBaseline(card))` is the keyed stream baseline: each speaker's
+    utterances update only that speaker's statistics. Utterances without a label (None) share
+    one state, so a stream without speaker labels behaves exactly like one `StreamBaseline`.
+    """
+
+    def __init__(self, new: Callable[[], T]) -> None:
+        self._new = new
+        self._states: dict[Hashable, T] = {}
+
+    def __len__(self) -> int:
+        return len(self._states)
+
+    def __contains__(self, speaker: object) -> bool:
+        return (DEFAULT_SPEAKER if speaker is None else speaker) in self._states
+
+    def get(self, speaker: Hashable | None) -> T:
+        """The speaker's state; a new one for a speaker not seen before."""
+        key = DEFAULT_SPEAKER if speaker is None else speaker
+        if key not in self._states:
+            self._states[key] = self._new()
+        return self._states[key]

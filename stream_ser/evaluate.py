@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import logging
 import sys
 from collections.abc import Iterable, Iterator, Sequence
@@ -472,9 +473,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="with --alm: also run the ALM under each cue probe (aligned,none,shuffled,corrupted,"
         "conflicting) and print the probe table (see docs/alm.md)",
     )  # fmt: skip
-    from stream_ser import fusion_eval
+    from stream_ser import asr_eval, fusion_eval
 
     fusion_eval.add_source_arguments(parser)
+    asr_eval.add_arguments(parser)
 
 
 def _eval_sources(args: argparse.Namespace, clips: list[Clip]) -> int:
@@ -503,18 +505,25 @@ def eval_command(args: argparse.Namespace) -> int:
     root = Path(args.root) if args.root else None
     if root is not None and not root.is_dir():
         raise ConfigError(f"--root: no such directory: {root}")
-    from stream_ser import eval_corpora, fusion_eval
+    from stream_ser import asr_eval, eval_corpora, fusion_eval
 
     manifests = [Path(manifest) for manifest in args.manifest]
     clips = eval_corpora.replay_order(
         eval_corpora.read_manifests(manifests, root), args.order, args.seed
     )
     if fusion_eval.uses_sources(args) or args.probes:
+        asr_eval.refuse_with_sources(args)
         return _eval_sources(args, clips)
+    asr = asr_eval.from_args(args, load_audio)  # None without --transcribe
     specialist = Specialist(model_dir, intra_op_threads=args.threads)
     reports = eval_corpora.evaluate_corpora(specialist, clips, args.adapt, not args.no_progress)
     report = eval_corpora.pooled(reports, specialist.labels)
     if args.plots:
         write_plots(report, Path(args.plots))
-    print(eval_corpora.render(reports, specialist.labels, args.order, args.json))
+    asr_text = asr.format() if asr else ""
+    if args.json:
+        result = eval_corpora.report_dict(reports, specialist.labels, args.order)
+        print(json.dumps(result | ({"asr": asr.to_dict()} if asr else {})))
+    else:
+        print(eval_corpora.render(reports, specialist.labels, args.order, False) + asr_text)
     return 0
