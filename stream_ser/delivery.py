@@ -61,20 +61,20 @@ class LinkLedger:
         self.confirm()
         self.spool.set_aside(message, reason)
 
-    def lost(self) -> None:
-        """The link is gone; what it had not confirmed goes out again on the next one."""
+    def lost(self) -> bool:
+        """The link is gone; what it had not confirmed goes out again on the next one.
+        True if a message blamed for it was set aside."""
         now_s = time.monotonic()
         suspects = [sent.message for sent in self._unconfirmed if now_s - sent.at_s <= SUSPECT_S]
         self._unconfirmed.clear()
         self.last_sent = 0
-        if suspects:
-            self._blame(suspects[0])
+        return bool(suspects) and self._blame(suspects[0])
 
-    def _blame(self, suspect: Spooled) -> None:
+    def _blame(self, suspect: Spooled) -> bool:
         strikes = self._strikes.get(suspect.seq, 0) + 1
         self._strikes[suspect.seq] = strikes
         if strikes < STRIKES:
-            return
+            return False
         del self._strikes[suspect.seq]
         reason = f"the broker closed the connection on receiving it, {strikes} times in a row"
         self.spool.set_aside(suspect, reason)
@@ -84,3 +84,4 @@ class LinkLedger:
             "of %s and counted (spool_dead_letters); delivery goes on",
             suspect.kind, len(suspect.payload), suspect.topic[:200], reason, self.spool.path,
         )  # fmt: skip
+        return True

@@ -539,12 +539,14 @@ class MqttSink:
                 what, topic, reason, reason.value,
             )  # fmt: skip
 
-    async def _disconnect(self) -> None:
+    async def _disconnect(self) -> bool:
+        """Close the link; True if a message blamed for losing it was set aside."""
         client, self._client = self._client, None
-        self._ledger.lost()
+        set_aside = self._ledger.lost()
         if client is not None:
             with contextlib.suppress(aiomqtt.MqttError):  # the connection may already be gone
                 await client.__aexit__(None, None, None)
+        return set_aside
 
     async def _deliver(self) -> None:
         """Keep the link up and publish the spool in order; reconnect with backoff and jitter.
@@ -568,7 +570,9 @@ class MqttSink:
                 self._wake.clear()
                 await self._wake.wait()
             except (aiomqtt.MqttError, PublishError) as err:
-                await self._disconnect()
+                if await self._disconnect():  # a message set aside: the rest can go on
+                    backoff = 0.5
+                    self._give_up_at = time.monotonic() + self.settings.connect_timeout_s
                 delay = backoff * random.uniform(0.5, 1.5)
                 if self._closing:
                     left_s = self._give_up_at - time.monotonic()

@@ -219,19 +219,24 @@ class Spool:
     def _append_on_full_disk(
         self, err: sqlite3.Error, kind: str, topic: str, qos: int, payload: bytes, retain: bool
     ) -> None:
-        """Make room by dropping the oldest window result (and shrinking the write-ahead
-        log); if there is still none, the new message is dropped. Both are counted."""
+        """Make room: shrink the write-ahead log, else drop the oldest window result; if there
+        is still none, the new message is dropped. Drops are counted."""
         self._log_full(err)
-        with contextlib.suppress(sqlite3.Error):
-            self._drop_oldest(WINDOW_KINDS)
-        with contextlib.suppress(sqlite3.Error):
-            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        try:
-            self._insert(kind, topic, qos, payload, retain)
-        except sqlite3.Error as again:
-            if not is_storage_full(again):
-                raise PublishError(f"spool {self.path}: {again}") from again
-            self._count_drop(kind)
+        for make_room in (self._shrink_log, lambda: self._drop_oldest(WINDOW_KINDS)):
+            with contextlib.suppress(sqlite3.Error, PublishError):
+                make_room()
+            try:
+                self._insert(kind, topic, qos, payload, retain)
+                return
+            except sqlite3.Error as again:
+                if not is_storage_full(again):
+                    raise PublishError(f"spool {self.path}: {again}") from again
+        self._count_drop(kind)
+
+    def _shrink_log(self) -> None:
+        """Copy the write-ahead log into the database and truncate it (frees the disk space
+        of every superseded page version)."""
+        self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     def _log_full(self, err: sqlite3.Error) -> None:
         if not self._full_logged:
@@ -248,6 +253,8 @@ class Spool:
         dropped = waiting >= self.max_messages and self._drop_oldest(WINDOW_KINDS)
         if not dropped and waiting >= self.hard_limit and self._drop_oldest(UTTERANCE_KINDS):
             log.error("spool full (%d): dropped the oldest utterance result", self.hard_limit)
+        if size > self.max_bytes:
+            return False
         while self._bytes + size > self.max_bytes:
             if not self._drop_oldest(WINDOW_KINDS) and not self._drop_oldest(UTTERANCE_KINDS):
                 return False
