@@ -254,8 +254,10 @@ def invalid_qos(path: Path) -> None:
 def older_schema(path: Path) -> None:
     with sqlite3.connect(path) as db:
         db.execute("DROP TABLE outbox")
-        db.execute("CREATE TABLE outbox (seq INTEGER PRIMARY KEY AUTOINCREMENT, kind TEXT "
-                   "NOT NULL, topic TEXT NOT NULL, qos INTEGER NOT NULL, payload BLOB NOT NULL)")
+        db.execute(
+            "CREATE TABLE outbox (seq INTEGER PRIMARY KEY AUTOINCREMENT, kind TEXT "
+            "NOT NULL, topic TEXT NOT NULL, qos INTEGER NOT NULL, payload BLOB NOT NULL)"
+        )
         db.execute("INSERT INTO outbox (kind, topic, qos, payload) VALUES ('utterance', 't', "
                    "1, x'7b7d')")  # fmt: skip
 
