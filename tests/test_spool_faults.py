@@ -293,34 +293,50 @@ async def test_a_corrupt_spool_is_moved_aside_and_a_fresh_one_started(
     reopened.close()
 
 
+def continuous_speech(path: Path, clips: list[Path], count: int) -> Path:
+    """Clips back to back: with a long VAD hangover, one long utterance of window results."""
+    pieces = [soundfile.read(clips[i % len(clips)], dtype="float32")[0] for i in range(count)]
+    soundfile.write(path, np.concatenate(pieces), 16000)
+    return path
+
+
 @pytest.mark.slow
 async def test_window_results_survive_a_hung_broker(
     tmp_path: Path, tiny_model: Path, ravdess_clips: list[Path]
 ) -> None:
-    """SIGSTOP the broker while windows stream: the link times out and is replaced, and every
-    QoS 0 window result the old link had not confirmed is sent again on the new one."""
-    broker = Broker(tmp_path)
+    """SIGSTOP the broker while window results stream (QoS 0: nothing acknowledges them), then
+    kill it, as a watchdog would, and start it again: what the hung broker had not read is
+    gone with it. Every window result the old link had not confirmed is sent again on the
+    new one: none is lost."""
+    broker = Broker(tmp_path, persistence=True)
+    with broker.config.open("a") as config:  # the subscriber's session survives the kill,
+        config.write("autosave_interval 1\nqueue_qos0_messages true\n")  # windows queue for it
     broker.start()
-    assert broker.process is not None
-    recording = long_recording(tmp_path / "talk.wav", ravdess_clips, 6)
+    recording = continuous_speech(tmp_path / "talk.wav", ravdess_clips, 8)
     try:
         subscriber, task = await listening(broker)
         process = start("--input", str(recording), "--realtime", "--speed", "2", "--model",
                         str(tiny_model), "--mqtt", broker.url, "--mqtt-topic-prefix", PREFIX,
-                        "--mqtt-client-id", "hung", "--mqtt-connect-timeout-s", "2")  # fmt: skip
+                        "--mqtt-client-id", "hung", "--vad-hangover-ms", "3000",
+                        "--vad-max-utterance-ms", "60000")  # fmt: skip
         async with asyncio.timeout(60):
             await subscriber.online.wait()
-        await asyncio.sleep(2)
+        await asyncio.sleep(3)  # the broker saves the subscriber's session meanwhile
+        assert broker.process is not None
         broker.process.send_signal(signal.SIGSTOP)
-        await asyncio.sleep(8)
-        broker.process.send_signal(signal.SIGCONT)
+        await asyncio.sleep(3)  # window results pile up unread in the hung broker's socket
+        broker.process.kill()
+        broker.process.wait(timeout=10)
+        broker.start()
         stderr = await finish(process)
         assert process.returncode == 0, stderr
-        assert "retrying" in stderr  # the hang was noticed
+        assert "retrying" in stderr  # the loss was noticed
         async with asyncio.timeout(30):
             await subscriber.offline.wait()
         task.cancel()
     finally:
+        if broker.process is not None:
+            broker.process.send_signal(signal.SIGCONT)  # if the test failed while it hung
         broker.stop()
     counters = offline_counters(subscriber)
     windows = {m["id"] for m in subscriber.messages if m.get("type") == "window"}
