@@ -64,6 +64,7 @@ SELECT COUNT(*) FROM outbox WHERE qos NOT IN (0, 1, 2) OR retain NOT IN (0, 1)
 SQLITE_FULL = 13  # "database or disk is full"
 SQLITE_IOERR = 10  # e.g. the shared-memory file could not be grown on a full disk
 UNREADABLE = (11, 26)  # SQLITE_CORRUPT, SQLITE_NOTADB
+RESERVE_BYTES = 2**20  # disk space held for the spool, released when the disk is full
 
 
 @dataclass(frozen=True)
@@ -112,16 +113,19 @@ class Spool:
         self.stats = SpoolStats()
         self._undeleted: set[int] = set()  # delivered, but the disk was too full to delete them
         self._full_logged = False
+        self._cap_bytes: int | None = None  # while the disk is full: the spool's size limit
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise PublishError(f"cannot open the spool {path}: {err}") from err
         self._lock = _lock(path)
+        self._reserve = Reserve(path.with_name(path.name + ".reserve"))
         try:
-            self._db = _open_usable(path)
+            self._db = _open_usable(path, self._reserve)
         except BaseException:
             os.close(self._lock)
             raise
+        self._reserve.take()
         self._waiting, self._bytes = self._db.execute(
             "SELECT COUNT(*), COALESCE(SUM(length(payload)), 0) FROM outbox"
         ).fetchone()
@@ -173,20 +177,25 @@ class Spool:
         seqs = [*seqs, *self._undeleted]
         if not seqs:
             return
-        marks = ", ".join("?" for _ in seqs)
         try:
-            sizes = self._db.execute(
-                f"DELETE FROM outbox WHERE seq IN ({marks}) RETURNING length(payload)", seqs
-            ).fetchall()
+            sizes = self._delete(seqs)
         except sqlite3.Error as err:
             if not is_storage_full(err):
                 raise PublishError(f"spool {self.path}: {err}") from err
-            self._log_full(err)
-            self._undeleted.update(seqs)  # not sent again; deleted once there is room
-            return
+            try:
+                if not self._on_full_disk(err):
+                    raise
+                sizes = self._delete(seqs)
+            except sqlite3.Error:
+                self._undeleted.update(seqs)  # not sent again; deleted once there is room
+                return
         self._undeleted.clear()
         self._waiting -= len(sizes)
-        self._bytes -= sum(size for (size,) in sizes)
+        self._bytes -= sum(sizes)
+        if self._cap_bytes is not None and not self._waiting and self._reserve.take():
+            self._cap_bytes = None
+            self._full_logged = False
+            log.info("spool %s: the disk has room again", self.path)
 
     def set_aside(self, message: Spooled, reason: str) -> None:
         """Move a message the broker refuses to the `dead_letters` table, and count it."""
@@ -208,6 +217,13 @@ class Spool:
         self._db.close()
         os.close(self._lock)
 
+    def _delete(self, seqs: list[int]) -> list[int]:
+        marks = ", ".join("?" for _ in seqs)
+        rows = self._db.execute(
+            f"DELETE FROM outbox WHERE seq IN ({marks}) RETURNING length(payload)", seqs
+        ).fetchall()
+        return [size for (size,) in rows]
+
     def _insert(self, kind: str, topic: str, qos: int, payload: bytes, retain: bool) -> None:
         self._db.execute(
             "INSERT INTO outbox (kind, topic, qos, retain, payload) VALUES (?, ?, ?, ?, ?)",
@@ -221,7 +237,7 @@ class Spool:
     ) -> None:
         """Make room: shrink the write-ahead log, else drop the oldest window result; if there
         is still none, the new message is dropped. Drops are counted."""
-        self._log_full(err)
+        self._on_full_disk(err)
         for make_room in (self._shrink_log, lambda: self._drop_oldest(WINDOW_KINDS)):
             with contextlib.suppress(sqlite3.Error, PublishError):
                 make_room()
@@ -238,13 +254,20 @@ class Spool:
         of every superseded page version)."""
         self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
-    def _log_full(self, err: sqlite3.Error) -> None:
+    def _on_full_disk(self, err: sqlite3.Error) -> bool:
+        """Log it once; release the reserve, if still held, and hold the spool near its size
+        from now on (new results displace old ones) until it is empty and the reserve is
+        back. True if the reserve was released."""
         if not self._full_logged:
             self._full_logged = True
             log.error(
-                "spool %s: %s; results are dropped (window results first) and counted until "
-                "there is room again", self.path, err,
+                "spool %s: %s; free space on that disk: meanwhile results are dropped to make "
+                "room (window results first) and counted", self.path, err,
             )  # fmt: skip
+        if not self._reserve.release():
+            return False
+        self._cap_bytes = self._bytes + RESERVE_BYTES // 4
+        return True
 
     def _make_room(self, size: int) -> bool:
         """Apply the overflow rule for a new message of `size` bytes; False if the message
@@ -253,9 +276,10 @@ class Spool:
         dropped = waiting >= self.max_messages and self._drop_oldest(WINDOW_KINDS)
         if not dropped and waiting >= self.hard_limit and self._drop_oldest(UTTERANCE_KINDS):
             log.error("spool full (%d): dropped the oldest utterance result", self.hard_limit)
-        if size > self.max_bytes:
+        limit = min(self.max_bytes, self._cap_bytes or self.max_bytes)
+        if size > limit:
             return False
-        while self._bytes + size > self.max_bytes:
+        while self._bytes + size > limit:
             if not self._drop_oldest(WINDOW_KINDS) and not self._drop_oldest(UTTERANCE_KINDS):
                 return False
         return True
@@ -281,6 +305,32 @@ class Spool:
             self.stats.spool_dropped_utterances += 1
 
 
+class Reserve:
+    """A file holding RESERVE_BYTES of the spool's disk; released when the disk is full, it
+    gives room to delete delivered results and to checkpoint the write-ahead log."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def take(self) -> bool:
+        """Hold the space (kept from an earlier run too); False if the disk has not got it."""
+        try:
+            with self.path.open("ab") as reserve:
+                os.posix_fallocate(reserve.fileno(), 0, RESERVE_BYTES)
+            return True
+        except OSError:
+            self.release()
+            return False
+
+    def release(self) -> bool:
+        """Give the space back to the disk; False if it was not held."""
+        try:
+            self.path.unlink()
+            return True
+        except OSError:
+            return False
+
+
 def _lock(path: Path) -> int:
     """An exclusive lock on `{path}.lock` for the life of the process (released at exit,
     even by SIGKILL); ConfigError if another process holds it."""
@@ -300,13 +350,17 @@ def _lock(path: Path) -> int:
     return descriptor
 
 
-def _open_usable(path: Path) -> sqlite3.Connection:
+def _open_usable(path: Path, reserve: Reserve) -> sqlite3.Connection:
     """The spool's database; an unreadable one is moved aside first (and a new one started).
-    A disk too full to open it gives an in-memory spool for this run."""
+    A disk too full to open it, even once the reserve is released, gives an in-memory spool
+    for this run."""
     try:
         db = _connect(path)
         problem = _problem(db)
     except sqlite3.Error as err:
+        if is_storage_full(err) and reserve.release():
+            log.warning("spool %s: %s; released its reserve", path, err)
+            return _open_usable(path, reserve)
         if is_storage_full(err):
             log.error(
                 "spool %s: %s; keeping results in memory for this run (they do not survive "
@@ -337,6 +391,7 @@ def _connect(path: Path) -> sqlite3.Connection:
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")
         db.execute("PRAGMA journal_size_limit=1048576")  # the log shrinks back after a burst
+        db.execute("PRAGMA wal_autocheckpoint=100")  # the log stays well within the reserve
         db.executescript(SCHEMA)
     except BaseException:
         db.close()

@@ -18,7 +18,7 @@ import soundfile
 from conftest import REPO, Broker, run_cli
 from test_spool import PREFIX, Subscriber, long_recording
 
-from stream_ser.spool import Spool
+from stream_ser.spool import RESERVE_BYTES, Spool
 
 
 def start(*args: str) -> subprocess.Popen[bytes]:
@@ -164,12 +164,12 @@ def test_the_spool_is_bounded_in_bytes_windows_first(tmp_path: Path) -> None:
 
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Any:
-    """A 1 MB tmpfs, mounted for the test (needs root)."""
+    """A 4 MB tmpfs, mounted for the test (needs root)."""
     mount = tmp_path / "disk"
     mount.mkdir()
     if os.geteuid() != 0:
         pytest.skip("mounting a small tmpfs needs root")
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)],
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)],
                           capture_output=True, text=True)  # fmt: skip
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs: {done.stderr.strip()}")
@@ -185,6 +185,37 @@ def fill(disk: Path, leave_bytes: int) -> None:
     (disk / "filler").write_bytes(b"\0" * max(0, free - leave_bytes))
 
 
+def test_a_full_disk_releases_the_reserve_and_holds_the_spool_near_its_size(
+    small_disk: Path,
+) -> None:
+    spool = Spool(small_disk / "o.sqlite3")
+    reserve = small_disk / "o.sqlite3.reserve"
+    assert reserve.stat().st_size == RESERVE_BYTES
+    for _ in range(20):
+        spool.append("utterance", "u", 1, b"u" * 500)
+    fill(small_disk, 0)
+    for index in range(2000):  # 1 MB of window results, an utterance result every tenth
+        spool.append("window", "w", 0, b"w" * 500)
+        if index % 10 == 0:
+            spool.append("utterance", "u", 1, b"f" * 500)
+    assert not reserve.exists()  # released to the spool
+    kinds = [m.kind for m in spool.oldest(100_000)]
+    assert kinds.count("utterance") == 220  # window results made room for every one
+    assert spool.stats.spool_dropped_windows == 2000 - kinds.count("window") > 1000
+    assert spool.stats.spool_dropped_utterances == 0
+    assert spool.waiting_bytes <= 20 * 500 + RESERVE_BYTES // 4
+    spool.remove_many([m.seq for m in spool.oldest(100_000)])  # delivered: deletable
+    assert len(spool) == 0 and not reserve.exists()  # the disk is still full
+    (small_disk / "filler").unlink()
+    spool.append("utterance", "u", 1, b"x")
+    spool.remove_many([m.seq for m in spool.oldest(10)])
+    assert reserve.stat().st_size == RESERVE_BYTES  # taken back: no more holding
+    spool.close()
+    reopened = Spool(small_disk / "o.sqlite3")
+    assert len(reopened) == 0
+    reopened.close()
+
+
 @pytest.mark.slow
 async def test_a_full_disk_drops_and_counts_and_every_run_goes_on(
     tmp_path: Path, small_disk: Path, tiny_model: Path, ravdess_clips: list[Path]
@@ -194,7 +225,7 @@ async def test_a_full_disk_drops_and_counts_and_every_run_goes_on(
     on the still-full disk, starts and delivers too."""
     broker = Broker(tmp_path)
     broker.start()
-    fill(small_disk, 100 * 1024)
+    fill(small_disk, RESERVE_BYTES + 100 * 1024)
     recording = long_recording(tmp_path / "talk.wav", ravdess_clips, 10)
     options = ["--model", str(tiny_model), "--mqtt", broker.url, "--mqtt-topic-prefix", PREFIX,
                "--mqtt-client-id", "full", "--mqtt-spool-dir", str(small_disk),
@@ -219,10 +250,10 @@ async def test_a_full_disk_drops_and_counts_and_every_run_goes_on(
         counters = offline_counters(subscriber)
         windows = {m["id"] for m in subscriber.messages if m.get("type") == "window"}
         finals = subscriber.final_ids()
-        assert counters["spool_dropped_windows"] > 0  # dropped first
         assert len(windows) + counters["spool_dropped_windows"] >= counters["windows"]
         assert finals == sorted(finals)
         assert len(finals) + counters["spool_dropped_utterances"] >= counters["utterances"]
+        assert finals[-1] == counters["utterances"]  # delivery works again on the full disk
 
         fill(small_disk, 0)  # the next run starts on a disk without a byte free
         subscriber, task = await listening(broker)
