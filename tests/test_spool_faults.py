@@ -18,6 +18,9 @@ import soundfile
 from conftest import REPO, Broker, run_cli
 from test_spool import PREFIX, Subscriber, long_recording
 
+from stream_ser.messages import status_message
+from stream_ser.publish import MqttSink
+from stream_ser.settings import MqttSettings
 from stream_ser.spool import RESERVE_BYTES, Spool
 
 
@@ -117,6 +120,29 @@ async def test_messages_the_broker_refuses_are_set_aside_and_delivery_goes_on(
         assert db.execute("SELECT COUNT(*) FROM outbox").fetchone() == (0,)
     assert [kind for kind, _ in kept] == ["utterance"] * clip_count
     assert all(size > 1000 for _, size in kept)
+
+
+async def test_a_topic_the_broker_rejects_is_set_aside(tmp_path: Path, broker: Broker) -> None:
+    """A topic with NUL (a remote device's stream id, say): mosquitto drops the connection on
+    it. It is set aside after two tries; the message behind it is delivered."""
+    settings = MqttSettings(url=broker.url, topic_prefix=PREFIX, connect_timeout_s=5.0)
+    subscriber, task = await listening(broker)
+    path = tmp_path / "o.sqlite3"
+    try:
+        async with asyncio.timeout(60):
+            async with MqttSink(settings, "nul", ["s"], Spool(path)) as sink:
+                for index, stream_id in ((1, "bad\0id"), (2, "s")):
+                    message = {"type": "utterance", "final": True, "id": f"u{index}"}
+                    await sink.result(stream_id, message | {"utterance_id": index})
+                await sink.status(status_message("offline", ["s"], {"utterances": 2}))
+            await subscriber.offline.wait()
+    finally:
+        task.cancel()
+    assert sink.counters()["spool_dead_letters"] == 1
+    assert subscriber.final_ids() == [2]
+    with sqlite3.connect(path) as db:
+        (topic,) = db.execute("SELECT topic FROM dead_letters").fetchone()
+    assert topic == f"{PREFIX}/bad\0id/utterance"
 
 
 @pytest.mark.parametrize(
@@ -362,6 +388,7 @@ async def test_window_results_survive_a_hung_broker(
         stderr = await finish(process)
         assert process.returncode == 0, stderr
         assert "retrying" in stderr  # the loss was noticed
+        assert "Traceback" not in stderr
         async with asyncio.timeout(30):
             await subscriber.offline.wait()
         task.cancel()
