@@ -46,13 +46,16 @@ from stream_ser.publish import (
     parse_broker_url,
 )
 from stream_ser.settings import (
+    MAX_CLIENT_ID_BYTES,
     Settings,
     SourceSettings,
     add_arguments,
     build_settings,
+    check_name,
     split_sources,
 )
 from stream_ser.source import (
+    Damage,
     SourceStats,
     default_stream_id,
     is_recording,
@@ -187,8 +190,11 @@ def _run_command(args: argparse.Namespace) -> int:
     stream_ids = _unique([default_stream_id(source) for source in sources])
     only = stream_ids[0] if len(stream_ids) == 1 and not settings.source.mqtt_audio else "worker"
     client_id = settings.mqtt.client_id or default_client_id(only)
+    check_name("--mqtt-client-id", client_id, MAX_CLIENT_ID_BYTES)  # the default's length
     sink = _make_sink(settings, client_id, stream_ids)
-    asyncio.run(_run(settings, sources, stream_ids, specialist, sink, client_id))
+    damage = Damage()
+    asyncio.run(_run(settings, sources, stream_ids, specialist, sink, client_id, damage))
+    damage.check()  # a damaged file's error, once the audio before the damage is published
     return 0
 
 
@@ -210,9 +216,11 @@ def _make_sink(settings: Settings, client_id: str, stream_ids: list[str]) -> Sin
         if settings.mqtt.spool_dir
         else default_spool_path(client_id)
     )
-    spool = Spool(spool_path, settings.mqtt.spool_max_messages, settings.mqtt.spool_hard_limit)
-    mqtt = MqttSink(settings.mqtt, client_id, stream_ids, spool)
-    return TeeSink(mqtt, JsonlSink()) if settings.output.jsonl else mqtt
+    mqtt = settings.mqtt
+    max_bytes = round(mqtt.spool_max_mb * 2**20)
+    spool = Spool(spool_path, mqtt.spool_max_messages, mqtt.spool_hard_limit, max_bytes)
+    sink = MqttSink(settings.mqtt, client_id, stream_ids, spool)
+    return TeeSink(sink, JsonlSink()) if settings.output.jsonl else sink
 
 
 def _fusion_config(settings: Settings, labels: tuple[str, ...]) -> FusionConfig:
@@ -277,6 +285,7 @@ async def _run(
     specialist: Specialist,
     sink: Sink,
     client_id: str,
+    damage: Damage,
 ) -> None:
     fusion = _fusion_config(settings, specialist.labels)
     backend = _load_alm(settings, fusion.labels)
@@ -304,7 +313,9 @@ async def _run(
         for source, stream_id in zip(sources, stream_ids, strict=True):
             stats = SourceStats()
             streams.append(
-                shared.pipeline(stream_id, open_source(source, stats), stats, is_recording(source))
+                shared.pipeline(
+                    stream_id, open_source(source, stats, damage), stats, is_recording(source)
+                )
             )
         async with sink:
             await _announce(settings, sink, stream_ids)

@@ -778,7 +778,8 @@ def new_session_id() -> str:
 
 
 def install_stop_handlers(stop: asyncio.Event) -> None:
-    """SIGINT/SIGTERM stop capture; the pipeline then drains and exits cleanly."""
+    """SIGINT/SIGTERM/SIGHUP stop capture; the pipeline then drains and exits cleanly
+    (SIGHUP: the terminal a foreground run was started from has closed)."""
     loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         loop.add_signal_handler(signum, stop.set)

@@ -30,6 +30,7 @@ from aiomqtt.exceptions import MqttConnectError
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from stream_ser.delivery import LinkLedger
 from stream_ser.errors import ConfigError, PublishError
 from stream_ser.messages import encode, status_message
 from stream_ser.settings import MqttSettings
@@ -406,6 +407,7 @@ class MqttSink:
         self.settings = settings
         self.client_id = client_id
         self.spool = spool
+        self._ledger = LinkLedger(spool)
         self.status_topic = f"{settings.topic_prefix}/status/{client_id}"
         self._offline = encode(status_message("offline", stream_ids, {}))
         self._client: CheckedClient | None = None
@@ -419,7 +421,7 @@ class MqttSink:
         self._paho_log = logging.getLogger(f"{__name__}.paho")
         self._paho_errors = LastError()
         self.reconnects = 0
-        self.publish_denied = 0  # results the broker refused (ACL); dropped, not retried
+        self.publish_denied = 0  # results the broker refused (ACL): set aside, not retried
 
     def _make_client(self) -> CheckedClient:
         return broker_client(
@@ -453,6 +455,7 @@ class MqttSink:
         if self._client is not None:
             try:
                 await self._publish_status(offline)
+                self._ledger.confirm()  # the delivery task is done: it was sent after them all
             except aiomqtt.MqttError as err:
                 log.warning("could not publish the offline status: %s", err)
         await self._disconnect()
@@ -531,16 +534,19 @@ class MqttSink:
             self._denied_topics.add(topic)
             log.error(
                 "the broker refused a %s message on %s: %s (reason code %d); check the "
-                "broker's ACL for this user; such messages are dropped and counted "
-                "(publish_denied)",
+                "broker's ACL for this user; such messages are set aside in the spool's "
+                "dead_letters table and counted (publish_denied)",
                 what, topic, reason, reason.value,
             )  # fmt: skip
 
-    async def _disconnect(self) -> None:
+    async def _disconnect(self) -> bool:
+        """Close the link; True if a message blamed for losing it was set aside."""
         client, self._client = self._client, None
+        set_aside = self._ledger.lost()
         if client is not None:
             with contextlib.suppress(aiomqtt.MqttError):  # the connection may already be gone
                 await client.__aexit__(None, None, None)
+        return set_aside
 
     async def _deliver(self) -> None:
         """Keep the link up and publish the spool in order; reconnect with backoff and jitter.
@@ -554,7 +560,7 @@ class MqttSink:
                 if self._client is None:
                     await self._connect()
                     self.reconnects += 1
-                batch = self.spool.oldest(100)
+                batch = self.spool.oldest(100, after=self._ledger.last_sent)
                 if batch:
                     await self._publish_batch(batch)
                     backoff = 0.5
@@ -564,7 +570,9 @@ class MqttSink:
                 self._wake.clear()
                 await self._wake.wait()
             except (aiomqtt.MqttError, PublishError) as err:
-                await self._disconnect()
+                if await self._disconnect():  # a message set aside: the rest can go on
+                    backoff = 0.5
+                    self._give_up_at = time.monotonic() + self.settings.connect_timeout_s
                 delay = backoff * random.uniform(0.5, 1.5)
                 if self._closing:
                     left_s = self._give_up_at - time.monotonic()
@@ -577,17 +585,18 @@ class MqttSink:
                 backoff = min(MAX_BACKOFF_S, backoff * 2)
 
     async def _publish_batch(self, batch: list[Spooled]) -> None:
-        assert self._client is not None
-        delivered: list[int] = []
-        try:
-            for message in batch:
-                client = self._client
-                refusal = await client.publish_checked(
-                    message.topic, message.payload, message.qos, retain=message.retain
-                )
-                if refusal is not None:  # final: retrying would be refused again
-                    self.publish_denied += 1
-                    self._refused(message.topic, refusal, message.kind)
-                delivered.append(message.seq)
-        finally:  # what the broker has is forgotten even if a later message failed
-            self.spool.remove_many(delivered)
+        """Publish in order; each leaves the spool once the broker has it (see LinkLedger)."""
+        for message in batch:
+            client = self._client
+            if client is None:  # a status publish found the link gone meanwhile
+                raise aiomqtt.MqttError("the connection was lost")
+            self._ledger.sending(message)
+            refusal = await client.publish_checked(
+                message.topic, message.payload, message.qos, retain=message.retain
+            )
+            if refusal is not None:  # final: retrying would be refused again
+                self.publish_denied += 1
+                self._refused(message.topic, refusal, message.kind)
+                self._ledger.refused(message, f"{refusal} (reason code {refusal.value})")
+            elif message.qos > 0:
+                self._ledger.confirm()

@@ -23,6 +23,8 @@ from stream_ser.metrics import MetricsSettings
 
 FRAME_MS_CHOICES = (10, 20, 30)
 VAD_BACKENDS = ("webrtc", "silero")
+MAX_STREAM_ID_BYTES = 128  # UTF-8; a stream id is a topic level and part of the client id
+MAX_CLIENT_ID_BYTES = 200  # UTF-8; the client id names the spool file (255 bytes at most)
 
 
 def setting(default: Any, help: str, flag: str | None = None, **argparse_options: Any) -> Any:
@@ -34,6 +36,18 @@ def setting(default: Any, help: str, flag: str | None = None, **argparse_options
 def _require(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)
+
+
+def check_name(flag: str, value: str, max_bytes: int) -> None:
+    """A name used as an MQTT topic level and a file name: ConfigError unless it is
+    non-empty, at most `max_bytes` of UTF-8, without '/', '#', '+' or control characters."""
+    _require(value != "", f"{flag} must not be empty")
+    size = len(value.encode("utf-8", "surrogatepass"))
+    _require(size <= max_bytes, f"{flag} is too long: {size} bytes, at most {max_bytes}")
+    _require(
+        not any(c in value for c in "/#+") and value.isprintable(),
+        f"{flag} must not contain '/', '#', '+' (MQTT topic characters) or control characters",
+    )
 
 
 @dataclass(frozen=True)
@@ -83,16 +97,12 @@ class SourceSettings:
         _require(0.1 <= self.speed <= 1000, "--speed must be between 0.1 and 1000")
         _require(0 <= self.mic_retries <= 100, "--source-mic-retries must be 0..100")
         _require(0 < self.mic_retry_delay_s <= 60, "--source-mic-retry-delay-s must be 0..60")
-        _require(self.stream_id != "", "--stream-id must not be empty")
         _require(
             bool(self.mqtt_audio_group) and not any(c in self.mqtt_audio_group for c in "/#+"),
             "--mqtt-audio-group must be a non-empty name without '/', '#' or '+'",
         )
         if self.stream_id is not None:
-            _require(
-                not any(c in self.stream_id for c in "/#+"),
-                "--stream-id must not contain '/', '#' or '+' (MQTT topic characters)",
-            )
+            check_name("--stream-id", self.stream_id, MAX_STREAM_ID_BYTES)
 
 
 @dataclass(frozen=True)
@@ -190,12 +200,20 @@ class MqttSettings:
     spool_hard_limit: int = setting(
         100_000, "waiting results beyond which even the oldest utterance result is dropped"
     )
+    spool_max_mb: float = setting(
+        256.0, "waiting payload megabytes beyond which the oldest results are dropped, "
+        "window results first"
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
         _require(
             bool(self.topic_prefix) and not any(c in self.topic_prefix for c in "#+"),
             "--mqtt-topic-prefix must be non-empty and contain no '#' or '+'",
         )
+        _require(self.topic_prefix.isprintable(), "--mqtt-topic-prefix: no control characters")
+        if self.client_id is not None:
+            check_name("--mqtt-client-id", self.client_id, MAX_CLIENT_ID_BYTES)
+        _require(0 < self.spool_max_mb <= 1_000_000, "--mqtt-spool-max-mb must be 0..1000000")
         _require(5 <= self.keepalive_s <= 3600, "--mqtt-keepalive-s must be 5..3600")
         _require(0 < self.connect_timeout_s <= 300, "--mqtt-connect-timeout-s must be 0..300")
         _require(self.status_interval_s >= 0.5, "--mqtt-status-interval-s must be >= 0.5")

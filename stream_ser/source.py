@@ -11,7 +11,7 @@ import sys
 import threading
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ import soxr
 from stream_ser import SAMPLE_RATE
 from stream_ser.errors import AudioInputError
 from stream_ser.events import AudioChunk, samples_to_ms
-from stream_ser.settings import SourceSettings
+from stream_ser.settings import MAX_STREAM_ID_BYTES, SourceSettings
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,18 @@ class SourceStats:
     input_overflows: int = 0  # PortAudio reported lost input
     bad_samples: int = 0  # NaN/inf samples replaced by 0
     device_errors: int = 0  # the microphone stopped or stalled and was reopened (or given up)
+
+
+@dataclass
+class Damage:
+    """Decoding errors of files, held back until the audio before the damage is published."""
+
+    errors: list[AudioInputError] = field(default_factory=list)
+
+    def check(self) -> None:
+        """Raise the first error held back, if any."""
+        if self.errors:
+            raise self.errors[0]
 
 
 class Converter:
@@ -83,7 +95,8 @@ def default_stream_id(settings: SourceSettings) -> str:
         return "mic"
     if settings.input in (None, "-"):
         return "stdin"
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", Path(settings.input).stem) or "file"
+    stem = re.sub(r"[^A-Za-z0-9_.-]", "_", Path(settings.input).stem)
+    return stem[: MAX_STREAM_ID_BYTES - 8] or "file"  # room for a -2 suffix
 
 
 def is_recording(settings: SourceSettings) -> bool:
@@ -93,12 +106,22 @@ def is_recording(settings: SourceSettings) -> bool:
     if settings.mic is not None or settings.input is None or settings.realtime:
         return False
     if settings.input == "-":
-        return stat.S_ISREG(os.fstat(sys.stdin.fileno()).st_mode)
+        return stat.S_ISREG(os.fstat(_stdin_fd()).st_mode)
     return True
 
 
-def open_source(settings: SourceSettings, stats: SourceStats) -> AsyncIterator[AudioChunk]:
-    """The source the settings name: --mic, --input -, or --input FILE."""
+def _stdin_fd() -> int:
+    """Standard input's descriptor; AudioInputError if the process was started without one."""
+    if sys.stdin is None:  # started with stdin closed (`<&-`)
+        raise AudioInputError("--input -: standard input is closed; give it raw PCM audio")
+    return sys.stdin.fileno()
+
+
+def open_source(
+    settings: SourceSettings, stats: SourceStats, damage: Damage | None = None
+) -> AsyncIterator[AudioChunk]:
+    """The source the settings name: --mic, --input -, or --input FILE (a file damaged
+    part-way ends its stream there and its error goes to `damage`; None: raised at once)."""
     if settings.mic is not None:
         return mic_source(
             settings.mic, settings.chunk_ms, stats, settings.mic_retries, settings.mic_retry_delay_s
@@ -109,7 +132,7 @@ def open_source(settings: SourceSettings, stats: SourceStats) -> AsyncIterator[A
         raise AudioInputError("no audio source: give --input FILE, --input - or --mic")
     path = Path(settings.input)
     pace = settings.speed if settings.realtime else None
-    return file_source(path, _open_file(path), settings.chunk_ms, pace, stats)
+    return file_source(path, _open_file(path), settings.chunk_ms, pace, stats, damage)
 
 
 def _open_file(path: Path) -> soundfile.SoundFile:
@@ -136,9 +159,13 @@ async def file_source(
     chunk_ms: int,
     speed: float | None,
     stats: SourceStats,
+    damage: Damage | None = None,
 ) -> AsyncIterator[AudioChunk]:
     """Decode an opened file block by block, as fast as possible (`speed` None) or paced:
-    each block is released at its stream time divided by `speed` (1.0 = real time)."""
+    each block is released at its stream time divided by `speed` (1.0 = real time).
+
+    A decoding error part-way raises AudioInputError, or with `damage` ends the stream
+    there (the audio before it is recognised) and is added to `damage`."""
     with audio:
         converter = Converter(audio.samplerate, audio.channels, stats)
         frames = max(1, audio.samplerate * chunk_ms // 1000)
@@ -151,9 +178,11 @@ async def file_source(
             try:
                 block = audio.read(out=buffer)
             except (soundfile.LibsndfileError, RuntimeError) as err:
-                raise AudioInputError(
-                    f"{path}: decoding failed after {read} frames ({err})"
-                ) from err
+                block = buffer[:0]  # the end of the readable audio
+                _damaged(AudioInputError(
+                    f"{path}: decoding failed after {read / audio.samplerate:.1f} s of audio "
+                    f"({err})"
+                ), err, damage)  # fmt: skip
             read += len(block)
             last = len(block) < frames
             chunk = converter.convert(block, last=last)
@@ -170,11 +199,18 @@ async def file_source(
         log.warning("%s: the file holds no audio", path)
 
 
+def _damaged(error: AudioInputError, cause: Exception, damage: Damage | None) -> None:
+    if damage is None:
+        raise error from cause
+    damage.errors.append(error)
+    log.error("%s; the results for the audio before it are published first", error)
+
+
 def _read_stdin_in_thread(block_bytes: int) -> asyncio.Queue[bytes]:
     """A daemon thread reads stdin (a blocking read can't be cancelled); b"" marks the end."""
     loop = asyncio.get_running_loop()
     blocks: asyncio.Queue[bytes] = asyncio.Queue(MIC_QUEUE_BLOCKS)
-    fd = sys.stdin.buffer.fileno()
+    fd = _stdin_fd()
 
     def reader() -> None:
         while True:

@@ -108,3 +108,42 @@ def test_a_closed_stdout_ends_the_run_with_a_clear_error(tiny_model: Path, tmp_p
     check_result(json.loads(first), LABELS)
     assert "stream-ser: error: stdout was closed" in stderr
     assert "Traceback" not in stderr and "Exception ignored" not in stderr
+
+
+def test_a_closed_stdin_is_a_clear_error(tiny_model: Path) -> None:
+    """`stream-ser run --input - <&-`: no standard input at all."""
+    done = subprocess.run(
+        ["sh", "-c", 'exec "$0" -m stream_ser run --input - --model "$1" <&-', sys.executable,
+         str(tiny_model)],
+        capture_output=True, text=True, timeout=60, cwd=REPO,
+    )  # fmt: skip
+    assert_clean_failure(done, 1, "--input -: standard input is closed")
+
+
+def test_a_damaged_flac_publishes_everything_before_the_damage(
+    tiny_model: Path, tmp_path: Path, ravdess_clips: list[Path]
+) -> None:
+    """A FLAC cut at 90 %: every utterance before the damage gets its final result (as from
+    the whole file), then the error is reported (exit 1)."""
+    pieces = []
+    for index in range(16):
+        audio, _ = soundfile.read(ravdess_clips[index % len(ravdess_clips)], dtype="float32")
+        pieces += [audio, silence(1)]
+    whole = tmp_path / "whole.flac"
+    soundfile.write(whole, np.concatenate(pieces), 16000)
+    cut = tmp_path / "cut.flac"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size * 9 // 10])
+    expected = utterances(parse_lines(run_cli("run", "--input", str(whole), "--model",
+                                              str(tiny_model)).stdout))  # fmt: skip
+    done = run_cli("run", "--input", str(cut), "--model", str(tiny_model))
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("stream-ser: error: ") and "decoding failed after" in last
+    duration_ms = sum(len(piece) for piece in pieces) / 16
+    before = [(m["utterance_id"], m["start_ms"], m["end_ms"]) for m in expected
+              if m["end_ms"] < 0.8 * duration_ms]  # well within the first 90 % of the bytes
+    assert len(before) >= 12
+    got = [(m["utterance_id"], m["start_ms"], m["end_ms"]) for m in utterances(
+        parse_lines(done.stdout))]  # fmt: skip
+    assert got[: len(before)] == before

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import aiomqtt
+import pytest
 from conftest import LABELS, REPO, Broker, free_port, run_cli
 from schema import check_result
 
@@ -130,9 +131,12 @@ async def test_last_will_reports_offline_when_the_process_dies(
         process.wait(timeout=10)
 
 
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGHUP])
 async def test_sigint_finishes_cleanly_with_offline_status(
-    broker: Broker, tiny_model: Path, speech_with_pauses: tuple[Path, int]
+    broker: Broker, tiny_model: Path, speech_with_pauses: tuple[Path, int], signum: int
 ) -> None:
+    """SIGINT (Ctrl-C), and SIGHUP (its terminal closed): the utterance in progress is
+    still recognised, the spool flushed, `offline` published, exit 0."""
     path, _ = speech_with_pauses
     process = subprocess.Popen(
         [
@@ -159,7 +163,7 @@ async def test_sigint_finishes_cleanly_with_offline_status(
     )
     first = await collect(broker, f"{PREFIX}/+/utterance", lambda m: m[-1][2]["final"])
     assert first[0][2]["utterance_id"] == 1
-    process.send_signal(signal.SIGINT)
+    process.send_signal(signum)
     stdout, stderr = await asyncio.to_thread(process.communicate, timeout=30)
     assert process.returncode == 0, stderr.decode()
     assert b"Traceback" not in stderr
