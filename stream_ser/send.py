@@ -19,7 +19,6 @@ import contextlib
 import json
 import logging
 import math
-import random
 import socket
 import time
 from collections import deque
@@ -28,22 +27,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import aiomqtt
 import numpy as np
 import soundfile
 
 from stream_ser import SAMPLE_RATE, source
 from stream_ser.errors import AudioInputError, ConfigError, PublishError
 from stream_ser.logs import configure_logging
-from stream_ser.pipeline import install_stop_handlers
-from stream_ser.publish import (
+from stream_ser.mqtt import (
+    Backoff,
     BrokerAddress,
     CheckedClient,
     LastError,
     broker_client,
+    close,
     connect,
+    keep_connected,
     parse_broker_url,
 )
+from stream_ser.pipeline import install_stop_handlers
 from stream_ser.remote import (
     HELLO_INTERVAL_S,
     MAX_CHANNELS,
@@ -55,7 +56,6 @@ from stream_ser.settings import MqttSettings, Settings, add_arguments, build_set
 
 log = logging.getLogger(__name__)
 
-MAX_BACKOFF_S = 30.0
 Block = tuple[np.ndarray, bool]  # int16 (frames, channels); True for the end of the input
 
 
@@ -409,23 +409,26 @@ class Uplink:
         """Deliver until the outbox is finished; `client` is the first connection (or None).
 
         `seq()` is the next sequence number (sent in hellos)."""
-        backoff = 0.5
-        while True:
+        link: list[CheckedClient | None] = [client]
+
+        async def session(backoff: Backoff) -> None:
             try:
-                if client is None:
-                    client = await self.connect()
+                connected = link[0]
+                if connected is None:
+                    connected = link[0] = await self.connect()
                     self.reconnects += 1
-                await self._pump(client, outbox, seq)
-                await _close(client)
-                return
-            except (aiomqtt.MqttError, PublishError, TimeoutError) as err:
-                await _close(client)
-                client = None
-                delay = backoff * random.uniform(0.5, 1.5)
-                log.warning("broker %s: %s; %d chunk(s) waiting; retrying in %.1f s",
-                            self.address, err, len(outbox), delay)  # fmt: skip
-                await asyncio.sleep(delay)
-                backoff = min(MAX_BACKOFF_S, backoff * 2)
+                backoff.reset()
+                await self._pump(connected, outbox, seq)
+            finally:
+                await close(link[0])
+                link[0] = None
+
+        def lost(err: Exception, delay: float) -> float:
+            log.warning("broker %s: %s; %d chunk(s) waiting; retrying in %.1f s",
+                        self.address, err, len(outbox), delay)  # fmt: skip
+            return delay
+
+        await keep_connected(session, lost)
 
     async def _pump(self, client: CheckedClient, outbox: Outbox, seq: Callable[[], int]) -> None:
         next_hello = time.monotonic()
@@ -456,13 +459,6 @@ class Uplink:
                 log.error("the broker refused a message on %s: %s (reason code %d); check the "
                           "broker's ACL for this user; refused chunks are dropped and counted",
                           topic, refusal, refusal.value)  # fmt: skip
-
-
-async def _close(client: CheckedClient | None) -> None:
-    if client is not None:
-        with contextlib.suppress(aiomqtt.MqttError, TimeoutError):
-            async with asyncio.timeout(2.0):
-                await client.__aexit__(None, None, None)
 
 
 # --- the command ---------------------------------------------------------------------------
