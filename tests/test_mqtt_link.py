@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
+from collections.abc import AsyncGenerator
 from pathlib import Path
 
 import aiomqtt
+import numpy as np
 import pytest
 from conftest import SAMPLE, Broker, run_cli
 from test_tail import PREFIX, subscribed_tail
 
 from stream_ser.errors import ConfigError, PublishError
 from stream_ser.mqtt import PASSWORD_ENV, Backoff, keep_connected, parse_broker_url
+from stream_ser.send import Capture, Outbox, Uplink
+from stream_ser.settings import MqttSettings
 from stream_ser.tail import TailOptions, TailView
 
 
@@ -177,3 +182,38 @@ def test_nothing_else_imports_the_connection_helpers_from_publish() -> None:
         if module.name != "mqtt.py":
             assert "MAX_BACKOFF_S =" not in text, module.name
             assert "random.uniform" not in text, module.name
+
+
+async def _no_blocks() -> AsyncGenerator[tuple[np.ndarray, bool], None]:
+    return
+    yield
+
+
+@pytest.mark.slow
+async def test_send_reconnects_quickly_after_repeated_short_outages(broker: Broker) -> None:
+    """Item 9: `send`'s backoff never reset, so after a few short outages it came back
+    10-15 s after the broker (the audio it buffered meanwhile waited that long)."""
+    settings = MqttSettings(url=broker.url, connect_timeout_s=2.0)
+    uplink = Uplink(settings, "dev-porch", "porch", Capture(16000, 1, _no_blocks(), True), 1)
+    outbox = Outbox(100, drop_oldest=True)
+    running = asyncio.create_task(uplink.run(None, outbox, lambda: 0))
+
+    async def reconnected(count: int, timeout_s: float) -> None:
+        async with asyncio.timeout(timeout_s):
+            while uplink.reconnects < count:  # noqa: ASYNC110 - polls another task's count
+                await asyncio.sleep(0.05)
+
+    try:
+        await reconnected(1, 10)
+        for outage in range(5):
+            broker.stop()
+            await asyncio.sleep(1.5)
+            broker.start()
+            back_at = time.monotonic()
+            await reconnected(outage + 2, 20)
+            assert time.monotonic() - back_at < 6.0, f"outage {outage + 1}"
+            await asyncio.sleep(2.5)
+    finally:
+        outbox.close()
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
