@@ -8,7 +8,10 @@ onnxruntime or opensmile, so a Raspberry-class box needs neither.
 
 Chunks wait in a bounded outbox while the broker is away (the link is re-established with
 backoff): a live source (microphone, paced file) drops the oldest chunk when it is full,
-counted and logged; an unpaced file or stdin waits for room instead.
+counted and logged; an unpaced file or stdin waits for room instead. After every
+(re)connection, chunks go out only once a worker has claimed the stream (its retained owner
+record), for at most CLAIM_WAIT_S: what a device buffered during a broker outage is not
+published before the worker has subscribed again.
 """
 
 from __future__ import annotations
@@ -56,6 +59,9 @@ from stream_ser.settings import MqttSettings, Settings, add_arguments, build_set
 
 log = logging.getLogger(__name__)
 
+# after each connection, chunks wait (in the outbox) this long for a worker's claim of the
+# stream: audio published before a worker subscribes (after a broker restart, say) is lost
+CLAIM_WAIT_S = 10.0
 Block = tuple[np.ndarray, bool]  # int16 (frames, channels); True for the end of the input
 
 
@@ -385,6 +391,7 @@ class Uplink:
         topic = f"{settings.topic_prefix}/audio/{stream_id}"
         self.pcm_topic = f"{topic}/pcm"
         self.hello_topic = f"{topic}/hello"
+        self.owner_topic = f"{topic}/owner"
         self.sent = 0
         self.reconnects = 0
         self.publish_denied = 0
@@ -431,16 +438,49 @@ class Uplink:
         await keep_connected(session, lost)
 
     async def _pump(self, client: CheckedClient, outbox: Outbox, seq: Callable[[], int]) -> None:
+        claimed = asyncio.Event()
+        watching = asyncio.create_task(self._watch_owner(client, claimed), name="owner-watch")
+        try:
+            await self._pump_claimed(client, outbox, seq, claimed)
+        finally:
+            watching.cancel()
+            await asyncio.gather(watching, return_exceptions=True)
+
+    async def _pump_claimed(
+        self, client: CheckedClient, outbox: Outbox, seq: Callable[[], int], claimed: asyncio.Event
+    ) -> None:
+        """Hellos, and chunks once a worker has claimed the stream on this connection (or
+        after CLAIM_WAIT_S without a claim: then they go out anyway, with a warning)."""
         next_hello = time.monotonic()
+        give_up_at = next_hello + CLAIM_WAIT_S
+        subscribed = False
         while not outbox.finished:
             if time.monotonic() >= next_hello:
                 await self._publish(client, self.hello_topic, self._hello(seq()), 1)
+                if not subscribed:  # after the first hello, so that it goes out at once
+                    await client.subscribe(self.owner_topic, qos=1)
+                    subscribed = True
                 next_hello = time.monotonic() + HELLO_INTERVAL_S
+            if not claimed.is_set() and time.monotonic() < give_up_at:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(max(0.0, next_hello - time.monotonic())):
+                        await claimed.wait()
+                if time.monotonic() >= give_up_at and not claimed.is_set():
+                    log.warning("no worker claimed %s within %.0f s; sending anyway",
+                                self.stream_id, CLAIM_WAIT_S)  # fmt: skip
+                continue
             item = await outbox.get(max(0.0, next_hello - time.monotonic()))
             if item is not None:
                 await self._publish(client, self.pcm_topic, item.payload, self.qos)
                 outbox.done(item)
                 self.sent += 1
+
+    async def _watch_owner(self, client: CheckedClient, claimed: asyncio.Event) -> None:
+        """Set `claimed` once a worker's owner record for the stream arrives."""
+        async for message in client.messages:
+            payload = message.payload if isinstance(message.payload, bytes) else b""
+            if _owner_record(payload):
+                claimed.set()
 
     def _hello(self, seq: int) -> bytes:
         return json.dumps({
@@ -459,6 +499,15 @@ class Uplink:
                 log.error("the broker refused a message on %s: %s (reason code %d); check the "
                           "broker's ACL for this user; refused chunks are dropped and counted",
                           topic, refusal, refusal.value)  # fmt: skip
+
+
+def _owner_record(payload: bytes) -> bool:
+    """Whether a payload of the owner topic names a worker (empty: released)."""
+    try:
+        record = json.loads(payload) if payload else None
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return False
+    return isinstance(record, dict) and isinstance(record.get("worker"), str)
 
 
 # --- the command ---------------------------------------------------------------------------

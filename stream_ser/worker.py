@@ -369,8 +369,9 @@ class AudioWorker:
     async def _claim(self, stream_id: str) -> None:
         if self._client is None:
             return
-        await self._publish_owner(self._client, stream_id)
+        # subscribed before the claim is announced: a device sends its audio once it sees it
         await self._client.subscribe_checked(f"{self.prefix}/audio/{stream_id}/pcm", 1)
+        await self._publish_owner(self._client, stream_id)
 
     async def _publish_owner(self, client: aiomqtt.Client, stream_id: str) -> None:
         expiry = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]

@@ -6,6 +6,7 @@ import asyncio
 import json
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -15,7 +16,7 @@ from typing import Any
 import aiomqtt
 import numpy as np
 import pytest
-from conftest import Broker
+from conftest import REPO, Broker
 from test_workers import CHUNK, PREFIX, collect_finals, device, recording, start_worker
 
 from stream_ser.remote import encode_chunk
@@ -294,3 +295,44 @@ async def test_streams_beyond_the_limit_are_refused_counted_and_ended_ones_freed
         await hello(broker, "fake9")
         await wait_until(lambda: "fake9" in worker.mine, 5)
         assert worker.counters()["streams_active"] == 2
+
+
+@pytest.mark.slow
+async def test_audio_a_device_buffers_while_the_broker_is_killed_reaches_the_worker(
+    tmp_path: Path, broker: Broker, tiny_model: Path, speech_with_pauses: tuple[Path, int]
+) -> None:
+    """Item 9 as attacked: three SIGKILLs of a broker without persistence, 2 s each, while
+    `send` streams; the audio the device buffered meanwhile was published before the worker
+    had subscribed again, to nobody (30 of 36 utterances lost, `send` reported 0 dropped)."""
+    path, clip_count = speech_with_pauses
+    async with worker_process(broker, tiny_model, "wa", tmp_path / "spool"):
+        sender = subprocess.Popen(
+            [sys.executable, "-m", "stream_ser", "send", "--input", str(path), "--stream-id",
+             "porch", "--mqtt", broker.url, "--mqtt-topic-prefix", PREFIX],
+            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+            for _ in range(3):
+                await asyncio.sleep(3.0)
+                assert broker.process is not None
+                broker.process.kill()
+                broker.process.wait()
+                await asyncio.sleep(2.0)
+                broker.start()
+            _, stderr = await asyncio.to_thread(sender.communicate, timeout=60)
+        finally:
+            if sender.poll() is None:
+                sender.kill()
+                sender.communicate()
+        assert sender.returncode == 0, stderr
+        assert " 0 dropped" in stderr
+        status: dict[str, Any] = {"streams": ["porch"]}
+        deadline = time.monotonic() + 30  # the stream ends and its counts reach the totals
+        while "porch" in status["streams"] and time.monotonic() < deadline:
+            await asyncio.sleep(0.5)
+            status = await latest_status(broker, "wa")
+        assert "porch" not in status["streams"], status
+    counters = status["counters"]
+    assert counters["utterances"] == clip_count, counters
+    assert counters["chunks_lost"] == 0, counters
+    assert counters["chunks_late"] == 0, counters
