@@ -16,9 +16,10 @@ from test_tail import PREFIX, subscribed_tail
 
 from stream_ser.errors import ConfigError, PublishError
 from stream_ser.mqtt import PASSWORD_ENV, Backoff, keep_connected, parse_broker_url
-from stream_ser.send import Capture, Outbox, Uplink
+from stream_ser.send import Capture
 from stream_ser.settings import MqttSettings
 from stream_ser.tail import TailOptions, TailView
+from stream_ser.uplink import Outbox, Uplink
 
 
 @pytest.fixture(autouse=True)

@@ -17,7 +17,8 @@ import soundfile
 from conftest import REPO, Broker, free_port, run_cli
 
 from stream_ser.remote import Chunk, decode_chunk
-from stream_ser.send import Outbox, Outgoing, chunk_pieces
+from stream_ser.send import chunk_pieces
+from stream_ser.uplink import Outbox, Outgoing
 
 PREFIX = "send-test"
 MODEL_MODULES = ("onnxruntime", "opensmile")
