@@ -26,6 +26,7 @@ from stream_ser.fusion import FusionConfig, load_fusion
 from stream_ser.logs import configure_logging
 from stream_ser.messages import StreamInfo
 from stream_ser.metrics import Metrics
+from stream_ser.mqtt import parse_broker_url
 from stream_ser.pipeline import (
     Analyzer,
     Recognizer,
@@ -43,7 +44,6 @@ from stream_ser.publish import (
     TeeSink,
     default_client_id,
     default_spool_path,
-    parse_broker_url,
 )
 from stream_ser.settings import (
     MAX_CLIENT_ID_BYTES,
@@ -258,12 +258,15 @@ class _Shared:
     observer: Metrics | None = None
 
     def pipeline(self, stream_id: str, source: AsyncIterator[AudioChunk],
-                 stats: SourceStats, lossless: bool = False) -> StreamPipeline:  # fmt: skip
-        """A new stream's pipeline (`lossless`: its source waits for it, see StreamPipeline)."""
+                 stats: SourceStats, lossless: bool = False,
+                 session_id: str | None = None) -> StreamPipeline:  # fmt: skip
+        """A new stream's pipeline (`lossless`: its source waits for it, see StreamPipeline;
+        `session_id`: the nonce in its message ids, the process's by default)."""
         card = self.specialist.card
         model = self.settings.model
+        session = session_id or self.session_id
         return StreamPipeline(
-            stream=StreamInfo(stream_id, self.session_id, card.model_id, card.labels),
+            stream=StreamInfo(stream_id, session, card.model_id, card.labels),
             source=source,
             segmenter=Segmenter(self.settings.vad),
             recognizer=self.recognizer,
@@ -347,7 +350,10 @@ async def _run_all(
     assert settings.mqtt.url is not None
 
     def remote_pipeline(remote: RemoteStream) -> StreamPipeline:
-        pipeline = shared.pipeline(remote.stream_id, remote.chunks(), remote.source_stats)
+        # each device session gets its own nonce: a device that streams again to this worker
+        # starts counting utterances from 1, and its message ids must still be new
+        pipeline = shared.pipeline(remote.stream_id, remote.chunks(), remote.source_stats,
+                                   session_id=new_session_id())  # fmt: skip
         pipeline.more_counters = remote.counters
         return pipeline
 
@@ -357,12 +363,15 @@ async def _run_all(
         client_id,
         settings.source.mqtt_audio_group,
         remote_pipeline,
+        settings.source.mqtt_audio_max_streams,
     )
     async with asyncio.TaskGroup() as group:
         group.create_task(worker.run(stop), name="audio-worker")
-        group.create_task(
-            run_streams(streams, shared.sink, stop, interval, shared.observer, worker.streams())
+        arriving = worker.streams()
+        remote = run_streams(
+            streams, shared.sink, stop, interval, shared.observer, arriving, worker.counters
         )
+        group.create_task(remote, name="streams")
 
 
 async def _serve_metrics(settings: Settings, stack: contextlib.AsyncExitStack) -> Metrics | None:

@@ -34,7 +34,7 @@ import secrets
 import signal
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from types import TracebackType
@@ -720,13 +720,17 @@ async def run_streams(
     status_interval_s: float = 10.0,
     observer: Observer | None = None,
     arriving: AsyncIterator[StreamPipeline] | None = None,
+    more_counters: Callable[[], dict[str, int]] | None = None,
 ) -> None:
     """Run every stream to its end, with the retained status kept up to date.
 
     `arriving` yields streams that start later (remote devices); the run ends when it is
-    exhausted and every stream has ended.
+    exhausted and every stream has ended. An arrived stream that has ended is freed: its
+    counts stay in the totals, but it leaves the status's stream list and per-stream counters.
+    `more_counters` adds process-wide counters (a worker's) to the totals.
     """
     running = list(streams)
+    ended: dict[str, int] = {}  # totals of the arrived streams that have ended
 
     def status(state: str) -> dict[str, Any]:
         counters = {s.stream_id: s.status_counters() for s in running}
@@ -736,8 +740,18 @@ async def run_streams(
                 observer.update_counters(stream_id, values)
             observer.update_sink_counters(sink_counters)
             observer.set_health(state == "online", state)
-        totals = _totals(counters) | sink_counters
+        totals = _totals([ended, *(s.status_counters() for s in running)]) | sink_counters
+        totals |= more_counters() if more_counters is not None else {}
         return status_message(state, [s.stream_id for s in running], totals, counters)
+
+    async def run_arrived(stream: StreamPipeline) -> None:
+        try:
+            await stream.run(stop)
+        finally:
+            running.remove(stream)
+            counts = stream.status_counters()
+            counts.pop("lag_ms", None)  # a gauge: an ended stream has none
+            ended.update(_totals([ended, counts]))
 
     async def report() -> None:
         while True:
@@ -752,7 +766,7 @@ async def run_streams(
                 group.create_task(stream.run(stop), name=f"stream-{stream.stream_id}")
             async for stream in arriving or _nothing():
                 running.append(stream)
-                group.create_task(stream.run(stop), name=f"stream-{stream.stream_id}")
+                group.create_task(run_arrived(stream), name=f"stream-{stream.stream_id}")
     finally:
         reporter.cancel()
         await asyncio.gather(reporter, return_exceptions=True)
@@ -764,9 +778,9 @@ async def _nothing() -> AsyncIterator[StreamPipeline]:
     yield
 
 
-def _totals(per_stream: dict[str, dict[str, int]]) -> dict[str, int]:
+def _totals(per_stream: Iterable[dict[str, int]]) -> dict[str, int]:
     totals: dict[str, int] = {}
-    for counters in per_stream.values():
+    for counters in per_stream:
         for name, value in counters.items():
             totals[name] = totals.get(name, 0) + value
     return totals

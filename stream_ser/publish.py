@@ -13,101 +13,36 @@ import asyncio
 import contextlib
 import logging
 import os
-import random
 import socket
-import ssl
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Protocol
-from urllib.parse import unquote, urlsplit
 
 import aiomqtt
-import paho.mqtt.client as paho
-from aiomqtt.exceptions import MqttConnectError
-from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from stream_ser.delivery import LinkLedger
-from stream_ser.errors import ConfigError, PublishError
+from stream_ser.errors import PublishError
 from stream_ser.messages import encode, status_message
+from stream_ser.mqtt import (
+    LINK_ERRORS,
+    Backoff,
+    CheckedClient,
+    LastError,
+    broker_client,
+    connect,
+    keep_connected,
+    parse_broker_url,
+)
 from stream_ser.settings import MqttSettings
 from stream_ser.spool import Spool, Spooled
 
 log = logging.getLogger(__name__)
 
-PASSWORD_ENV = "STREAM_SER_MQTT_PASSWORD"
 QOS_BY_KIND = {"utterance": 1, "window": 0}
-MAX_BACKOFF_S = 30.0
-
-
-@dataclass(frozen=True)
-class BrokerAddress:
-    """A parsed broker URL; the password is never part of its text form."""
-
-    host: str
-    port: int
-    tls: bool
-    username: str | None
-    password: str | None
-
-    def __str__(self) -> str:
-        user = f"{self.username}@" if self.username else ""
-        return f"{'mqtts' if self.tls else 'mqtt'}://{user}{self.host}:{self.port}"
-
-
-def parse_broker_url(
-    url: str, password_file: str | None = None, username: str | None = None
-) -> BrokerAddress:
-    """mqtt://[user[:pass]@]host[:port] or mqtts://...; the password may come from a file or env.
-
-    Precedence for the password: `password_file`, then $STREAM_SER_MQTT_PASSWORD, then the URL;
-    `username` replaces the URL's. No error message quotes the URL (it may hold a password).
-    """
-    parts = urlsplit(url)
-    if parts.scheme not in ("mqtt", "mqtts"):
-        raise ConfigError(f"--mqtt must start with mqtt:// or mqtts://, got {parts.scheme!r}")
-    try:
-        port = parts.port
-    except ValueError as err:
-        raise ConfigError("--mqtt: the port must be a number from 0 to 65535") from err
-    if not parts.hostname:
-        raise ConfigError("--mqtt: the URL names no host")
-    if parts.path not in ("", "/") or parts.query or parts.fragment:
-        raise ConfigError("--mqtt: the URL must be scheme://[user@]host[:port] only")
-    if parts.password:
-        log.warning(
-            "the broker password is part of --mqtt, where process listings show it; "
-            "use --mqtt-password-file or $%s instead",
-            PASSWORD_ENV,
-        )
-    password = unquote(parts.password) if parts.password else None
-    if os.environ.get(PASSWORD_ENV):
-        password = os.environ[PASSWORD_ENV]
-    if password_file:
-        password = _read_password(password_file)
-    return BrokerAddress(
-        host=parts.hostname,
-        port=port or (8883 if parts.scheme == "mqtts" else 1883),
-        tls=parts.scheme == "mqtts",
-        username=username or (unquote(parts.username) if parts.username else None),
-        password=password,
-    )
-
-
-def _read_password(path: str) -> str:
-    """The first line of the file, without its line break; never echoed in errors."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as err:
-        reason = err.strerror if isinstance(err, OSError) else "not UTF-8 text"
-        raise ConfigError(f"--mqtt-password-file: cannot read {path}: {reason}") from err
-    lines = text.splitlines()
-    if not lines or not lines[0]:
-        raise ConfigError(f"--mqtt-password-file: {path} is empty")
-    return lines[0]
 
 
 class Sink(Protocol):
@@ -226,168 +161,10 @@ def default_client_id(stream_id: str) -> str:
     return f"stream-ser-{socket.gethostname()}-{stream_id}"
 
 
-def tls_parameters(settings: MqttSettings) -> aiomqtt.TLSParameters:
-    """TLS with server verification (system CAs unless --mqtt-ca-file), optional client cert."""
-    return aiomqtt.TLSParameters(
-        ca_certs=settings.ca_file,
-        certfile=settings.cert_file,
-        keyfile=settings.key_file,
-        cert_reqs=ssl.CERT_REQUIRED,
-    )
-
-
-def broker_client(
-    settings: MqttSettings, address: BrokerAddress, client_id: str, **options: Any
-) -> CheckedClient:
-    """An MQTT v5 client for `address` with the settings' keep-alive, timeout and TLS;
-    `options` go to aiomqtt.Client (a last will, a logger, queue sizes)."""
-    return CheckedClient(
-        address.host,
-        address.port,
-        identifier=client_id,
-        username=address.username,
-        password=address.password,
-        keepalive=settings.keepalive_s,
-        timeout=settings.connect_timeout_s,
-        tls_params=tls_parameters(settings) if address.tls else None,
-        # results are small and latency matters: no Nagle delay on the broker link
-        socket_options=((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),),
-        **options,
-    )
-
-
-async def connect(
-    client: CheckedClient, settings: MqttSettings, address: BrokerAddress, errors: LastError
-) -> CheckedClient:
-    """Connect `client` within the connect timeout; PublishError with a one-line reason
-    (`errors` has caught what the MQTT library logged meanwhile)."""
-    errors.message = None
-    try:
-        async with asyncio.timeout(settings.connect_timeout_s):
-            await client.__aenter__()
-    except (aiomqtt.MqttError, TimeoutError, OSError, ssl.SSLError) as err:
-        reason = describe_connect_error(err, errors.message)
-        raise PublishError(f"cannot connect to broker {address}: {reason}") from err
-    return client
-
-
 def default_spool_path(client_id: str) -> Path:
     """$XDG_STATE_HOME/stream-ser/spool/{client_id}.sqlite3 (~/.local/state by default)."""
     state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
     return Path(state) / "stream-ser" / "spool" / f"{client_id}.sqlite3"
-
-
-class CheckedClient(aiomqtt.Client):
-    """An aiomqtt client that also reports a broker's refusal of a QoS 1 publish.
-
-    Over MQTT v5 a broker answers a publish it refuses (an ACL denial, say) with a PUBACK
-    whose reason code is >= 0x80 (0x87: not authorized); MQTT 3.1.1 has no such code and
-    the message just vanishes. aiomqtt 2.x completes `publish` without the code, so it is
-    caught in the paho callback aiomqtt registers (`_on_publish`; aiomqtt is pinned < 3).
-    Checked publishes go one at a time, so a refusal belongs to the publish in flight.
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, protocol=aiomqtt.ProtocolVersion.V5, **kwargs)
-        self._one_at_a_time = asyncio.Lock()
-        self._refusal: ReasonCode | None = None
-
-    def _on_publish(
-        self,
-        client: paho.Client,
-        userdata: Any,
-        mid: int,
-        reason_code: ReasonCode,
-        properties: Properties,
-    ) -> None:
-        if reason_code.is_failure and mid in self._pending_publishes:
-            self._refusal = reason_code
-        super()._on_publish(client, userdata, mid, reason_code, properties)
-
-    def _on_socket_register_write(self, client: paho.Client, userdata: Any, sock: Any) -> None:
-        """As aiomqtt's, but a socket closed before the event loop registers it is skipped.
-
-        paho asks for the registration from its connect thread; when a TLS handshake fails
-        (a broker that wants a client certificate, say) the socket is closed while the request
-        waits, and asyncio logged a traceback for the dead descriptor (EBADF)."""
-
-        def write() -> None:
-            try:
-                client.loop_write()
-            except Exception as exc:  # as aiomqtt: a broken link ends the session
-                if not self._disconnected.done():
-                    self._disconnected.set_exception(exc)
-
-        def register() -> None:
-            descriptor = sock.fileno()
-            if descriptor == -1:
-                return
-            with contextlib.suppress(OSError):  # closed since: nothing left to write to
-                self._loop.add_writer(descriptor, write)
-
-        self._loop.call_soon_threadsafe(register)
-
-    async def publish_checked(
-        self, topic: str, payload: bytes, qos: int, retain: bool = False
-    ) -> ReasonCode | None:
-        """Publish; the broker's reason for refusing it, or None if accepted (or QoS 0).
-
-        A link lost while the acknowledgement is awaited fails the publish at once
-        (MqttError); aiomqtt alone waits out its whole timeout for a PUBACK that cannot come.
-        """
-        async with self._one_at_a_time:
-            self._refusal = None
-            publish = asyncio.ensure_future(self.publish(topic, payload, qos=qos, retain=retain))
-            lost = self._disconnected
-            try:
-                await asyncio.wait((publish, lost), return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                if not publish.done():  # the link is gone, or our caller was cancelled
-                    publish.cancel()
-            if not publish.done() or publish.cancelled():
-                reason = lost.exception() if lost.done() and not lost.cancelled() else None
-                raise aiomqtt.MqttError(
-                    "the connection was lost before the broker acknowledged a message"
-                ) from reason
-            publish.result()
-            return self._refusal
-
-
-class LastError(logging.Filter):
-    """Remembers the last error paho logged: during a TLS handshake the broker's alert
-    (a client certificate required, say) is logged there and the connect call just times out."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.message: str | None = None
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno >= logging.ERROR:
-            self.message = record.getMessage()
-        return True
-
-
-def describe_connect_error(err: BaseException, logged: str | None = None) -> str:
-    """A one-line reason for a failed connection, with a hint where the cause is clear.
-
-    `logged` is the last error the MQTT library logged while connecting, if any.
-    """
-    reason = str(err) or type(err).__name__
-    if isinstance(err, TimeoutError) and logged:
-        reason = f"{logged}, then no answer (TimeoutError)"
-    if "CERTIFICATE_REQUIRED" in reason:
-        reason += "; the broker wants a client certificate: --mqtt-cert-file, --mqtt-key-file"
-    code = getattr(err, "rc", None)
-    if isinstance(err, MqttConnectError) and isinstance(code, ReasonCode):
-        reason = f"the broker refused the connection: {code} (reason code {code.value})"
-        if code.value in (0x86, 0x87, 0x8C):  # bad user name or password, not authorized
-            reason += (
-                "; check the username and the password (--mqtt-password-file or "
-                f"${PASSWORD_ENV}) and the broker's password file"
-            )
-    elif "CERTIFICATE_VERIFY_FAILED" in reason or isinstance(err, ssl.SSLCertVerificationError):
-        reason = f"TLS: the broker's certificate was not accepted ({reason}); check --mqtt-ca-file"
-    return reason
 
 
 class MqttSink:
@@ -554,35 +331,39 @@ class MqttSink:
         While closing, retries go on until `connect_timeout_s` after the close began; what is
         still undelivered then stays in the spool for the next run.
         """
-        backoff = 0.5
-        while True:
-            try:
+        await keep_connected(self._delivery_session, self._link_lost)
+
+    async def _delivery_session(self, backoff: Backoff) -> None:
+        try:
+            while True:
                 if self._client is None:
                     await self._connect()
                     self.reconnects += 1
+                    backoff.reset()
                 batch = self.spool.oldest(100, after=self._ledger.last_sent)
                 if batch:
                     await self._publish_batch(batch)
-                    backoff = 0.5
                     continue
                 if self._closing:
                     return
                 self._wake.clear()
                 await self._wake.wait()
-            except (aiomqtt.MqttError, PublishError) as err:
-                if await self._disconnect():  # a message set aside: the rest can go on
-                    backoff = 0.5
-                    self._give_up_at = time.monotonic() + self.settings.connect_timeout_s
-                delay = backoff * random.uniform(0.5, 1.5)
-                if self._closing:
-                    left_s = self._give_up_at - time.monotonic()
-                    if left_s <= 0:
-                        log.warning("broker %s unreachable while closing: %s", self.address, err)
-                        return
-                    delay = min(delay, left_s)
-                log.warning("broker %s: %s; retrying in %.1f s", self.address, err, delay)
-                await asyncio.sleep(delay)
-                backoff = min(MAX_BACKOFF_S, backoff * 2)
+        except LINK_ERRORS:
+            if await self._disconnect():  # a message set aside: the rest can go on at once
+                backoff.reset()
+                self._give_up_at = time.monotonic() + self.settings.connect_timeout_s
+            raise
+
+    def _link_lost(self, err: Exception, delay: float) -> float | None:
+        """Log a lost link; the delay before retrying, or None when closing has run out."""
+        if self._closing:
+            left_s = self._give_up_at - time.monotonic()
+            if left_s <= 0:
+                log.warning("broker %s unreachable while closing: %s", self.address, err)
+                return None
+            delay = min(delay, left_s)
+        log.warning("broker %s: %s; retrying in %.1f s", self.address, err, delay)
+        return delay
 
     async def _publish_batch(self, batch: list[Spooled]) -> None:
         """Publish in order; each leaves the spool once the broker has it (see LinkLedger)."""

@@ -26,6 +26,7 @@ malformed or oversized is rejected with a counted, logged reason, never a crash.
 from __future__ import annotations
 
 import struct
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -44,6 +45,7 @@ MAX_PAYLOAD_BYTES = HEADER.size + 2 * MAX_CHANNELS * RATES[1] * MAX_CHUNK_MS // 
 HELLO_INTERVAL_S = 2.0
 REORDER_WINDOW = 8  # chunks held back waiting for a missing one before it counts as lost
 MAX_FILLED_GAP = 100  # lost chunks in a row replaced by silence; a longer jump is skipped
+RECENT_RELEASED = 256  # released sequence numbers remembered to tell duplicates from late ones
 
 
 class PayloadError(StreamSerError):
@@ -119,49 +121,62 @@ class Reorderer:
 
     Chunks are released in order. A missing chunk is waited for until REORDER_WINDOW later
     chunks have arrived; then it counts as lost and is replaced by silence as long as the
-    chunk after it (so stream time stays true). Chunks older than the last released one are
-    late and dropped; repeats are dropped. A chunk numbered 0 that was captured after every
-    chunk seen so far is a restarted sender (a new `stream-ser send` under the same stream id):
-    what is held is released and the sequence starts over (a different rate or channel count
-    is still a format change: the stream's converter and clock continue).
+    chunk after it (so stream time stays true). A stream starts at chunk 0, or, when its first
+    chunks are missing (a worker that takes over mid-stream), at the smallest of the first
+    REORDER_WINDOW chunks held. A chunk released already is a duplicate; one older than the
+    last released that never came is late; both are dropped. A chunk numbered 0 that was
+    captured after every chunk released or held (not after every chunk ever seen: one bogus
+    capture time must not disable this) is a restarted sender (a new `stream-ser send` under
+    the same stream id): what is held is released and the sequence starts over (a different
+    rate or channel count is still a format change: the stream's converter and clock continue).
     """
 
     def __init__(self, window: int = REORDER_WINDOW) -> None:
         self.window = window
         self.stats = ReorderStats()
-        self._next: int | None = None
+        self._next: int | None = None  # None until the stream's first chunk is known
         self._held: dict[int, Chunk] = {}
         self._format: tuple[int, int] | None = None
-        self._newest_ms = -1  # latest capture time seen
+        self._released_ms = -1  # capture time of the last chunk released
+        self._recent: deque[int] = deque(maxlen=RECENT_RELEASED)  # seqs released lately
 
     def push(self, chunk: Chunk) -> Iterator[Chunk]:
         """Accept one chunk; yield every chunk (or silence filler) now ready, in order."""
-        if chunk.seq == 0 and self._next and chunk.captured_ms > self._newest_ms:
+        if chunk.seq == 0 and self._next and chunk.captured_ms > self._newest_ms():
             yield from self.flush()
             self.stats.restarts += 1
             self._next = None
-        self._newest_ms = max(self._newest_ms, chunk.captured_ms)
+            self._recent.clear()
         if self._format is None:
             self._format = (chunk.sample_rate, chunk.channels)
         if (chunk.sample_rate, chunk.channels) != self._format:
             self.stats.format_changes += 1
             return
-        if self._next is None:
-            self._next = chunk.seq
-        if chunk.seq < self._next:
-            self.stats.chunks_late += 1
+        if self._next is not None and chunk.seq < self._next:
+            if chunk.seq in self._recent:
+                self.stats.chunks_duplicate += 1
+            else:
+                self.stats.chunks_late += 1
             return
         if chunk.seq in self._held:
             self.stats.chunks_duplicate += 1
             return
         self._held[chunk.seq] = chunk
-        yield from self._release()
+        if self._next is None and (chunk.seq == 0 or len(self._held) >= self.window):
+            self._next = min(self._held)
+        if self._next is not None:
+            yield from self._release()
 
     def flush(self) -> Iterator[Chunk]:
         """End of stream: release everything held, filling gaps with silence."""
+        if self._next is None and self._held:
+            self._next = min(self._held)
         while self._held:
             yield from self._give_up_one()
             yield from self._release()
+
+    def _newest_ms(self) -> int:
+        return max([self._released_ms, *(held.captured_ms for held in self._held.values())])
 
     def _release(self) -> Iterator[Chunk]:
         while True:
@@ -169,6 +184,8 @@ class Reorderer:
             if self._next in self._held:
                 chunk = self._held.pop(self._next)
                 self._next += 1
+                self._released_ms = chunk.captured_ms
+                self._recent.append(chunk.seq)
                 yield chunk
             elif len(self._held) >= self.window:
                 yield from self._give_up_one()

@@ -8,7 +8,10 @@ onnxruntime or opensmile, so a Raspberry-class box needs neither.
 
 Chunks wait in a bounded outbox while the broker is away (the link is re-established with
 backoff): a live source (microphone, paced file) drops the oldest chunk when it is full,
-counted and logged; an unpaced file or stdin waits for room instead.
+counted and logged; an unpaced file or stdin waits for room instead. After every
+(re)connection, chunks go out only once a worker has claimed the stream (its retained owner
+record), for at most `uplink.CLAIM_WAIT_S`: what a device buffered during a broker outage is not
+published before the worker has subscribed again.
 """
 
 from __future__ import annotations
@@ -16,19 +19,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import logging
 import math
-import random
 import socket
 import time
-from collections import deque
-from collections.abc import AsyncGenerator, Callable, Iterator
+from collections.abc import AsyncGenerator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import aiomqtt
 import numpy as np
 import soundfile
 
@@ -36,26 +35,17 @@ from stream_ser import SAMPLE_RATE, source
 from stream_ser.errors import AudioInputError, ConfigError, PublishError
 from stream_ser.logs import configure_logging
 from stream_ser.pipeline import install_stop_handlers
-from stream_ser.publish import (
-    BrokerAddress,
-    CheckedClient,
-    LastError,
-    broker_client,
-    connect,
-    parse_broker_url,
-)
 from stream_ser.remote import (
-    HELLO_INTERVAL_S,
     MAX_CHANNELS,
     MAX_CHUNK_MS,
     RATES,
     encode_chunk,
 )
-from stream_ser.settings import MqttSettings, Settings, add_arguments, build_settings
+from stream_ser.settings import Settings, add_arguments, build_settings
+from stream_ser.uplink import Outbox, Outgoing, Uplink
 
 log = logging.getLogger(__name__)
 
-MAX_BACKOFF_S = 30.0
 Block = tuple[np.ndarray, bool]  # int16 (frames, channels); True for the end of the input
 
 
@@ -241,79 +231,7 @@ async def mic_blocks(
         yield wire(source._silence(time.monotonic() - lost_at, rate, channels)), False
 
 
-# --- outbox --------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Outgoing:
-    """One encoded chunk waiting for the broker."""
-
-    seq: int
-    payload: bytes
-
-
-class Outbox:
-    """Encoded chunks between the source and the broker, at most `capacity` of them.
-
-    Overflow rule: with `drop_oldest` (live sources) the oldest waiting chunk is dropped,
-    counted and logged; otherwise `put` waits for room. `close` marks the end of the input.
-    """
-
-    def __init__(self, capacity: int, drop_oldest: bool) -> None:
-        self.capacity = capacity
-        self.drop_oldest = drop_oldest
-        self.dropped = 0
-        self.closed = False
-        self._items: deque[Outgoing] = deque()
-        self._changed = asyncio.Event()
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    async def put(self, item: Outgoing, force: bool = False) -> None:
-        """Queue a chunk; waits for room unless dropping (or `force`, for the final chunk)."""
-        while len(self._items) >= self.capacity and not (self.drop_oldest or force):
-            await self._wait()
-        if len(self._items) >= self.capacity:
-            self._items.popleft()
-            self.dropped += 1
-            if self.dropped == 1 or self.dropped % 100 == 0:
-                log.warning("outbox full: %d chunk(s) dropped so far, oldest first",
-                            self.dropped)  # fmt: skip
-        self._items.append(item)
-        self._notify()
-
-    def close(self) -> None:
-        """No more chunks will come."""
-        self.closed = True
-        self._notify()
-
-    async def get(self, timeout_s: float) -> Outgoing | None:
-        """The oldest chunk, left in place until `done`; None after `timeout_s` or when
-        closed and empty."""
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(timeout_s):
-                while not self._items and not self.closed:
-                    await self._wait()
-        return self._items[0] if self._items else None
-
-    def done(self, item: Outgoing) -> None:
-        """The broker has `item` (the oldest, unless it was dropped meanwhile)."""
-        if self._items and self._items[0] is item:
-            self._items.popleft()
-            self._notify()
-
-    @property
-    def finished(self) -> bool:
-        """Closed and everything delivered (or dropped)."""
-        return self.closed and not self._items
-
-    async def _wait(self) -> None:
-        self._changed.clear()
-        await self._changed.wait()
-
-    def _notify(self) -> None:
-        self._changed.set()
+# --- chunks --------------------------------------------------------------------------------
 
 
 def chunk_pieces(pcm: np.ndarray, max_frames: int, last: bool) -> Iterator[tuple[np.ndarray, bool]]:
@@ -357,112 +275,6 @@ class Chunker:
         self.seq += 1
         self.frames += len(pcm)
         self.ended = last
-
-
-# --- broker --------------------------------------------------------------------------------
-
-
-class Uplink:
-    """Publishes the outbox and hellos; reconnects with backoff when the broker drops."""
-
-    def __init__(
-        self,
-        settings: MqttSettings,
-        client_id: str,
-        stream_id: str,
-        capture: Capture,
-        qos: int,
-    ) -> None:
-        assert settings.url is not None
-        self.address: BrokerAddress = parse_broker_url(
-            settings.url, settings.password_file, settings.username
-        )
-        self.settings = settings
-        self.client_id = client_id
-        self.stream_id = stream_id
-        self.capture = capture
-        self.qos = qos
-        topic = f"{settings.topic_prefix}/audio/{stream_id}"
-        self.pcm_topic = f"{topic}/pcm"
-        self.hello_topic = f"{topic}/hello"
-        self.sent = 0
-        self.reconnects = 0
-        self.publish_denied = 0
-        self._paho_log = logging.getLogger(f"{__name__}.paho")
-        self._paho_errors = LastError()
-        self._paho_log.addFilter(self._paho_errors)
-
-    async def connect(self) -> CheckedClient:
-        """A connected client; PublishError with a one-line reason if there is none."""
-        client = await connect(
-            broker_client(self.settings, self.address, self.client_id, logger=self._paho_log),
-            self.settings, self.address, self._paho_errors,
-        )  # fmt: skip
-        log.info("connected to %s as %s; streaming %s at %d Hz, %d channel(s)", self.address,
-                 self.client_id, self.pcm_topic, self.capture.sample_rate,
-                 self.capture.channels)  # fmt: skip
-        return client
-
-    async def run(
-        self, client: CheckedClient | None, outbox: Outbox, seq: Callable[[], int]
-    ) -> None:
-        """Deliver until the outbox is finished; `client` is the first connection (or None).
-
-        `seq()` is the next sequence number (sent in hellos)."""
-        backoff = 0.5
-        while True:
-            try:
-                if client is None:
-                    client = await self.connect()
-                    self.reconnects += 1
-                await self._pump(client, outbox, seq)
-                await _close(client)
-                return
-            except (aiomqtt.MqttError, PublishError, TimeoutError) as err:
-                await _close(client)
-                client = None
-                delay = backoff * random.uniform(0.5, 1.5)
-                log.warning("broker %s: %s; %d chunk(s) waiting; retrying in %.1f s",
-                            self.address, err, len(outbox), delay)  # fmt: skip
-                await asyncio.sleep(delay)
-                backoff = min(MAX_BACKOFF_S, backoff * 2)
-
-    async def _pump(self, client: CheckedClient, outbox: Outbox, seq: Callable[[], int]) -> None:
-        next_hello = time.monotonic()
-        while not outbox.finished:
-            if time.monotonic() >= next_hello:
-                await self._publish(client, self.hello_topic, self._hello(seq()), 1)
-                next_hello = time.monotonic() + HELLO_INTERVAL_S
-            item = await outbox.get(max(0.0, next_hello - time.monotonic()))
-            if item is not None:
-                await self._publish(client, self.pcm_topic, item.payload, self.qos)
-                outbox.done(item)
-                self.sent += 1
-
-    def _hello(self, seq: int) -> bytes:
-        return json.dumps({
-            "stream_id": self.stream_id,
-            "sample_rate": self.capture.sample_rate,
-            "channels": self.capture.channels,
-            "seq": seq,
-        }).encode()  # fmt: skip
-
-    async def _publish(self, client: CheckedClient, topic: str, payload: bytes, qos: int) -> None:
-        async with asyncio.timeout(self.settings.connect_timeout_s + 1.0):
-            refusal = await client.publish_checked(topic, payload, qos)
-        if refusal is not None:  # final: it would be refused again
-            self.publish_denied += 1
-            if self.publish_denied == 1:
-                log.error("the broker refused a message on %s: %s (reason code %d); check the "
-                          "broker's ACL for this user; refused chunks are dropped and counted",
-                          topic, refusal, refusal.value)  # fmt: skip
-
-
-async def _close(client: CheckedClient | None) -> None:
-    if client is not None:
-        with contextlib.suppress(aiomqtt.MqttError, TimeoutError):
-            async with asyncio.timeout(2.0):
-                await client.__aexit__(None, None, None)
 
 
 # --- the command ---------------------------------------------------------------------------

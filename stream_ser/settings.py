@@ -89,6 +89,10 @@ class SourceSettings:
         "stream-ser", "shared-subscription group the workers share remote streams in",
         "--mqtt-audio-group",
     )  # fmt: skip
+    mqtt_audio_max_streams: int = setting(
+        32, "remote streams this worker recognises at once; hellos beyond are refused, counted",
+        "--mqtt-audio-max-streams",
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
         _require(8000 <= self.rate <= 384000, "--rate must be between 8000 and 384000 Hz")
@@ -100,6 +104,9 @@ class SourceSettings:
         _require(
             bool(self.mqtt_audio_group) and not any(c in self.mqtt_audio_group for c in "/#+"),
             "--mqtt-audio-group must be a non-empty name without '/', '#' or '+'",
+        )
+        _require(
+            1 <= self.mqtt_audio_max_streams <= 10_000, "--mqtt-audio-max-streams must be 1..10000"
         )
         if self.stream_id is not None:
             check_name("--stream-id", self.stream_id, MAX_STREAM_ID_BYTES)

@@ -20,28 +20,37 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
+import secrets
 import signal
-import ssl
 import sys
 from collections import deque
-from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TextIO, TypeGuard
 
 import aiomqtt
 
 from stream_ser.errors import ConfigError, PublishError
+from stream_ser.mqtt import (
+    Backoff,
+    CheckedClient,
+    SubscriptionRefused,
+    broker_client,
+    describe_connect_error,
+    keep_connected,
+    parse_broker_url,
+)
 from stream_ser.plot import read_affect
-from stream_ser.publish import BrokerAddress, parse_broker_url
+from stream_ser.settings import MqttSettings
 
 log = logging.getLogger(__name__)
 
 DEDUP_IDS = 10_000  # message ids remembered for de-duplication
 BAR_WIDTH = 8  # characters for probability 1.0
 TOP_K = 3
-MAX_BACKOFF_S = 30.0
 CONNECT_TIMEOUT_S = 10.0
 _EIGHTHS = " ▏▎▍▌▋▊▉"
 
@@ -160,6 +169,9 @@ class TailView:
 
     def _result(self, payload: bytes) -> list[str]:
         message = _json_object(payload)
+        if message is not None and (problem := result_problem(message)) is not None:
+            log.warning("ignored a result: %s", problem)
+            return []
         if message is None or not self._first_time(str(message.get("id", ""))):
             return []
         self.results += 1
@@ -182,6 +194,9 @@ class TailView:
         message = _json_object(payload)
         if message is None or self.options.json:
             return []
+        if (problem := status_problem(message)) is not None:
+            log.warning("ignored a status of %s: %s", client_id, problem)
+            return []
         state = str(message.get("state"))
         if self._states.get(f"status/{client_id}") == state:
             return []
@@ -200,59 +215,119 @@ class TailView:
         return [f"{clock(message.get('wall_time'))}  {stream_id:<7}  {word}"]
 
 
+# the fields `tail` shows and the types they must have (absent ones are shown as '?')
+RESULT_FIELDS: dict[str, tuple[type, ...]] = {
+    "id": (str,),
+    "stream_id": (str,),
+    "utterance_id": (int,),
+    "top_label": (str,),
+    "top_probability": (int, float),
+    "final": (bool,),
+    "distribution": (dict,),
+}
+
+
+def _wrong_types(message: Mapping[str, Any], fields: Mapping[str, tuple[type, ...]]) -> str | None:
+    for name, types in fields.items():
+        value = message.get(name)
+        if value is None:
+            continue
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            return f"field {name!r} is not of type {'/'.join(t.__name__ for t in types)}"
+    return None
+
+
+def result_problem(message: Mapping[str, Any]) -> str | None:
+    """Why a result cannot be shown (a field of the wrong type), or None."""
+    if (problem := _wrong_types(message, RESULT_FIELDS)) is not None:
+        return problem
+    distribution = message.get("distribution") or {}
+    if not all(isinstance(k, str) and _is_number(v) for k, v in distribution.items()):
+        return "field 'distribution' is not an object of label: probability"
+    affect = message.get("arousal_valence")
+    numbers = [message.get(name) for name in ("top_probability", "start_ms", "end_ms")]
+    numbers += [message.get("arousal"), message.get("valence"), *distribution.values()]
+    numbers += list(affect.values()) if isinstance(affect, dict) else []
+    if not all(_fits_float(value) for value in numbers if _is_number(value)):
+        return "a number is too large"
+    return None
+
+
+def _fits_float(value: float) -> bool:
+    try:
+        return math.isfinite(float(value)) and abs(float(value)) < 1e15
+    except OverflowError:
+        return False
+
+
+def status_problem(message: Mapping[str, Any]) -> str | None:
+    """Why a status cannot be shown (a field of the wrong type), or None."""
+    problem = _wrong_types(message, {"state": (str,), "streams": (list,), "counters": (dict,)})
+    return problem
+
+
 def _json_object(payload: bytes) -> dict[str, Any] | None:
     try:
         message = json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, ValueError, RecursionError):
         log.warning("ignored a message that is not JSON")
         return None
     return message if isinstance(message, dict) else None
 
 
-def make_client(address: BrokerAddress, args: argparse.Namespace) -> aiomqtt.Client:
-    """A subscriber client for the broker (TLS verified when mqtts://)."""
-    tls = None
-    if address.tls:
-        tls = aiomqtt.TLSParameters(
-            ca_certs=args.mqtt_ca_file,
-            certfile=args.mqtt_cert_file,
-            keyfile=args.mqtt_key_file,
-            cert_reqs=ssl.CERT_REQUIRED,
-        )
-    return aiomqtt.Client(
-        address.host,
-        address.port,
-        username=address.username,
-        password=address.password,
-        timeout=CONNECT_TIMEOUT_S,
-        tls_params=tls,
+def tail_settings(args: argparse.Namespace) -> MqttSettings:
+    """The broker settings of `tail`'s flags."""
+    return MqttSettings(
+        url=args.mqtt,
+        topic_prefix=args.mqtt_topic_prefix,
+        ca_file=args.mqtt_ca_file,
+        cert_file=args.mqtt_cert_file,
+        key_file=args.mqtt_key_file,
+        username=args.mqtt_username,
+        password_file=args.mqtt_password_file,
+        connect_timeout_s=CONNECT_TIMEOUT_S,
     )
 
 
 async def tail(
-    client_factory: Any, view: TailView, out: TextIO, stop: asyncio.Event, address: str
+    client_factory: Callable[[], CheckedClient],
+    view: TailView,
+    out: TextIO,
+    stop: asyncio.Event,
+    address: str,
 ) -> None:
     """Print until `stop` is set or `view.options.count` results; reconnect if the link drops.
 
-    A broker unreachable at start raises PublishError; later losses are retried with backoff.
+    A broker unreachable at start raises PublishError, as does a subscription the broker
+    refuses; later losses are retried with backoff.
     """
-    backoff, connected_once = 1.0, False
-    while not stop.is_set():
-        try:
-            async with client_factory() as client:
-                for topic, qos in subscriptions(view.options):
-                    await client.subscribe(topic, qos=qos)
-                connected_once, backoff = True, 1.0
-                if await _print_messages(client, view, out, stop):
-                    return
-        except aiomqtt.MqttError as err:
-            if not connected_once:
-                reason = str(err) or type(err).__name__
-                raise PublishError(f"cannot connect to broker {address}: {reason}") from err
-            log.warning("broker %s: %s; reconnecting in %.0f s", address, err, backoff)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), backoff)
-            backoff = min(MAX_BACKOFF_S, backoff * 2)
+    connected_once = False
+
+    async def session(backoff: Backoff) -> None:
+        nonlocal connected_once
+        if stop.is_set():
+            return
+        async with client_factory() as client:
+            connected_once = True
+            backoff.reset()
+            for topic, qos in subscriptions(view.options):
+                await client.subscribe_checked(topic, qos)
+            await _print_messages(client, view, out, stop)
+
+    def lost(err: Exception, delay: float) -> float:
+        if isinstance(err, SubscriptionRefused):
+            raise err
+        if not connected_once:
+            reason = describe_connect_error(err)
+            raise PublishError(f"cannot connect to broker {address}: {reason}") from err
+        log.warning("broker %s: %s; reconnecting in %.1f s", address, err, delay)
+        return delay
+
+    async def pause(delay_s: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), delay_s)
+
+    await keep_connected(session, lost, Backoff(first_s=1.0), sleep=pause)
 
 
 async def _print_messages(
@@ -316,9 +391,7 @@ def _validate(args: argparse.Namespace) -> None:
 def tail_command(args: argparse.Namespace) -> int:
     """Run `stream-ser tail`; Ctrl-C (or SIGTERM) ends it with exit code 0."""
     _validate(args)
-    address = parse_broker_url(args.mqtt, args.mqtt_password_file)
-    if args.mqtt_username:
-        address = replace(address, username=args.mqtt_username)
+    address = parse_broker_url(args.mqtt, args.mqtt_password_file, args.mqtt_username)
     options = TailOptions(
         topic_prefix=args.mqtt_topic_prefix,
         stream=args.stream,
@@ -328,14 +401,26 @@ def tail_command(args: argparse.Namespace) -> int:
     )
     unicode = (sys.stdout.encoding or "").lower().replace("-", "") == "utf8"
     view = TailView(options, unicode=unicode)
+    settings = tail_settings(args)
     try:
-        asyncio.run(_tail_until_signal(lambda: make_client(address, args), view, str(address)))
+        asyncio.run(
+            _tail_until_signal(
+                lambda: broker_client(settings, address, _client_id()), view, str(address)
+            )
+        )
     except BrokenPipeError:  # `stream-ser tail ... | head`: the reader has gone
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
 
 
-async def _tail_until_signal(client_factory: Any, view: TailView, address: str) -> None:
+def _client_id() -> str:
+    """A client id of its own per run, so that two tails never take over each other's link."""
+    return f"stream-ser-tail-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+async def _tail_until_signal(
+    client_factory: Callable[[], CheckedClient], view: TailView, address: str
+) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):

@@ -12,11 +12,21 @@ Work sharing uses MQTT v5 shared subscriptions, so any standard broker (cluster)
   an owner goes offline, the next hello of its streams (devices send one every 2 s) is claimed
   by whichever worker receives it: failover within about one hello interval. Results the dead
   worker had produced wait in its spool; audio it had not recognised is lost;
+- ownership expires: an owner re-publishes its claims every OWNER_REFRESH_S (retained, with an
+  MQTT v5 message expiry of OWNER_TTL_S), and a claim not refreshed for OWNER_TTL_S counts for
+  nothing, so the streams of a worker that died with the broker (its last will never sent, its
+  `online` status left retained) are claimed again;
 - two workers claiming one stream at once see each other's claim; the smaller client id keeps
   the stream and the other releases it.
 
+The audio link keeps a persistent MQTT session (SESSION_EXPIRY_S): while it is down, the
+broker queues the QoS 1 chunks of the streams it has claimed, and they arrive on reconnection.
+Every subscription's SUBACK is checked: one the broker's ACL refuses ends the worker with an
+error. Every incoming message is checked; a malformed one is counted, logged and ignored.
+At most `max_streams` streams run at once; hellos beyond are refused and counted.
+
 A stream ends with a chunk flagged last, after IDLE_TIMEOUT_S without audio, or at shutdown;
-its claim is then released (empty retained owner).
+its claim is then released (empty retained owner) and its state freed.
 """
 
 from __future__ import annotations
@@ -25,18 +35,35 @@ import asyncio
 import contextlib
 import json
 import logging
-import random
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass, field
+from typing import Any, TypeGuard
 
 import aiomqtt
 import numpy as np
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
-from stream_ser.errors import PublishError
 from stream_ser.events import AudioChunk
+from stream_ser.mqtt import (
+    Backoff,
+    BrokerAddress,
+    CheckedClient,
+    SubscriptionRefused,
+    broker_client,
+    keep_connected,
+    persistent_session,
+)
 from stream_ser.pipeline import StreamPipeline
-from stream_ser.publish import BrokerAddress, broker_client
-from stream_ser.remote import Chunk, PayloadError, Reorderer, decode_chunk
+from stream_ser.remote import (
+    MAX_CHANNELS,
+    RATES,
+    Chunk,
+    PayloadError,
+    Reorderer,
+    decode_chunk,
+)
 from stream_ser.settings import MqttSettings
 from stream_ser.source import Converter, SourceStats
 
@@ -44,7 +71,11 @@ log = logging.getLogger(__name__)
 
 IDLE_TIMEOUT_S = 10.0
 MAX_QUEUED_CHUNKS = 200  # per stream, between the MQTT loop and the stream's pipeline
-MAX_BACKOFF_S = 30.0
+DEFAULT_MAX_STREAMS = 32
+OWNER_REFRESH_S = 5.0  # an owner re-publishes its claims this often
+OWNER_TTL_S = 15.0  # a claim not refreshed for this long has expired
+SESSION_EXPIRY_S = 60  # the broker keeps the audio link's session this long after a drop
+MAX_ID_CHARS = 128
 
 
 @dataclass
@@ -125,6 +156,23 @@ class RemoteStream:
             yield item
 
 
+@dataclass
+class WorkerStats:
+    """What the audio worker saw, for the status topic."""
+
+    streams_claimed: int = 0
+    streams_refused: int = 0  # hellos beyond max_streams
+    messages_rejected: int = 0  # malformed hello, owner or status messages (ignored)
+
+
+@dataclass
+class Claim:
+    """A stream's owner as last announced."""
+
+    worker: str
+    seen_s: float  # monotonic time of the last announcement
+
+
 class AudioWorker:
     """Claims remote streams from the broker and hands each to a new StreamPipeline."""
 
@@ -135,18 +183,27 @@ class AudioWorker:
         client_id: str,
         group: str,
         make_pipeline: Callable[[RemoteStream], StreamPipeline],
+        max_streams: int = DEFAULT_MAX_STREAMS,
     ) -> None:
         self.settings = settings
         self.address = address
         self.client_id = client_id
         self.group = group
         self.make_pipeline = make_pipeline
+        self.max_streams = max_streams
         self.prefix = settings.topic_prefix
         self.mine: dict[str, RemoteStream] = {}
-        self.owners: dict[str, str] = {}
+        self.owners: dict[str, Claim] = {}
         self.alive: set[str] = {client_id}
+        self.stats = WorkerStats()
         self._arrivals: asyncio.Queue[StreamPipeline | None] = asyncio.Queue()
-        self._client: aiomqtt.Client | None = None
+        self._client: CheckedClient | None = None
+        self._connected_once = False
+        self._rejections_logged: set[str] = set()
+
+    def counters(self) -> dict[str, int]:
+        """Claims, refusals and rejected messages, and the streams running now."""
+        return asdict(self.stats) | {"streams_active": len(self.mine)}
 
     async def streams(self) -> AsyncIterator[StreamPipeline]:
         """The pipelines of claimed streams, as they are claimed; ends after `close`."""
@@ -154,95 +211,154 @@ class AudioWorker:
             yield pipeline
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Listen (reconnecting with backoff) until `stop`; then end every stream."""
-        backoff = 0.5
-        listening = asyncio.create_task(self._listen_forever(backoff), name="audio-listen")
-        await stop.wait()
-        listening.cancel()
-        await asyncio.gather(listening, return_exceptions=True)
-        for stream in list(self.mine.values()):
-            stream.end()
-        await self._release_all()
-        self._arrivals.put_nowait(None)
+        """Listen (reconnecting with backoff) until `stop`; then end every stream.
 
-    async def _listen_forever(self, backoff: float) -> None:
-        while True:
-            try:
-                await self._listen()
-            except (aiomqtt.MqttError, PublishError) as err:
-                delay = backoff * random.uniform(0.5, 1.5)
-                log.warning("audio link to %s: %s; retrying in %.1f s", self.address, err, delay)
-                await asyncio.sleep(delay)
-                backoff = min(MAX_BACKOFF_S, backoff * 2)
+        A subscription the broker refuses ends the run with SubscriptionRefused."""
+        listening = asyncio.create_task(
+            keep_connected(self._session, self._link_lost), name="audio-listen"
+        )
+        stopping = asyncio.create_task(stop.wait(), name="audio-stop")
+        try:
+            await asyncio.wait({listening, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (listening, stopping):
+                task.cancel()
+            await asyncio.gather(listening, stopping, return_exceptions=True)
+            for stream in list(self.mine.values()):
+                stream.end()
+            await self._release_all()
+            self._arrivals.put_nowait(None)
+        if not listening.cancelled() and (error := listening.exception()) is not None:
+            raise error
 
-    async def _listen(self) -> None:
+    def _link_lost(self, err: Exception, delay: float) -> float:
+        if isinstance(err, SubscriptionRefused):
+            raise err
+        log.warning("audio link to %s: %s; retrying in %.1f s", self.address, err, delay)
+        return delay
+
+    async def _session(self, backoff: Backoff) -> None:
         async with self._make_client() as client:
             self._client = client
+            self._connected_once = True
+            refreshing = asyncio.create_task(self._refresh_claims(client), name="audio-claims")
             try:
-                await client.subscribe(f"{self.prefix}/status/+", qos=1)
-                await client.subscribe(f"{self.prefix}/audio/+/owner", qos=1)
-                for stream_id in self.mine:
+                await client.subscribe_checked(f"{self.prefix}/status/+", 1)
+                await client.subscribe_checked(f"{self.prefix}/audio/+/owner", 1)
+                for stream_id in list(self.mine):
                     await self._claim(stream_id)
-                await client.subscribe(f"$share/{self.group}/{self.prefix}/audio/+/hello", qos=1)
+                await client.subscribe_checked(
+                    f"$share/{self.group}/{self.prefix}/audio/+/hello", 1
+                )
+                backoff.reset()
                 log.info("listening for remote audio as %s (group %s)", self.client_id, self.group)
                 async for message in client.messages:
-                    await self._handle(str(message.topic), message.payload)
+                    await self._handle_safely(str(message.topic), message.payload)
             finally:
                 self._client = None
+                refreshing.cancel()
+                await asyncio.gather(refreshing, return_exceptions=True)
 
-    def _make_client(self) -> aiomqtt.Client:
+    def _make_client(self, persistent: bool = True) -> CheckedClient:
+        session = persistent_session(SESSION_EXPIRY_S) if persistent else {}
         return broker_client(
             self.settings, self.address, f"{self.client_id}-audio",
-            max_queued_incoming_messages=10_000,
+            max_queued_incoming_messages=10_000, **session,
         )  # fmt: skip
 
-    async def _handle(self, topic: str, payload: object) -> None:
-        data = payload if isinstance(payload, bytes) else b""
+    async def _refresh_claims(self, client: CheckedClient) -> None:
+        """Re-announce this worker's claims, so that they do not expire while it lives."""
+        while True:
+            await asyncio.sleep(OWNER_REFRESH_S)
+            for stream_id in list(self.mine):
+                await self._publish_owner(client, stream_id)
+
+    async def _handle_safely(self, topic: str, payload: object) -> None:
+        """Handle one message; one that breaks the handling is logged and ignored."""
+        try:
+            await self._handle(topic, payload if isinstance(payload, bytes) else b"")
+        except (aiomqtt.MqttError, SubscriptionRefused):
+            raise
+        except Exception:  # the listener must outlive a message nobody foresaw
+            self.stats.messages_rejected += 1
+            log.exception("ignored a message on %s that could not be handled", topic)
+
+    async def _handle(self, topic: str, data: bytes) -> None:
         parts = topic.split("/")
         if topic.startswith(f"{self.prefix}/status/"):
             self._on_status(parts[-1], data)
-        elif len(parts) >= 4 and parts[-3] == "audio":
+        elif len(parts) >= 4 and parts[-3] == "audio" and _valid_id(parts[-2]):
             stream_id, kind = parts[-2], parts[-1]
             if kind == "pcm" and stream_id in self.mine:
                 self.mine[stream_id].accept(data)
             elif kind == "hello":
-                await self._on_hello(stream_id)
+                await self._on_hello(stream_id, data)
             elif kind == "owner":
                 await self._on_owner(stream_id, data)
 
+    def _reject(self, topic: str, why: str) -> None:
+        """Count a malformed message; log the first of each kind at warning level."""
+        self.stats.messages_rejected += 1
+        level = logging.DEBUG if why in self._rejections_logged else logging.WARNING
+        self._rejections_logged.add(why)
+        log.log(level, "ignored a message on %s: %s", topic, why)
+
     def _on_status(self, worker: str, data: bytes) -> None:
-        try:
-            state = json.loads(data).get("state") if data else "offline"
-        except (ValueError, AttributeError):
-            return
+        state = "offline"
+        if data:
+            message = _json_object(data)
+            if message is None or not isinstance(message.get("state"), str):
+                self._reject(f"{self.prefix}/status/{worker}", "status without a text state")
+                return
+            state = message["state"]
         if state == "online":
             self.alive.add(worker)
         else:
             self.alive.discard(worker)
 
-    async def _on_hello(self, stream_id: str) -> None:
-        if stream_id in self.mine or not _valid_id(stream_id):
+    async def _on_hello(self, stream_id: str, data: bytes) -> None:
+        if stream_id in self.mine:
             return
-        owner = self.owners.get(stream_id)
-        if owner is not None and owner != self.client_id and owner in self.alive:
+        if (why := _hello_problem(stream_id, data)) is not None:
+            self._reject(f"{self.prefix}/audio/{stream_id}/hello", why)
+            return
+        if self._live_owner(stream_id) is not None:
+            return
+        if len(self.mine) >= self.max_streams:
+            self.stats.streams_refused += 1
+            if self.stats.streams_refused % 100 == 1:
+                log.warning("refused stream %s: %d streams run already (--mqtt-audio-max-streams);"
+                            " %d refused so far", stream_id, len(self.mine),
+                            self.stats.streams_refused)  # fmt: skip
             return
         await self._claim(stream_id)
         stream = RemoteStream(stream_id, SourceStats())
         self.mine[stream_id] = stream
+        self.stats.streams_claimed += 1
         log.info("claimed remote stream %s", stream_id)
         pipeline = self.make_pipeline(stream)
         self._arrivals.put_nowait(pipeline)
         asyncio.get_running_loop().create_task(self._release_when_done(stream, pipeline))
 
+    def _live_owner(self, stream_id: str) -> str | None:
+        """Another worker that owns the stream: alive, and its claim not expired."""
+        claim = self.owners.get(stream_id)
+        if claim is None or claim.worker == self.client_id or claim.worker not in self.alive:
+            return None
+        if time.monotonic() - claim.seen_s > OWNER_TTL_S:
+            return None
+        return claim.worker
+
     async def _on_owner(self, stream_id: str, data: bytes) -> None:
-        try:
-            owner = json.loads(data)["worker"] if data else None
-        except (ValueError, KeyError, TypeError):
-            return
-        if owner is None:
+        if not data:
             self.owners.pop(stream_id, None)
             return
-        self.owners[stream_id] = owner
+        message = _json_object(data)
+        owner = message.get("worker") if message is not None else None
+        if not isinstance(owner, str) or not _valid_id(owner):
+            self._reject(f"{self.prefix}/audio/{stream_id}/owner", "owner without a valid worker")
+            return
+        self.owners[stream_id] = Claim(owner, time.monotonic())
         if stream_id in self.mine and owner != self.client_id:
             if owner < self.client_id:  # the smaller id keeps a contested stream
                 log.info("stream %s is %s's: releasing it", stream_id, owner)
@@ -253,10 +369,16 @@ class AudioWorker:
     async def _claim(self, stream_id: str) -> None:
         if self._client is None:
             return
-        topic = f"{self.prefix}/audio/{stream_id}"
-        await self._client.publish(f"{topic}/owner", json.dumps({"worker": self.client_id}),
-                                   qos=1, retain=True)  # fmt: skip
-        await self._client.subscribe(f"{topic}/pcm", qos=1)
+        # subscribed before the claim is announced: a device sends its audio once it sees it
+        await self._client.subscribe_checked(f"{self.prefix}/audio/{stream_id}/pcm", 1)
+        await self._publish_owner(self._client, stream_id)
+
+    async def _publish_owner(self, client: aiomqtt.Client, stream_id: str) -> None:
+        expiry = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+        expiry.MessageExpiryInterval = int(OWNER_TTL_S)
+        await client.publish(f"{self.prefix}/audio/{stream_id}/owner",
+                             json.dumps({"worker": self.client_id}), qos=1, retain=True,
+                             properties=expiry)  # fmt: skip
 
     async def _release_when_done(self, stream: RemoteStream, pipeline: StreamPipeline) -> None:
         await pipeline.finished.wait()
@@ -265,7 +387,8 @@ class AudioWorker:
             await self._release(stream.stream_id)
 
     async def _release(self, stream_id: str) -> None:
-        if self._client is None or self.owners.get(stream_id) not in (None, self.client_id):
+        claim = self.owners.get(stream_id)
+        if self._client is None or (claim is not None and claim.worker != self.client_id):
             return
         topic = f"{self.prefix}/audio/{stream_id}"
         with contextlib.suppress(aiomqtt.MqttError):
@@ -273,16 +396,47 @@ class AudioWorker:
             await self._client.publish(f"{topic}/owner", b"", qos=1, retain=True)
 
     async def _release_all(self) -> None:
-        """At shutdown: a short-lived connection clears this worker's claims."""
-        claimed = [s for s, owner in self.owners.items() if owner == self.client_id]
-        if not claimed:
+        """At shutdown: a short-lived clean connection clears this worker's claims and ends
+        its persistent session (so that the broker queues nothing more for it)."""
+        claimed = [s for s, claim in self.owners.items() if claim.worker == self.client_id]
+        if not claimed and not self._connected_once:
             return
         with contextlib.suppress(aiomqtt.MqttError, TimeoutError):
-            async with asyncio.timeout(self.settings.connect_timeout_s), self._make_client() as c:
+            async with asyncio.timeout(self.settings.connect_timeout_s), \
+                    self._make_client(persistent=False) as client:  # fmt: skip
                 for stream_id in claimed:
-                    await c.publish(f"{self.prefix}/audio/{stream_id}/owner", b"", qos=1,
-                                    retain=True)  # fmt: skip
+                    await client.publish(f"{self.prefix}/audio/{stream_id}/owner", b"", qos=1,
+                                         retain=True)  # fmt: skip
 
 
 def _valid_id(stream_id: str) -> bool:
-    return 0 < len(stream_id) <= 128 and not any(c in stream_id for c in "/#+")
+    return 0 < len(stream_id) <= MAX_ID_CHARS and not any(c in stream_id for c in "/#+\0")
+
+
+def _json_object(data: bytes) -> dict[str, Any] | None:
+    try:
+        message = json.loads(data)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return None
+    return message if isinstance(message, dict) else None
+
+
+def _hello_problem(stream_id: str, data: bytes) -> str | None:
+    """What is wrong with a hello (remote.py documents its fields), or None."""
+    message = _json_object(data)
+    if message is None:
+        return "hello is not a JSON object"
+    rate, channels = message.get("sample_rate"), message.get("channels")
+    if message.get("stream_id") != stream_id:
+        return "hello names another stream than its topic"
+    if not _is_int(rate) or not RATES[0] <= rate <= RATES[1]:
+        return f"hello sample_rate outside {RATES[0]}..{RATES[1]}"
+    if not _is_int(channels) or not 1 <= channels <= MAX_CHANNELS:
+        return f"hello channels outside 1..{MAX_CHANNELS}"
+    if not _is_int(message.get("seq")) or message["seq"] < 0:
+        return "hello seq is not a count"
+    return None
+
+
+def _is_int(value: object) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool)

@@ -200,7 +200,7 @@ async def test_a_socket_closed_before_its_write_registration_is_skipped_quietly(
     closes the socket meanwhile, and asyncio used to log a traceback for the dead descriptor."""
     import socket
 
-    from stream_ser.publish import CheckedClient
+    from stream_ser.mqtt import CheckedClient
 
     loop = asyncio.get_running_loop()
     errors: list[dict[str, Any]] = []

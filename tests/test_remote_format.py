@@ -148,12 +148,49 @@ def test_a_missing_chunk_becomes_silence_after_a_window_of_later_chunks() -> Non
 def test_late_and_duplicate_chunks_are_dropped_and_counted() -> None:
     reorderer = Reorderer()
     released(reorderer, [chunk(0), *(chunk(seq) for seq in range(2, 2 + REORDER_WINDOW))])
-    assert list(reorderer.push(chunk(1))) == []  # given up already: late
-    assert list(reorderer.push(chunk(0))) == []  # released already: late too
-    assert reorderer.stats.chunks_late == 2
+    assert list(reorderer.push(chunk(1))) == []  # given up already (silence stood in): late
+    assert reorderer.stats.chunks_late == 1
     list(reorderer.push(chunk(12)))  # held: 10 and 11 are missing
     assert list(reorderer.push(chunk(12))) == []  # still held: a duplicate
     assert reorderer.stats.chunks_duplicate == 1
+
+
+def test_a_chunk_released_already_is_a_duplicate_not_late() -> None:
+    """A QoS 1 redelivery of a chunk the worker has used was counted as late."""
+    reorderer = Reorderer()
+    released(reorderer, [chunk(seq) for seq in range(5)])
+    assert list(reorderer.push(chunk(0))) == []
+    assert list(reorderer.push(chunk(3))) == []
+    assert reorderer.stats.chunks_duplicate == 2
+    assert reorderer.stats.chunks_late == 0
+
+
+def test_an_out_of_order_first_chunk_does_not_drop_the_earlier_ones() -> None:
+    """Chunk 1 arriving before chunk 0 used to fix the start at 1 and drop 0 as late."""
+    reorderer = Reorderer()
+    out = released(reorderer, [chunk(1), chunk(0), chunk(2)])
+    assert [c.seq for c in out] == [0, 1, 2]
+    assert reorderer.stats.chunks_late == reorderer.stats.chunks_lost == 0
+
+
+def test_a_stream_joined_mid_way_starts_at_its_smallest_early_chunk() -> None:
+    """A worker taking over mid-stream sees no chunk 0: after a window it starts at the
+    smallest chunk held, without counting the chunks before it as lost."""
+    reorderer = Reorderer()
+    seqs = [5001, 5000, *range(5002, 5000 + REORDER_WINDOW)]
+    out = released(reorderer, [chunk(seq) for seq in seqs])
+    assert [c.seq for c in out] == list(range(5000, 5000 + REORDER_WINDOW))
+    assert reorderer.stats.chunks_lost == 0
+
+
+def test_a_capture_time_of_2_to_the_63_does_not_disable_restart_detection() -> None:
+    """One chunk with an absurd capture time made every later restart look like an old chunk."""
+    reorderer = Reorderer()
+    released(reorderer, [chunk(0, captured_ms=1000), chunk(1, captured_ms=2**63)])
+    released(reorderer, [chunk(seq, captured_ms=1000 + seq) for seq in range(2, 6)])
+    out = released(reorderer, [chunk(0, captured_ms=9000)])  # the device restarted
+    assert reorderer.stats.restarts == 1
+    assert [c.seq for c in out] == [0]
 
 
 def test_a_restarted_sender_starts_the_sequence_over_without_losing_held_chunks() -> None:
@@ -165,9 +202,9 @@ def test_a_restarted_sender_starts_the_sequence_over_without_losing_held_chunks(
     assert [c.seq for c in out] == [3, 4, 0, 1, 2]  # held chunk and filler first, then the restart
     assert not out[0].pcm.any() and out[2] is restarted[0]
     assert reorderer.stats.restarts == 1 and reorderer.stats.format_changes == 0
-    # a redelivered old chunk 0 (captured before the newest) is late, not a restart
+    # a redelivered old chunk 0 (captured before the newest) is a duplicate, not a restart
     assert list(reorderer.push(chunk(0, captured_ms=4000))) == []
-    assert reorderer.stats.restarts == 1 and reorderer.stats.chunks_late == 1
+    assert reorderer.stats.restarts == 1 and reorderer.stats.chunks_duplicate == 1
 
 
 def test_a_format_change_mid_stream_is_dropped_and_counted() -> None:

@@ -24,7 +24,7 @@ from conftest import LABELS, REPO, Broker, free_port, wait_for_port
 from schema import check_result
 
 from stream_ser.errors import ConfigError
-from stream_ser.publish import PASSWORD_ENV, parse_broker_url
+from stream_ser.mqtt import PASSWORD_ENV, parse_broker_url
 from stream_ser.settings import MqttSettings
 
 PREFIX = "stream-ser"

@@ -17,7 +17,8 @@ import soundfile
 from conftest import REPO, Broker, free_port, run_cli
 
 from stream_ser.remote import Chunk, decode_chunk
-from stream_ser.send import Outbox, Outgoing, chunk_pieces
+from stream_ser.send import chunk_pieces
+from stream_ser.uplink import Outbox, Outgoing
 
 PREFIX = "send-test"
 MODEL_MODULES = ("onnxruntime", "opensmile")
@@ -50,6 +51,8 @@ class Received:
         self._arrived = asyncio.Event()
 
     def add(self, topic: str, payload: bytes) -> None:
+        if topic.endswith("/owner"):  # the listener's own claim
+            return
         self.topics.add(topic)
         self._arrived.set()
         if topic.endswith("/hello"):
@@ -85,9 +88,14 @@ async def listen(
                 subscribed.set()
                 async for message in client.messages:
                     assert isinstance(message.payload, bytes)
-                    received.add(str(message.topic), message.payload)
+                    topic = str(message.topic)
+                    received.add(topic, message.payload)
                     if received.ended:
                         return
+                    if topic.endswith("/hello"):  # claim the stream, as a worker does
+                        owner = topic.removesuffix("/hello") + "/owner"
+                        claim = json.dumps({"worker": "send-test-sub"})
+                        await client.publish(owner, claim, qos=1, retain=True)
         except aiomqtt.MqttError:
             if not persistent:
                 raise
