@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import socket
 import sys
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, replace
@@ -305,8 +306,10 @@ async def _run(
                 shared.pipeline(stream_id, open_source(source, stats), stats, is_recording(source))
             )
         async with sink:
-            await _announce(settings, sink, stream_ids)
-            await _run_all(settings, shared, streams, stop, client_id)
+            announcer = Announcer(settings, sink, client_id)
+            for stream_id in stream_ids:
+                await announcer.announce(stream_id, socket.gethostname())
+            await _run_all(settings, shared, streams, stop, client_id, announcer)
     for stage in (analyzer, side):
         if stage is not None:
             stage.close()
@@ -325,6 +328,7 @@ async def _run_all(
     streams: list[StreamPipeline],
     stop: asyncio.Event,
     client_id: str,
+    announcer: Announcer,
 ) -> None:
     """The local streams, and the remote ones a worker claims (--mqtt-audio), to the end."""
     interval = settings.mqtt.status_interval_s
@@ -345,10 +349,11 @@ async def _run_all(
         settings.source.mqtt_audio_group,
         remote_pipeline,
     )
+    arriving = announcer.remote(worker.streams())
     async with asyncio.TaskGroup() as group:
         group.create_task(worker.run(stop), name="audio-worker")
         group.create_task(
-            run_streams(streams, shared.sink, stop, interval, shared.observer, worker.streams())
+            run_streams(streams, shared.sink, stop, interval, shared.observer, arriving)
         )
 
 
@@ -357,23 +362,42 @@ async def _serve_metrics(settings: Settings, stack: contextlib.AsyncExitStack) -
     if settings.metrics.port is None:
         return None
     metrics = Metrics()
-    server = stack.enter_context(metrics.serve(settings.metrics.host, settings.metrics.port))
-    log.info("metrics on http://%s:%d/metrics", settings.metrics.host, server.port)
+    stack.enter_context(metrics.serve(settings.metrics.host, settings.metrics.port))
     return metrics
 
 
-async def _announce(settings: Settings, sink: Sink, stream_ids: list[str]) -> None:
-    """Home Assistant discovery configs, retained, when --ha-discovery is given."""
-    if not settings.ha.discovery or settings.mqtt.url is None:
-        return
-    for stream_id in stream_ids:
-        client_id = settings.mqtt.client_id or default_client_id(stream_id)
-        status_topic = f"{settings.mqtt.topic_prefix}/status/{client_id}"
+class Announcer:
+    """Home Assistant discovery configs, retained, for each stream (with --ha-discovery).
+
+    Entities are available while the status of `client_id` (the process that publishes
+    the stream's results) is online.
+    """
+
+    def __init__(self, settings: Settings, sink: Sink, client_id: str) -> None:
+        self._settings = settings
+        self._sink = sink
+        self._status_topic = f"{settings.mqtt.topic_prefix}/status/{client_id}"
+        self._announced: set[str] = set()
+
+    async def announce(self, stream_id: str, host: str | None) -> None:
+        """A stream's configs, once per process (`host` for a local stream, see node_id)."""
+        ha = self._settings.ha
+        if not ha.discovery or self._settings.mqtt.url is None or stream_id in self._announced:
+            return
+        self._announced.add(stream_id)
         for topic, payload in discovery_messages(
-            settings.mqtt.topic_prefix, stream_id, status_topic,
-            settings.ha.discovery_prefix, settings.ha.device_name,
+            self._settings.mqtt.topic_prefix, stream_id, self._status_topic,
+            ha.discovery_prefix, ha.device_name, host,
         ):  # fmt: skip
-            await sink.announce(topic, payload)
+            await self._sink.announce(topic, payload)
+
+    async def remote(
+        self, arrivals: AsyncIterator[StreamPipeline]
+    ) -> AsyncIterator[StreamPipeline]:
+        """The streams a worker claims, each announced before it runs."""
+        async for stream in arrivals:
+            await self.announce(stream.stream_id, None)
+            yield stream
 
 
 def _devices_command(args: argparse.Namespace) -> int:

@@ -200,6 +200,21 @@ def read_manifest(path: Path, root: Path | None = None) -> list[Clip]:
     return clips
 
 
+def check_clips_exist(clips: Sequence[Clip], manifest: Path, root: Path | None) -> None:
+    """Warn about clips that are not there, with a hint at --root; none there: ConfigError."""
+    missing = [clip.path for clip in clips if not clip.path.is_file()]
+    if not missing:
+        return
+    base = f"--root {root}" if root is not None else f"the manifest's folder {manifest.parent}"
+    message = (
+        f"{len(missing)} of {len(clips)} clip(s) in {manifest}: no such file, e.g. {missing[0]} "
+        f"(paths are relative to {base}; give --root DIR if they are relative to another folder)"
+    )
+    if len(missing) == len(clips):
+        raise ConfigError(message)
+    log.warning("%s", message)
+
+
 def _votes(row: dict[str, str], columns: Sequence[str], path: Path) -> dict[str, float]:
     try:
         votes = {c[len(VOTE_PREFIX) :]: float(row[c] or 0) for c in columns}
@@ -212,6 +227,8 @@ def _votes(row: dict[str, str], columns: Sequence[str], path: Path) -> dict[str,
 
 def load_audio(path: Path) -> np.ndarray:
     """A whole file as 16 kHz mono float32."""
+    if not path.is_file():
+        raise AudioInputError(f"{path}: no such file")
     try:
         audio, rate = soundfile.read(path, dtype="float32", always_2d=True)
     except (soundfile.LibsndfileError, RuntimeError, OSError) as err:
@@ -467,6 +484,7 @@ def eval_command(args: argparse.Namespace) -> int:
     if root is not None and not root.is_dir():
         raise ConfigError(f"--root: no such directory: {root}")
     clips = read_manifest(Path(args.manifest), root)
+    check_clips_exist(clips, Path(args.manifest), root)
     from stream_ser import fusion_eval
 
     if fusion_eval.uses_sources(args):
