@@ -484,12 +484,14 @@ def eval_command(args: argparse.Namespace) -> int:
     if root is not None and not root.is_dir():
         raise ConfigError(f"--root: no such directory: {root}")
     clips = read_manifest(Path(args.manifest), root)
-    check_clips_exist(clips, Path(args.manifest), root)
     from stream_ser import fusion_eval
 
     if fusion_eval.uses_sources(args):
+        check_clips_exist(clips, Path(args.manifest), root)
         return _eval_sources(args, clips)
     specialist = Specialist(model_dir, intra_op_threads=args.threads)
+    label_subset(specialist.labels, clips)  # a wrong label is reported before missing files
+    check_clips_exist(clips, Path(args.manifest), root)
     report = evaluate(specialist, clips, args.adapt, progress=not args.no_progress)
     if args.plots:
         write_plots(report, Path(args.plots))
