@@ -172,7 +172,7 @@ class MqttSettings:
         None, "broker URL mqtt://[user@]host[:port] or mqtts://...; none: JSON Lines", "--mqtt",
         metavar="URL",
     )  # fmt: skip
-    topic_prefix: str = setting("stream-ser", "topic prefix")
+    topic_prefix: str = setting("stream-ser", "first level of every topic stream-ser uses")
     client_id: str | None = setting(
         None,
         "MQTT client id; it names the status topic and the spool (default: run: "
@@ -399,11 +399,15 @@ def _split_list(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part)
 
 
+def field_help(section: str, item: Any) -> str:
+    """A setting's one-line help (tests/test_usability.py checks that each has one)."""
+    described = item.metadata.get("help") or ALM_HELP.get(item.name if section == "alm" else "")
+    return str(described or item.name.replace("_", " "))
+
+
 def _help(section: str, item: Any, default: Any) -> str:
     """The field's help, with its default unless the help already names one."""
-    described = item.metadata.get("help") or ALM_HELP.get(item.name if section == "alm" else "")
-    if described is None:
-        raise AssertionError(f"setting [{section}] {item.name} has no help")  # a developer error
+    described = field_help(section, item)
     if "default" in described:
         return str(described)
     return f"{described} (default: {_show(default)})"

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import argparse
 import socket
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
 from conftest import run_cli
 
+from stream_ser.alm.base import ALM_HELP
 from stream_ser.cli import _parser
 from stream_ser.publish import default_client_id
+from stream_ser.settings import SECTIONS, field_help
 
 
 def command_parser(name: str) -> argparse.ArgumentParser:
@@ -80,3 +83,11 @@ def test_eval_with_missing_clips_says_no_such_file_and_hints_at_root(tmp_path: P
     assert done.returncode == 2
     (line,) = done.stderr.strip().splitlines()
     assert "no such file" in line and "--root" in line and "Actor_01/a.wav" in line
+
+
+def test_every_setting_has_its_own_help() -> None:
+    for section, cls in SECTIONS.items():
+        for item in fields(cls):
+            own = item.metadata.get("help") or (section == "alm" and item.name in ALM_HELP)
+            assert own, (section, item.name)
+            assert "see docs" not in field_help(section, item)
