@@ -51,6 +51,7 @@ from stream_ser.settings import (
     SourceSettings,
     add_arguments,
     build_settings,
+    ineffective_settings,
     split_sources,
 )
 from stream_ser.source import (
@@ -173,6 +174,8 @@ def _run_command(args: argparse.Namespace) -> int:
     per_source = [build_settings(variant) for variant in split_sources(args)]
     settings = per_source[0]
     configure_logging(settings.output.log_level, settings.output.log_json)
+    for note in dict.fromkeys(n for s in per_source for n in ineffective_settings(s)):
+        log.warning("%s", note)
     sources = [s.source for s in per_source if s.source.input or s.source.mic]
     if not sources and not settings.source.mqtt_audio:
         raise ConfigError(

@@ -7,7 +7,9 @@ import socket
 from dataclasses import fields
 from pathlib import Path
 
+import numpy as np
 import pytest
+import soundfile
 from conftest import run_cli
 
 from stream_ser.alm.base import ALM_HELP
@@ -91,3 +93,16 @@ def test_every_setting_has_its_own_help() -> None:
             own = item.metadata.get("help") or (section == "alm" and item.name in ALM_HELP)
             assert own, (section, item.name)
             assert "see docs" not in field_help(section, item)
+
+
+def test_settings_that_do_nothing_here_are_warned_about(tmp_path: Path, tiny_model: Path) -> None:
+    audio = tmp_path / "quiet.wav"
+    soundfile.write(audio, np.zeros(8000, dtype=np.float32), 16000)
+    done = run_cli("run", "--input", str(audio), "--model", str(tiny_model), "--no-descriptors",
+                   "--rate", "8000", "--mqtt-client-id", "x", "--metrics-host", "0.0.0.0",
+                   timeout_s=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    warnings = [line for line in done.stderr.splitlines() if "WARNING" in line]
+    assert len(warnings) == 3, done.stderr
+    for flag in ("--rate", "--mqtt-*", "--metrics-host"):
+        assert any(flag in line and "ignored" in line for line in warnings), (flag, warnings)
