@@ -347,15 +347,15 @@ def bad_owner_record(lab: Lab) -> Row:
 
 
 def backoff_reset(lab: Lab) -> Row:
-    """9: three 2-second broker kills while a device streams 8 utterances to a worker."""
+    """9: four 2-second broker kills while a device streams 8 utterances to a worker."""
     broker = Broker(lab.directory / "broker", persistence=True).start()
     sub = Subscriber(broker, [f"{PREFIX}/+/utterance", f"{PREFIX}/status/+"])
     worker = lab.worker(broker, "w9")
     wait_until(online(sub, "w9"), 30)
     path = bursts(lab.directory / "talk.wav", 8)
     sender = lab.send(broker, "send", path, "yard")
-    for _ in range(3):
-        time.sleep(3.0)
+    for _ in range(4):
+        time.sleep(1.5)
         broker.kill()
         time.sleep(2.0)
         broker.start()
