@@ -26,7 +26,7 @@ from stream_ser.events import AudioChunk
 from stream_ser.fusion import FusionConfig, load_fusion
 from stream_ser.logs import configure_logging
 from stream_ser.messages import StreamInfo
-from stream_ser.metrics import Metrics
+from stream_ser.metrics import Metrics, MetricsSettings
 from stream_ser.pipeline import (
     Analyzer,
     Recognizer,
@@ -47,11 +47,11 @@ from stream_ser.publish import (
     parse_broker_url,
 )
 from stream_ser.settings import (
+    MqttSettings,
     Settings,
     SourceSettings,
     add_arguments,
     build_settings,
-    ineffective_settings,
     split_sources,
 )
 from stream_ser.source import (
@@ -194,6 +194,21 @@ def _run_command(args: argparse.Namespace) -> int:
     sink = _make_sink(settings, client_id, stream_ids)
     asyncio.run(_run(settings, sources, stream_ids, specialist, sink, client_id))
     return 0
+
+
+def ineffective_settings(settings: Settings) -> list[str]:
+    """Warnings for `run` settings that do nothing in this combination (they are not errors:
+    a shared TOML file may set them for other runs)."""
+    source, notes = settings.source, []
+    if source.input != "-" and (source.rate, source.channels) != (16000, 1):
+        notes.append("--rate/--channels describe raw PCM on stdin (--input -) only: ignored")
+    if source.realtime and source.mic is not None:
+        notes.append("--realtime paces a file; a microphone is live already: ignored")
+    if settings.mqtt.url is None and replace(settings.mqtt, url=None) != MqttSettings():
+        notes.append("--mqtt-* settings do nothing without --mqtt URL: ignored")
+    if settings.metrics.port is None and settings.metrics != MetricsSettings():
+        notes.append("--metrics-host does nothing without --metrics-port: ignored")
+    return notes
 
 
 def _unique(stream_ids: list[str]) -> list[str]:

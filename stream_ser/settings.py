@@ -498,18 +498,3 @@ def _read_toml(path: Path) -> dict[str, dict[str, Any]]:
             if key not in known:
                 raise ConfigError(f"{path}: unknown key {key!r} in [{section}]")
     return data
-
-
-def ineffective_settings(settings: Settings) -> list[str]:
-    """Warnings for `run` settings that do nothing in this combination (they are not errors:
-    a shared TOML file may set them for other runs)."""
-    source, notes = settings.source, []
-    if source.input != "-" and (source.rate, source.channels) != (16000, 1):
-        notes.append("--rate/--channels describe raw PCM on stdin (--input -) only: ignored")
-    if source.realtime and source.mic is not None:
-        notes.append("--realtime paces a file; a microphone is live already: ignored")
-    if settings.mqtt.url is None and replace(settings.mqtt, url=None) != MqttSettings():
-        notes.append("--mqtt-* settings do nothing without --mqtt URL: ignored")
-    if settings.metrics.port is None and settings.metrics != MetricsSettings():
-        notes.append("--metrics-host does nothing without --metrics-port: ignored")
-    return notes

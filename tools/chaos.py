@@ -40,28 +40,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from chaos_lab import (
     Broker,
     Proc,
+    Row,
     Subscriber,
     bursts,
     count_ids,
     stream_ser,
+    table,
     wait_until,
 )
 
 PREFIX = "chaos"
-
-
-@dataclass
-class Row:
-    """One attack's outcome."""
-
-    attack: str
-    expected: str
-    delivered: str
-    duplicates: int = 0
-    tracebacks: int = 0
-    exit_codes: list[int | None] = field(default_factory=list)
-    ok: bool = False
-    note: str = ""
 
 
 @dataclass
@@ -487,18 +475,6 @@ def _folder(keep: Path | None, name: str) -> Iterator[Path]:
         return
     with tempfile.TemporaryDirectory(prefix=f"chaos-{name}-") as temporary:
         yield Path(temporary)
-
-
-def table(rows: list[Row]) -> str:
-    """A Markdown table of the rows."""
-    lines = ["| attack | expected | delivered | dup | tb | exit | verdict | note |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
-    for r in rows:
-        codes = " ".join("-" if c is None else str(c) for c in r.exit_codes) or "-"
-        verdict = "ok" if r.ok else ("skipped" if r.delivered == "skipped" else "FAIL")
-        lines.append(f"| {r.attack} | {r.expected} | {r.delivered} | {r.duplicates} | "
-                     f"{r.tracebacks} | {codes} | {verdict} | {r.note} |")  # fmt: skip
-    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:

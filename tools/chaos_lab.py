@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -234,3 +235,29 @@ def bursts(path: Path, count: int, on_s: float = 1.0, off_s: float = 1.0) -> Pat
 def stream_ser(*args: str) -> list[str]:
     """The argv of `python -m stream_ser ARGS` with this interpreter."""
     return [sys.executable, "-m", "stream_ser", *args]
+
+
+@dataclass
+class Row:
+    """One attack's outcome."""
+
+    attack: str
+    expected: str
+    delivered: str
+    duplicates: int = 0
+    tracebacks: int = 0
+    exit_codes: list[int | None] = field(default_factory=list)
+    ok: bool = False
+    note: str = ""
+
+
+def table(rows: list[Row]) -> str:
+    """A Markdown table of the rows."""
+    lines = ["| attack | expected | delivered | dup | tb | exit | verdict | note |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    for r in rows:
+        codes = " ".join("-" if c is None else str(c) for c in r.exit_codes) or "-"
+        verdict = "ok" if r.ok else ("skipped" if r.delivered == "skipped" else "FAIL")
+        lines.append(f"| {r.attack} | {r.expected} | {r.delivered} | {r.duplicates} | "
+                     f"{r.tracebacks} | {codes} | {verdict} | {r.note} |")  # fmt: skip
+    return "\n".join(lines)
