@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import socket
 import sys
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, replace
@@ -25,7 +26,7 @@ from stream_ser.events import AudioChunk
 from stream_ser.fusion import FusionConfig, load_fusion
 from stream_ser.logs import configure_logging
 from stream_ser.messages import StreamInfo
-from stream_ser.metrics import Metrics
+from stream_ser.metrics import Metrics, MetricsSettings
 from stream_ser.mqtt import parse_broker_url
 from stream_ser.pipeline import (
     Analyzer,
@@ -47,6 +48,7 @@ from stream_ser.publish import (
 )
 from stream_ser.settings import (
     MAX_CLIENT_ID_BYTES,
+    MqttSettings,
     Settings,
     SourceSettings,
     add_arguments,
@@ -175,6 +177,8 @@ def _run_command(args: argparse.Namespace) -> int:
     per_source = [build_settings(variant) for variant in split_sources(args)]
     settings = per_source[0]
     configure_logging(settings.output.log_level, settings.output.log_json)
+    for note in dict.fromkeys(n for s in per_source for n in ineffective_settings(s)):
+        log.warning("%s", note)
     sources = [s.source for s in per_source if s.source.input or s.source.mic]
     if not sources and not settings.source.mqtt_audio:
         raise ConfigError(
@@ -196,6 +200,21 @@ def _run_command(args: argparse.Namespace) -> int:
     asyncio.run(_run(settings, sources, stream_ids, specialist, sink, client_id, damage))
     damage.check()  # a damaged file's error, once the audio before the damage is published
     return 0
+
+
+def ineffective_settings(settings: Settings) -> list[str]:
+    """Warnings for `run` settings that do nothing in this combination (they are not errors:
+    a shared TOML file may set them for other runs)."""
+    source, notes = settings.source, []
+    if source.input != "-" and (source.rate, source.channels) != (16000, 1):
+        notes.append("--rate/--channels describe raw PCM on stdin (--input -) only: ignored")
+    if source.realtime and source.mic is not None:
+        notes.append("--realtime paces a file; a microphone is live already: ignored")
+    if settings.mqtt.url is None and replace(settings.mqtt, url=None) != MqttSettings():
+        notes.append("--mqtt-* settings do nothing without --mqtt URL: ignored")
+    if settings.metrics.port is None and settings.metrics != MetricsSettings():
+        notes.append("--metrics-host does nothing without --metrics-port: ignored")
+    return notes
 
 
 def _unique(stream_ids: list[str]) -> list[str]:
@@ -321,8 +340,10 @@ async def _run(
                 )
             )
         async with sink:
-            await _announce(settings, sink, stream_ids)
-            await _run_all(settings, shared, streams, stop, client_id)
+            announcer = Announcer(settings, sink, client_id)
+            for stream_id in stream_ids:
+                await announcer.announce(stream_id, socket.gethostname())
+            await _run_all(settings, shared, streams, stop, client_id, announcer)
     for stage in (analyzer, side):
         if stage is not None:
             stage.close()
@@ -341,6 +362,7 @@ async def _run_all(
     streams: list[StreamPipeline],
     stop: asyncio.Event,
     client_id: str,
+    announcer: Announcer,
 ) -> None:
     """The local streams, and the remote ones a worker claims (--mqtt-audio), to the end."""
     interval = settings.mqtt.status_interval_s
@@ -365,9 +387,9 @@ async def _run_all(
         remote_pipeline,
         settings.source.mqtt_audio_max_streams,
     )
+    arriving = announcer.remote(worker.streams())
     async with asyncio.TaskGroup() as group:
         group.create_task(worker.run(stop), name="audio-worker")
-        arriving = worker.streams()
         remote = run_streams(
             streams, shared.sink, stop, interval, shared.observer, arriving, worker.counters
         )
@@ -379,23 +401,42 @@ async def _serve_metrics(settings: Settings, stack: contextlib.AsyncExitStack) -
     if settings.metrics.port is None:
         return None
     metrics = Metrics()
-    server = stack.enter_context(metrics.serve(settings.metrics.host, settings.metrics.port))
-    log.info("metrics on http://%s:%d/metrics", settings.metrics.host, server.port)
+    stack.enter_context(metrics.serve(settings.metrics.host, settings.metrics.port))
     return metrics
 
 
-async def _announce(settings: Settings, sink: Sink, stream_ids: list[str]) -> None:
-    """Home Assistant discovery configs, retained, when --ha-discovery is given."""
-    if not settings.ha.discovery or settings.mqtt.url is None:
-        return
-    for stream_id in stream_ids:
-        client_id = settings.mqtt.client_id or default_client_id(stream_id)
-        status_topic = f"{settings.mqtt.topic_prefix}/status/{client_id}"
+class Announcer:
+    """Home Assistant discovery configs, retained, for each stream (with --ha-discovery).
+
+    Entities are available while the status of `client_id` (the process that publishes
+    the stream's results) is online.
+    """
+
+    def __init__(self, settings: Settings, sink: Sink, client_id: str) -> None:
+        self._settings = settings
+        self._sink = sink
+        self._status_topic = f"{settings.mqtt.topic_prefix}/status/{client_id}"
+        self._announced: set[str] = set()
+
+    async def announce(self, stream_id: str, host: str | None) -> None:
+        """A stream's configs, once per process (`host` for a local stream, see node_id)."""
+        ha = self._settings.ha
+        if not ha.discovery or self._settings.mqtt.url is None or stream_id in self._announced:
+            return
+        self._announced.add(stream_id)
         for topic, payload in discovery_messages(
-            settings.mqtt.topic_prefix, stream_id, status_topic,
-            settings.ha.discovery_prefix, settings.ha.device_name,
+            self._settings.mqtt.topic_prefix, stream_id, self._status_topic,
+            ha.discovery_prefix, ha.device_name, host,
         ):  # fmt: skip
-            await sink.announce(topic, payload)
+            await self._sink.announce(topic, payload)
+
+    async def remote(
+        self, arrivals: AsyncIterator[StreamPipeline]
+    ) -> AsyncIterator[StreamPipeline]:
+        """The streams a worker claims, each announced before it runs."""
+        async for stream in arrivals:
+            await self.announce(stream.stream_id, None)
+            yield stream
 
 
 def _devices_command(args: argparse.Namespace) -> int:

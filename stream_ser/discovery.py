@@ -8,6 +8,10 @@ Published retained (QoS 1) under `{discovery_prefix}/{component}/{node_id}/{obje
     sensor          valence   expected valence of the latest final utterance, -1..1
     binary_sensor   speaking  from the retained `{prefix}/{stream_id}/speaking` JSON (`speaking`)
 
+A local stream's node id names the host (`{prefix}_{host}_{stream_id}`); a remote stream
+(announced by the worker that claims it) is `{prefix}_{stream_id}`, its id being unique on
+the broker already.
+
 Every entity is available while the retained status of the publishing process says `online`
 (the status is JSON; the availability template reads its `state`), so a crash or a clean exit
 (last will or final status `offline`) greys them out. Templates ignore messages without the
@@ -37,13 +41,14 @@ _KEEP_STATE = "{{ this.state }}"
 _IS_FINAL = "value_json.get('final', true) is not false"
 
 
-def node_id(prefix: str, stream_id: str) -> str:
+def node_id(prefix: str, stream_id: str, host: str | None = None) -> str:
     """A discovery node id for one stream: only `[a-zA-Z0-9_-]`, stable, collision-free.
 
-    Characters HA does not allow become `_`; if any did, a short hash of the original keeps
-    `a.b` and `a_b` apart.
+    `host` names the machine of a local stream (two hosts may both have a `mic`); a remote
+    stream's id is already unique on the broker (its audio topic). Characters HA does not
+    allow become `_`; if any did, a short hash of the original keeps `a.b` and `a_b` apart.
     """
-    raw = f"{prefix}_{stream_id}"
+    raw = f"{prefix}_{host}_{stream_id}" if host else f"{prefix}_{stream_id}"
     safe = _SAFE_ID.sub("_", raw)
     if safe != raw:
         safe += "_" + hashlib.sha256(raw.encode()).hexdigest()[:6]
@@ -92,11 +97,13 @@ def distribution_template() -> str:
     )
 
 
-def device_block(prefix: str, stream_id: str, device_name: str | None = None) -> dict[str, Any]:
+def device_block(
+    prefix: str, stream_id: str, device_name: str | None = None, host: str | None = None
+) -> dict[str, Any]:
     """The HA device all of a stream's entities belong to."""
     return {
-        "identifiers": [node_id(prefix, stream_id)],
-        "name": device_name or f"stream-ser {stream_id}",
+        "identifiers": [node_id(prefix, stream_id, host)],
+        "name": device_name or f"stream-ser {stream_id}" + (f" on {host}" if host else ""),
         "manufacturer": "stream-ser",
         "model": "speech emotion recognition",
         "sw_version": __version__,
@@ -109,14 +116,15 @@ def discovery_configs(
     status_topic: str,
     discovery_prefix: str = DISCOVERY_PREFIX,
     device_name: str | None = None,
+    host: str | None = None,
 ) -> list[tuple[str, dict[str, Any]]]:
     """(discovery topic, config) for each entity of one stream, before encoding."""
-    node = node_id(prefix, stream_id)
+    node = node_id(prefix, stream_id, host)
     results = f"{prefix}/{stream_id}/utterance"
     common: dict[str, Any] = {
         "availability": status_availability(status_topic),
         "availability_mode": "latest",
-        "device": device_block(prefix, stream_id, device_name),
+        "device": device_block(prefix, stream_id, device_name, host),
         "origin": {"name": "stream-ser", "sw_version": __version__},
         "qos": 1,
     }
@@ -169,15 +177,18 @@ def discovery_messages(
     status_topic: str,
     discovery_prefix: str = DISCOVERY_PREFIX,
     device_name: str | None = None,
+    host: str | None = None,
 ) -> list[tuple[str, bytes]]:
     """(topic, payload) of each retained discovery config of one stream (publish QoS 1)."""
-    configs = discovery_configs(prefix, stream_id, status_topic, discovery_prefix, device_name)
+    configs = discovery_configs(
+        prefix, stream_id, status_topic, discovery_prefix, device_name, host
+    )
     return [(topic, json.dumps(config).encode()) for topic, config in configs]
 
 
 def removal_messages(
-    prefix: str, stream_id: str, discovery_prefix: str = DISCOVERY_PREFIX
+    prefix: str, stream_id: str, discovery_prefix: str = DISCOVERY_PREFIX, host: str | None = None
 ) -> list[tuple[str, bytes]]:
     """Empty retained payloads that remove a stream's entities from HA and the broker."""
-    configs = discovery_configs(prefix, stream_id, "", discovery_prefix)
+    configs = discovery_configs(prefix, stream_id, "", discovery_prefix, host=host)
     return [(topic, b"") for topic, _ in configs]

@@ -212,6 +212,21 @@ def read_manifest(path: Path, root: Path | None = None, corpus: str | None = Non
     return clips
 
 
+def check_clips_exist(clips: Sequence[Clip], manifest: Path, root: Path | None) -> None:
+    """Warn about clips that are not there, with a hint at --root; none there: ConfigError."""
+    missing = [clip.path for clip in clips if not clip.path.is_file()]
+    if not missing:
+        return
+    base = f"--root {root}" if root is not None else f"the manifest's folder {manifest.parent}"
+    message = (
+        f"{len(missing)} of {len(clips)} clip(s) in {manifest}: no such file, e.g. {missing[0]} "
+        f"(paths are relative to {base}; give --root DIR if they are relative to another folder)"
+    )
+    if len(missing) == len(clips):
+        raise ConfigError(message)
+    log.warning("%s", message)
+
+
 def _votes(row: dict[str, str], columns: Sequence[str], path: Path) -> dict[str, float]:
     try:
         votes = {c[len(VOTE_PREFIX) :]: float(row[c] or 0) for c in columns}
@@ -224,6 +239,8 @@ def _votes(row: dict[str, str], columns: Sequence[str], path: Path) -> dict[str,
 
 def load_audio(path: Path) -> np.ndarray:
     """A whole file as 16 kHz mono float32."""
+    if not path.is_file():
+        raise AudioInputError(f"{path}: no such file")
     try:
         audio, rate = soundfile.read(path, dtype="float32", always_2d=True)
     except (soundfile.LibsndfileError, RuntimeError, OSError) as err:
@@ -511,11 +528,15 @@ def eval_command(args: argparse.Namespace) -> int:
     clips = eval_corpora.replay_order(
         eval_corpora.read_manifests(manifests, root), args.order, args.seed
     )
+    manifest_name = Path(args.manifest[0]) if len(manifests) == 1 else Path("the manifests")
     if fusion_eval.uses_sources(args) or args.probes:
         asr_eval.refuse_with_sources(args)
+        check_clips_exist(clips, manifest_name, root)
         return _eval_sources(args, clips)
-    asr = asr_eval.from_args(args, load_audio)  # None without --transcribe
     specialist = Specialist(model_dir, intra_op_threads=args.threads)
+    label_subset(specialist.labels, clips)  # a wrong label is reported before missing files
+    check_clips_exist(clips, manifest_name, root)
+    asr = asr_eval.from_args(args, load_audio)  # None without --transcribe
     reports = eval_corpora.evaluate_corpora(specialist, clips, args.adapt, not args.no_progress)
     report = eval_corpora.pooled(reports, specialist.labels)
     if args.plots:

@@ -31,6 +31,7 @@ from stream_ser.evaluate import (
     Clip,
     Failure,
     Report,
+    check_clips_exist,
     label_subset,
     load_audio,
     read_manifest,
@@ -269,7 +270,9 @@ def calibrate_command(args: argparse.Namespace) -> int:
     logging.basicConfig(level="WARNING", format="stream-ser: %(levelname)s: %(message)s")
 
     settings = source_settings(args)
-    clips = read_manifest(Path(args.manifest), Path(args.root) if args.root else None)
+    root = Path(args.root) if args.root else None
+    clips = read_manifest(Path(args.manifest), root)
+    check_clips_exist(clips, Path(args.manifest), root)
     recognizers, base = load_recognizers(settings, args.model, args.model_extra, args.threads)
     scores = score(recognizers, clips, args.adapt)
     config = calibrate_sources(scores, base, args.per_class)

@@ -12,8 +12,12 @@ The pipeline reports to a `Metrics` object; the HTTP thread only reads it:
 
 Exported (label `stream` on all per-stream series; times in seconds, as Prometheus prefers):
     stream_ser_<counter>_total{stream}                   each counter of `update_counters`
+                                                         (`stream_ser_lag_ms{stream}`: a gauge)
     stream_ser_sink_<counter>_total                      each sink counter (gauges for
                                                          `spool_waiting`)
+
+The pipeline pushes counters every second (pipeline.OBSERVER_REFRESH_S), not only with
+the status message, so a scrape between two status messages is current.
     stream_ser_result_latency_seconds{stream,type}       histogram of `latency_ms`
     stream_ser_model_seconds{stream}                     histogram of model time
     stream_ser_lag_seconds{stream}                       histogram of lag behind the audio
@@ -42,7 +46,7 @@ log = logging.getLogger(__name__)
 
 INSTALL_HINT = "pip install 'stream-ser[metrics]'"
 NAMESPACE = "stream_ser"
-GAUGE_COUNTERS = frozenset({"spool_waiting"})  # levels, not running totals
+GAUGE_COUNTERS = frozenset({"spool_waiting", "lag_ms"})  # levels, not running totals
 LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 LAG_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0)
 DURATION_BUCKETS_S = (0.5, 1.0, 2.0, 3.0, 5.0, 8.0, 12.0, 20.0, 30.0, 60.0)

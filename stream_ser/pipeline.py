@@ -74,6 +74,7 @@ log = logging.getLogger(__name__)
 MAX_PENDING_RESULTS = 64
 MAX_LOSSLESS_UTTERANCES = 8  # a lossless stream's utterances between capture and their final
 MAX_WINDOW_BATCH = 32
+OBSERVER_REFRESH_S = 1.0  # how often the observer (metrics) gets fresh counters
 T = TypeVar("T")
 
 
@@ -732,13 +733,18 @@ async def run_streams(
     running = list(streams)
     ended: dict[str, int] = {}  # totals of the arrived streams that have ended
 
-    def status(state: str) -> dict[str, Any]:
+    def observe() -> tuple[dict[str, dict[str, int]], dict[str, int]]:
         counters = {s.stream_id: s.status_counters() for s in running}
         sink_counters = sink.counters()
         if observer is not None:
             for stream_id, values in counters.items():
                 observer.update_counters(stream_id, values)
             observer.update_sink_counters(sink_counters)
+        return counters, sink_counters
+
+    def status(state: str) -> dict[str, Any]:
+        counters, sink_counters = observe()
+        if observer is not None:
             observer.set_health(state == "online", state)
         totals = _totals([ended, *(s.status_counters() for s in running)]) | sink_counters
         totals |= more_counters() if more_counters is not None else {}
@@ -758,8 +764,14 @@ async def run_streams(
             await asyncio.sleep(status_interval_s)
             await sink.status(status("online"))
 
+    async def refresh() -> None:  # the observer's counters, between status messages too
+        while observer is not None:
+            await asyncio.sleep(OBSERVER_REFRESH_S)
+            observe()
+
     await sink.status(status("online"))
     reporter = asyncio.create_task(report(), name="status")
+    refresher = asyncio.create_task(refresh(), name="observer-refresh")
     try:
         async with asyncio.TaskGroup() as group:
             for stream in running:
@@ -769,7 +781,8 @@ async def run_streams(
                 group.create_task(run_arrived(stream), name=f"stream-{stream.stream_id}")
     finally:
         reporter.cancel()
-        await asyncio.gather(reporter, return_exceptions=True)
+        refresher.cancel()
+        await asyncio.gather(reporter, refresher, return_exceptions=True)
     await sink.status(status("offline"))
 
 

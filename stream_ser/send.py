@@ -309,28 +309,40 @@ async def stream(
     return chunker, outbox
 
 
+NOT_FOR_SEND = (  # settings of `run` and the worker that `send` does not use
+    "source__mqtt_audio",
+    "source__mqtt_audio_group",
+    "mqtt__status_interval_s",
+    "mqtt__spool_dir",
+    "mqtt__spool_max_messages",
+    "mqtt__spool_hard_limit",
+)
+
+
 def register(subparsers: Any) -> None:
     """Add the `send` command."""
     parser = subparsers.add_parser(
         "send", help="stream a file, stdin or a microphone to the broker for a remote worker"
     )
-    add_arguments(parser, sections=("source", "mqtt"))
+    add_arguments(parser, ("source", "mqtt"), NOT_FOR_SEND, {"source__realtime": True})
     parser.set_defaults(source__realtime=True)  # a device streams live: files are paced
     group = parser.add_argument_group("[send] settings")
     group.add_argument("--send-chunk-ms", type=int, metavar="MS",
                        help="audio per published chunk (default: --chunk-ms, 100)")  # fmt: skip
-    group.add_argument("--send-qos", type=int, default=1, help="QoS of the pcm topic (default: 1)")
-    group.add_argument("--send-buffer-s", type=float, default=30.0,
+    group.add_argument("--send-qos", type=int, default=1, metavar="QOS",
+                       help="QoS of the pcm topic (default: 1)")  # fmt: skip
+    group.add_argument("--send-buffer-s", type=float, default=30.0, metavar="SECONDS",
                        help="audio kept while the broker is away; live sources drop the oldest "
                             "beyond it (default: 30)")  # fmt: skip
     group.add_argument("--log-level", dest="output__log_level", default=argparse.SUPPRESS,
+                       metavar="LEVEL",
                        help="debug, info, warning or error (default: info)")  # fmt: skip
     group.add_argument(
         "--log-json",
         dest="output__log_json",
         default=argparse.SUPPRESS,
         action=argparse.BooleanOptionalAction,
-        help="log JSON lines on stderr",
+        help="log JSON lines on stderr (default: off)",
     )
     parser.set_defaults(command=send_command)
 

@@ -11,12 +11,12 @@ import argparse
 import tomllib
 import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from stream_ser.alm.base import AlmOptions
+from stream_ser.alm.base import ALM_HELP, AlmOptions
 from stream_ser.errors import ConfigError
 from stream_ser.fusion import RULES
 from stream_ser.metrics import MetricsSettings
@@ -59,6 +59,7 @@ class SourceSettings:
         "audio file (WAV/FLAC/OGG) or '-' for raw 16-bit PCM on stdin; repeat for several",
         "--input",
         action="append",
+        metavar="FILE",
     )
     mic: str | None = setting(
         None,
@@ -99,6 +100,7 @@ class SourceSettings:
         _require(1 <= self.channels <= 64, "--channels must be between 1 and 64")
         _require(10 <= self.chunk_ms <= 1000, "--chunk-ms must be between 10 and 1000")
         _require(0.1 <= self.speed <= 1000, "--speed must be between 0.1 and 1000")
+        _require(self.realtime or self.speed == 1.0, "--speed does nothing without --realtime")
         _require(0 <= self.mic_retries <= 100, "--source-mic-retries must be 0..100")
         _require(0 < self.mic_retry_delay_s <= 60, "--source-mic-retry-delay-s must be 0..60")
         _require(
@@ -150,7 +152,9 @@ class VadSettings:
 class ModelSettings:
     """The ONNX specialist."""
 
-    path: str | None = setting(None, "model directory (default: the bundled model)", "--model")
+    path: str | None = setting(
+        None, "model directory (default: the bundled model)", "--model", metavar="DIR"
+    )
     providers: tuple[str, ...] = setting(
         ("CPUExecutionProvider",),
         "onnxruntime providers in order of preference, comma-separated "
@@ -182,10 +186,16 @@ class MqttSettings:
     """The broker results are published to."""
 
     url: str | None = setting(
-        None, "broker URL mqtt://[user@]host[:port] or mqtts://...; none: JSON Lines", "--mqtt"
+        None, "broker URL mqtt://[user@]host[:port] or mqtts://...; none: JSON Lines", "--mqtt",
+        metavar="URL",
+    )  # fmt: skip
+    topic_prefix: str = setting("stream-ser", "first level of every topic stream-ser uses")
+    client_id: str | None = setting(
+        None,
+        "MQTT client id; it names the status topic and the spool (default: run: "
+        "stream-ser-HOST-STREAM, or stream-ser-HOST-worker with several sources or "
+        "--mqtt-audio; send: stream-ser-send-HOST-STREAM)",
     )
-    topic_prefix: str = setting("stream-ser", "topic prefix")
-    client_id: str | None = setting(None, "MQTT client id (default: stream-ser-<random>)")
     ca_file: str | None = setting(None, "CA certificate file for mqtts:// (default: system CAs)")
     cert_file: str | None = setting(None, "client certificate file for mqtts://")
     key_file: str | None = setting(None, "client private key file for mqtts://")
@@ -249,8 +259,9 @@ class AlmSettings(AlmOptions):
     """The audio-language-model stage (`alm` extra); every AlmOptions field is a setting."""
 
     spec: str | None = setting(
-        None, "audio-language model KIND:PATH, KIND qwen2-audio, clap or openai", "--alm"
-    )
+        None, "audio-language model KIND:PATH, KIND qwen2-audio, clap or openai", "--alm",
+        metavar="KIND:PATH",
+    )  # fmt: skip
 
     def options(self) -> AlmOptions:
         """The backend and batcher options."""
@@ -262,7 +273,7 @@ class FusionSettings:
     """How the final utterance result combines the recognizers."""
 
     file: str | None = setting(
-        None, "fusion file (TOML; `stream-ser calibrate` writes one)", "--fusion"
+        None, "fusion file (TOML; `stream-ser calibrate` writes one)", "--fusion", metavar="FILE"
     )
     rule: str | None = setting(None, "mean or geometric (default: the file's, else geometric)")
     deadline_ms: int | None = setting(
@@ -335,6 +346,11 @@ class Settings:
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     output: OutputSettings = field(default_factory=OutputSettings)
 
+    def __post_init__(self) -> None:
+        _require(
+            self.mqtt.url is not None or not self.ha.discovery, "--ha-discovery needs --mqtt URL"
+        )
+
 
 SECTIONS: dict[str, type[Any]] = {
     "source": SourceSettings,
@@ -367,8 +383,17 @@ def _base_type(annotation: Any) -> Any:
     return typing.get_origin(annotation) or annotation
 
 
-def add_arguments(parser: argparse.ArgumentParser, sections: Sequence[str] | None = None) -> None:
-    """Add every setting (of `sections`, default all) as a flag; unset flags stay absent."""
+def add_arguments(
+    parser: argparse.ArgumentParser,
+    sections: Sequence[str] | None = None,
+    skip: Collection[str] = (),
+    shown_defaults: Mapping[str, Any] | None = None,
+) -> None:
+    """Add every setting (of `sections`, default all) as a flag; unset flags stay absent.
+
+    `skip` leaves out settings by dest (`section__name`) that the command does not use;
+    `shown_defaults` are the defaults the help names where the command sets its own.
+    """
     parser.add_argument("--config", metavar="TOML", help="settings file (same keys as flags)")
     for section, cls in SECTIONS.items():
         if sections is not None and section not in sections:
@@ -376,28 +401,48 @@ def add_arguments(parser: argparse.ArgumentParser, sections: Sequence[str] | Non
         group = parser.add_argument_group(f"[{section}] settings")
         hints = typing.get_type_hints(cls)
         for item in fields(cls):
-            if (section, item.name) in TOML_ONLY:
+            dest = _dest(section, item.name)
+            if (section, item.name) in TOML_ONLY or dest in skip:
                 continue
-            kind = _base_type(hints[item.name])
-            described = item.metadata.get("help", f"see docs/{section}.md")
+            default = (shown_defaults or {}).get(dest, item.default)
             options: dict[str, Any] = {
-                "dest": _dest(section, item.name),
+                "dest": dest,
                 "default": argparse.SUPPRESS,
-                "help": f"{described} (default: {_show(item.default)})",
+                "help": _help(section, item, default),
             }
+            kind = _base_type(hints[item.name])
             if kind is bool:
                 options["action"] = argparse.BooleanOptionalAction
-            elif kind is tuple:
-                options["type"] = lambda text: tuple(p.strip() for p in text.split(",") if p)
             else:
-                options["type"] = kind
+                options["metavar"] = item.name.upper()
+                options["type"] = _split_list if kind is tuple else kind
             options.update(item.metadata.get("argparse", {}))
             group.add_argument(_flag(section, item.name, item.metadata), **options)
+
+
+def _split_list(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part)
+
+
+def field_help(section: str, item: Any) -> str:
+    """A setting's one-line help (tests/test_usability.py checks that each has one)."""
+    described = item.metadata.get("help") or ALM_HELP.get(item.name if section == "alm" else "")
+    return str(described or item.name.replace("_", " "))
+
+
+def _help(section: str, item: Any, default: Any) -> str:
+    """The field's help, with its default unless the help already names one."""
+    described = field_help(section, item)
+    if "default" in described:
+        return str(described)
+    return f"{described} (default: {_show(default)})"
 
 
 def _show(default: Any) -> str:
     if isinstance(default, tuple):
         return ",".join(default)
+    if isinstance(default, bool):
+        return "on" if default else "off"
     return "none" if default is None else str(default)
 
 

@@ -7,8 +7,9 @@ process's status and of a stream's `speaking` state:
         ... sad     ▊        A +0.61 V -0.50  1.20-4.80 s
     14:02:09.004  status  stream-ser-host-room1  offline  (room1)  utterances=3 windows=12
 
-(top label and probability, bars of the top three, arousal/valence when the result has
-them, the stream time judged).
+(stage: `final`, `prov` for a provisional utterance result or `win` for a sliding window
+(`--windows`); top label and probability, bars of the top three, arousal/valence when the
+result has them, the stream time judged).
 
 `--json` prints each result as received instead (JSON Lines, e.g. for `stream-ser plot`).
 """
@@ -108,12 +109,11 @@ def format_result(message: Mapping[str, Any], unicode: bool = True) -> str:
     ranked = sorted(distribution.items(), key=lambda item: -item[1])[:TOP_K]
     width = max((len(label) for label, _ in ranked), default=0)
     top = " ".join(f"{label:<{width}} {bar(p, unicode=unicode)}" for label, p in ranked)
-    final = message.get("final", message.get("type") == "utterance")
     parts = [
         clock(message.get("wall_time")),
         f"{message.get('stream_id', '?'):<7}",
         f"#{message.get('utterance_id', '?'):<3}",
-        "final" if final else "prov ",
+        stage_tag(message),
         f"{message.get('top_label', '?'):<{max(width, 7)}}",
         f"{float(message.get('top_probability', 0.0)):4.0%} ",
         top,
@@ -124,6 +124,14 @@ def format_result(message: Mapping[str, Any], unicode: bool = True) -> str:
     if _is_number(start) and _is_number(end):
         parts.append(f"{start / 1000:.2f}-{end / 1000:.2f} s")
     return "  ".join(parts)
+
+
+def stage_tag(message: Mapping[str, Any]) -> str:
+    """`final`, `prov ` (a provisional utterance result) or `win  ` (a sliding window)."""
+    kind = message.get("type")
+    if message.get("final", kind == "utterance") is True:
+        return "final"
+    return "win  " if kind == "window" else "prov "
 
 
 def format_status(client_id: str, message: Mapping[str, Any]) -> str:

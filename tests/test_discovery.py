@@ -5,11 +5,17 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import aiomqtt
+import numpy as np
 import pytest
-from conftest import Broker
+import soundfile
+from conftest import REPO, Broker, run_cli
 
 from stream_ser.discovery import (
     discovery_configs,
@@ -88,6 +94,15 @@ def test_node_ids_are_safe_and_distinct() -> None:
     assert odd != node_id("home_ser", "room_1")
     ids = {c["unique_id"] for _, c in discovery_configs("home/ser", "room.1", STATUS)}
     assert ids.isdisjoint({c["unique_id"] for _, c in discovery_configs("x", "room.1", STATUS)})
+
+
+def test_local_streams_of_two_hosts_get_distinct_devices() -> None:
+    assert node_id("stream-ser", "mic", "kitchen") != node_id("stream-ser", "mic", "attic")
+    kitchen = discovery_configs("stream-ser", "mic", STATUS, host="kitchen")
+    attic = discovery_configs("stream-ser", "mic", STATUS, host="attic")
+    assert {t for t, _ in kitchen}.isdisjoint({t for t, _ in attic})
+    assert {c["unique_id"] for _, c in kitchen}.isdisjoint({c["unique_id"] for _, c in attic})
+    assert kitchen[0][1]["device"]["identifiers"] != attic[0][1]["device"]["identifiers"]
 
 
 class State:
@@ -169,3 +184,81 @@ async def test_retained_configs_reach_a_late_subscriber_and_removal_clears_them(
             assert payload == b""
             await client.publish(topic, payload, qos=1, retain=True)
     assert await retained(broker, "homeassistant/#") == {}
+
+
+async def retained_json(broker: Broker, topic_filter: str) -> dict[str, Any]:
+    """Every retained message under `topic_filter`, decoded (empty payloads left out)."""
+    marker = "ha-test/marker"
+    found: dict[str, Any] = {}
+    async with aiomqtt.Client("127.0.0.1", broker.port) as client:
+        await client.subscribe(topic_filter, qos=1)
+        await client.subscribe(marker, qos=1)
+        await client.publish(marker, b"end", qos=1)  # queued after the retained ones
+        async with asyncio.timeout(10):
+            async for message in client.messages:
+                if str(message.topic) == marker:
+                    return found
+                assert isinstance(message.payload, bytes)
+                if message.retain and message.payload:
+                    found[str(message.topic)] = json.loads(message.payload)
+    return found
+
+
+def availability_topics(found: dict[str, Any]) -> set[str]:
+    return {
+        item["topic"]
+        for topic, config in found.items()
+        if topic.startswith("homeassistant/")
+        for item in config["availability"]
+    }
+
+
+async def test_several_sources_announce_the_status_their_process_publishes(
+    broker: Broker, tmp_path: Path, tiny_model: Path
+) -> None:
+    inputs = []
+    for name in ("kitchen", "hall"):
+        inputs += ["--input", str(tmp_path / f"{name}.wav")]
+        soundfile.write(tmp_path / f"{name}.wav", np.zeros(8000, dtype=np.float32), 16000)
+    done = await asyncio.to_thread(
+        run_cli, "run", *inputs, "--mqtt", broker.url, "--ha-discovery", "--model",
+        str(tiny_model), "--no-descriptors", "--mqtt-spool-dir", str(tmp_path), timeout_s=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    found = await retained_json(broker, "#")
+    configs = {t: c for t, c in found.items() if t.startswith("homeassistant/")}
+    assert len(configs) == 8  # four entities per stream
+    (status_topic,) = availability_topics(found)
+    assert found[status_topic]["state"] == "offline"  # the process's final status is there
+    host = socket.gethostname()
+    assert all(host in c["unique_id"] for c in configs.values())
+
+
+async def test_a_worker_announces_the_remote_streams_it_claims(
+    broker: Broker, tmp_path: Path, tiny_model: Path
+) -> None:
+    from test_workers import PREFIX as FLEET
+    from test_workers import device
+
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "stream_ser", "run", "--mqtt-audio", "--mqtt", broker.url,
+         "--mqtt-topic-prefix", FLEET, "--mqtt-client-id", "ha-worker", "--model",
+         str(tiny_model), "--no-model-windows", "--no-descriptors", "--ha-discovery",
+         "--mqtt-spool-dir", str(tmp_path)],
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        tone = 0.3 * np.sin(np.arange(16000) * 2 * np.pi * 220 / 16000).astype(np.float32)
+        async with asyncio.timeout(60):
+            found: dict[str, Any] = {}
+            while not any("porch" in topic for topic in found):
+                await device(broker, "porch", tone, speed=4.0)
+                found = await retained_json(broker, "homeassistant/#")
+        configs = [c for t, c in found.items() if "porch" in t]
+        assert len(configs) == 4
+        assert availability_topics(found) == {f"{FLEET}/status/ha-worker"}
+        assert all(c["state_topic"].startswith(f"{FLEET}/porch/") for c in configs)
+    finally:
+        worker.terminate()
+        _, errors = worker.communicate(timeout=30)
+        assert worker.returncode == 0, errors.decode()

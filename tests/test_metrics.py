@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
+from typing import cast
 
+import numpy as np
 import pytest
+import soundfile
+from conftest import run_cli
 from test_tail import result
 
 from stream_ser.errors import ConfigError, StreamSerError
 from stream_ser.metrics import Metrics, MetricsServer, MetricsSettings
+from stream_ser.pipeline import OBSERVER_REFRESH_S, StreamPipeline, run_streams
+from stream_ser.publish import JsonlSink
 
 pytest.importorskip("prometheus_client")
 from prometheus_client.parser import text_string_to_metric_families
@@ -106,3 +114,58 @@ def test_port_in_use_and_settings_are_reported() -> None:
     assert MetricsSettings().port is None and MetricsSettings().host == "127.0.0.1"
     with pytest.raises(ConfigError, match="--metrics-port"):
         MetricsSettings(port=70000)
+
+
+def test_lag_is_a_gauge_not_a_counter(served: tuple[Metrics, MetricsServer]) -> None:
+    metrics, server = served
+    metrics.update_counters("room1", {"lag_ms": 250, "utterances": 2})
+    body = get(server, "/metrics")[2]
+    types = {family.name: family.type for family in text_string_to_metric_families(body)}
+    assert types["stream_ser_lag_ms"] == "gauge"
+    assert types["stream_ser_utterances"] == "counter"
+    assert "lag_ms_total" not in body
+
+
+class SteadyStream:
+    """A stream that runs until released and counts what the test tells it to."""
+
+    stream_id = "room1"
+
+    def __init__(self) -> None:
+        self.utterances = 0
+        self.released = asyncio.Event()
+        self.started = asyncio.Event()  # the first status (and observation) is out
+
+    def status_counters(self) -> dict[str, int]:
+        return {"utterances": self.utterances}
+
+    async def run(self, stop: asyncio.Event) -> None:
+        self.started.set()
+        await self.released.wait()
+
+
+async def test_counters_are_fresh_between_status_messages() -> None:
+    metrics, stream = Metrics(), SteadyStream()
+    running = asyncio.create_task(
+        run_streams([cast(StreamPipeline, stream)], JsonlSink(), asyncio.Event(), 60.0, metrics)
+    )
+    try:
+        async with asyncio.timeout(10):
+            await stream.started.wait()
+            assert metrics.snapshot()[0]["room1"]["utterances"] == 0
+            stream.utterances = 7  # the next status message is a minute away
+            await asyncio.sleep(OBSERVER_REFRESH_S * 2)
+            assert metrics.snapshot()[0]["room1"]["utterances"] == 7
+    finally:
+        stream.released.set()
+        async with asyncio.timeout(10):
+            await running
+
+
+def test_metrics_endpoint_is_logged_once(tmp_path: Path, tiny_model: Path) -> None:
+    audio = tmp_path / "quiet.wav"
+    soundfile.write(audio, np.zeros(8000, dtype=np.float32), 16000)
+    done = run_cli("run", "--input", str(audio), "--model", str(tiny_model), "--no-descriptors",
+                   "--metrics-port", "0", timeout_s=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.count("metrics on") == 1, done.stderr

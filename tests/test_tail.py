@@ -206,3 +206,12 @@ async def test_tail_follows_a_running_pipeline(
     assert len([words for words in lines if "final" in words]) == clip_count
     activity = [words[2] for words in lines if words[1] != "status" and len(words) == 3]
     assert activity == ["speaking", "quiet"] * clip_count
+
+
+def test_window_results_look_different_from_provisional_ones() -> None:
+    window = format_result(result("room1", 3, 1200, 2200, type="window"))
+    provisional = format_result(result("room1", 3, 1200, 2200) | {"final": False})
+    final = format_result(result("room1", 3, 1200, 2200))
+    assert "win" in window and "prov" not in window
+    assert "prov" in provisional and "final" in final
+    assert len({window, provisional, final}) == 3

@@ -24,6 +24,28 @@ TOKEN_MODES = ("auto", "first", "sequence", "mean")
 SCORINGS = ("logits", "text")
 INSTALL_HINT = "pip install 'stream-ser[alm]'"
 
+# one line of `--alm-*` help per AlmOptions field (docs/alm.md has the details)
+ALM_HELP = {
+    "max_batch": "utterances per ALM call",
+    "max_wait_ms": "a partial batch goes when its oldest utterance has waited this long (ms)",
+    "max_queue": "utterances waiting for the ALM; when full the oldest is dropped (counted)",
+    "device": "torch device of a local ALM: cpu or cuda",
+    "dtype": "weights of a local ALM: fp32, bf16 or fp16 (fp16 needs cuda)",
+    "cpu_threads": "torch intra-op threads, process-wide; 0: torch's own choice",
+    "prompts": "prompt templates file (default: the bundled alm_prompts.toml)",
+    "prompt_set": "which set of the prompt templates file to use",
+    "audio_repeats": "prompt amplification: the audio appears this many times",
+    "text_repeats": "prompt amplification: the question or class text repeats this many times",
+    "cues": "acoustic cue tokens in the prompt: aligned, none, shuffled or conflicting",
+    "token_mode": "label score: first (first token's logit) or mean (mean log-prob of its tokens)",
+    "explain": "also generate a short rationale (never used for the distribution)",
+    "explain_tokens": "longest rationale, in tokens (with --alm-explain)",
+    "timeout_s": "openai backend: HTTP timeout per request (s)",
+    "top_logprobs": "openai backend: top tokens asked for per position (at most 20)",
+    "api_key": "openai backend: bearer token (TOML only; else $OPENAI_API_KEY)",
+    "model_name": "openai backend: the served model name (default: the first of /v1/models)",
+}
+
 
 class AlmUnavailableError(ModelError):
     """The `alm` extra (torch, transformers) is not installed."""
