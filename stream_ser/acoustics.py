@@ -87,7 +87,7 @@ CUES: tuple[CueSpec, ...] = (
 """The seven cues: the cue-token paper's six - energy (loudness), pitch, dynamics (pitch
 variability), brightness, formants (mean first-formant frequency) and voice quality - plus
 speaking rate. Population mean/std (used until a stream has its own baseline) are measured over
-RAVDESS + EmoDB, 1735 clips, by `tools/population_baseline.py` (formants: every second clip,
+RAVDESS + EmoDB, 1735 clips, by `tools/train/population_baseline.py` (formants: every second clip,
 868, `--limit 600`): acted speech, so a calm
 conversational speaker reads a little low on pitch variability and loudness against them."""
 
@@ -211,7 +211,7 @@ def _finite(value: Any) -> float:
 
 
 @dataclass
-class _Welford:
+class Welford:
     count: int = 0
     mean: float = 0.0
     m2: float = 0.0
@@ -234,7 +234,7 @@ class SpeakerBaseline:
     min_count: int = 3
     min_std_fraction: float = 0.25
     """A speaker's std is floored at this fraction of the population std (few, steady samples)."""
-    _stats: dict[str, _Welford] = field(default_factory=dict)
+    _stats: dict[str, Welford] = field(default_factory=dict)
 
     def z(self, spec: CueSpec, value: float) -> tuple[float, bool]:
         """The z-score of `value` for one cue, and whether the speaker baseline was used."""
@@ -249,7 +249,7 @@ class SpeakerBaseline:
         for spec in ALL_SPECS:
             if spec.needs_voice and not functionals.voiced:
                 continue
-            self._stats.setdefault(spec.feature, _Welford()).add(functionals.values[spec.feature])
+            self._stats.setdefault(spec.feature, Welford()).add(functionals.values[spec.feature])
 
     def count(self, feature: str) -> int:
         """How many utterances the baseline of one feature holds."""

@@ -24,6 +24,8 @@ from stream_ser.fusion import FLOOR, FusionConfig, SourceFusion, align, fuse, te
 Distribution = Mapping[str, float]
 TEMPERATURES = np.geomspace(0.1, 10.0, 81)
 CLASS_FACTORS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
+GRID_SEARCH_SOURCES = 3
+"""Up to this many sources the global weights are searched on a full grid."""
 
 
 def nll(
@@ -134,7 +136,7 @@ def _fit_global_weights(
     names = list(per_source)
     if len(names) == 1:
         return _with_weights(config, {names[0]: 1.0})
-    if len(names) <= 3:
+    if len(names) <= GRID_SEARCH_SOURCES:
         steps = 20
         candidates = [
             dict(zip(names, (c / steps for c in combo), strict=True))

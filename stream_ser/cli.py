@@ -300,7 +300,7 @@ class _Shared:
         )
 
 
-async def _run(
+async def _run(  # noqa: PLR0917  (the composition root moves out of the CLI, issue #16)
     settings: Settings,
     sources: list[SourceSettings],
     stream_ids: list[str],

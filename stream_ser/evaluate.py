@@ -36,6 +36,8 @@ from stream_ser.specialist import Specialist, bundled_model_dir
 log = logging.getLogger(__name__)
 
 ADAPT_CHOICES = ("auto", "stream", "none")
+MAX_THREADS = 64
+DARK_CELL_SHARE = 0.5  # confusion-matrix cells darker than this get white text
 ORDER_CHOICES = ("manifest", "shuffled", "blocked")  # see stream_ser.eval_corpora
 ECE_BINS = 15
 PROGRESS_MIN_CLIPS = 20
@@ -418,7 +420,7 @@ def _plot_confusion(plt: Any, report: Report, path: Path) -> None:
     axes.set_yticks(ticks, report.labels)
     for i in ticks:
         for j in ticks:
-            colour = "white" if share[i, j] > 0.5 else "black"
+            colour = "white" if share[i, j] > DARK_CELL_SHARE else "black"
             axes.text(j, i, str(matrix[i, j]), ha="center", va="center", color=colour)
     axes.set_xlabel("predicted")
     axes.set_ylabel("true")
@@ -514,8 +516,8 @@ def _eval_sources(args: argparse.Namespace, clips: list[Clip]) -> int:
 def eval_command(args: argparse.Namespace) -> int:
     """Run `stream-ser eval`."""
     logging.basicConfig(level="WARNING", format="stream-ser: %(levelname)s: %(message)s")
-    if not 1 <= args.threads <= 64:
-        raise ConfigError("--threads must be 1..64")
+    if not 1 <= args.threads <= MAX_THREADS:
+        raise ConfigError(f"--threads must be 1..{MAX_THREADS}")
     model_dir = Path(args.model) if args.model else bundled_model_dir()
     if not model_dir.is_dir():
         raise ConfigError(f"--model: no such model directory: {model_dir}")

@@ -55,6 +55,8 @@ from stream_ser.errors import ConfigError
 
 RULES = ("mean", "geometric")
 FLOOR = 1e-6  # probabilities are floored here before logs (geometric rule, temperatures)
+MIN_LABELS = 2
+MAX_DEADLINE_MS = 600_000
 
 
 @dataclass(frozen=True)
@@ -90,12 +92,12 @@ class FusionConfig:
     sources: Mapping[str, SourceFusion] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if len(self.labels) < 2 or len(set(self.labels)) != len(self.labels):
+        if len(self.labels) < MIN_LABELS or len(set(self.labels)) != len(self.labels):
             raise ConfigError("fusion: labels must be at least two distinct names")
         if self.rule not in RULES:
             raise ConfigError(f"fusion: rule must be one of {RULES}")
-        if not 0 <= self.deadline_ms <= 600_000:
-            raise ConfigError("fusion: deadline_ms must be 0..600000")
+        if not 0 <= self.deadline_ms <= MAX_DEADLINE_MS:
+            raise ConfigError(f"fusion: deadline_ms must be 0..{MAX_DEADLINE_MS}")
         for name, source in self.sources.items():
             source.check(name, self.labels)
 

@@ -45,6 +45,8 @@ from stream_ser.specialist import Specialist
 log = logging.getLogger(__name__)
 
 Distribution = dict[str, float]
+MIN_CALIBRATION_CLIPS = 10
+"""Fewer clips that every source answered and calibration refuses to fit."""
 
 
 @dataclass
@@ -199,9 +201,10 @@ def calibrate_sources(scores: Scores, base: FusionConfig, per_class: bool) -> Fu
         i for i in range(len(scores.clips))
         if all(d[i] is not None for d in scores.per_source.values())
     ]  # fmt: skip
-    if len(complete) < 10:
+    if len(complete) < MIN_CALIBRATION_CLIPS:
         raise StreamSerError(
-            f"calibration needs at least 10 clips every source answered; {len(complete)} here"
+            f"calibration needs at least {MIN_CALIBRATION_CLIPS} clips every source answered; "
+            f"{len(complete)} here"
         )
     scored = label_subset(base.labels, scores.clips)  # every dev label must be an output label
     per_source: dict[str, list[Distribution]] = {

@@ -95,7 +95,7 @@ def speaking_message(
     }
 
 
-def final_fields(
+def final_fields(  # noqa: PLR0913, PLR0917  (replaced by a mapping of stage results, issue #16)
     stream: StreamInfo,
     fusion: FusionConfig,
     scored: Any,

@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 
 INSTALL_HINT = "pip install 'stream-ser[metrics]'"
 NAMESPACE = "stream_ser"
+MAX_PORT = 65535
 GAUGE_COUNTERS = frozenset({"spool_waiting", "lag_ms"})  # levels, not running totals
 LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 LAG_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0)
@@ -68,8 +69,8 @@ class MetricsSettings:
     host: str = _setting("127.0.0.1", "address the metrics endpoint listens on")
 
     def __post_init__(self) -> None:
-        if self.port is not None and not 0 <= self.port <= 65535:
-            raise ConfigError("--metrics-port must be 0..65535")
+        if self.port is not None and not 0 <= self.port <= MAX_PORT:
+            raise ConfigError(f"--metrics-port must be 0..{MAX_PORT}")
         if not self.host:
             raise ConfigError("--metrics-host must not be empty")
 

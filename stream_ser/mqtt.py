@@ -37,6 +37,7 @@ from stream_ser.errors import ConfigError, PublishError
 from stream_ser.settings import MqttSettings
 
 log = logging.getLogger(__name__)
+FIRST_FAILURE_CODE = 0x80  # MQTT reason codes from here up are failures
 
 PASSWORD_ENV = "STREAM_SER_MQTT_PASSWORD"
 FIRST_BACKOFF_S = 0.5
@@ -252,7 +253,10 @@ class CheckedClient(aiomqtt.Client):
         """Subscribe; SubscriptionRefused when the broker's SUBACK refuses it."""
         granted = await self.subscribe(topic, qos=qos)
         code = granted[0] if granted else None
-        refused = code.is_failure if isinstance(code, ReasonCode) else code is None or code >= 0x80
+        if isinstance(code, ReasonCode):
+            refused = code.is_failure
+        else:
+            refused = code is None or code >= FIRST_FAILURE_CODE
         if refused:
             reason = (
                 f"{code} (reason code {_code_value(code)})" if code is not None else "no SUBACK"
@@ -373,9 +377,10 @@ async def keep_connected(
     while True:
         try:
             await session(backoff)
-            return
         except tuple(retry) as err:
             delay = on_lost(err, backoff.next_delay())
             if delay is None:
                 return
             await sleep(delay)
+        else:
+            return

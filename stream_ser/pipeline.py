@@ -714,7 +714,7 @@ async def until_stopped(
         stopping.cancel()
 
 
-async def run_streams(
+async def run_streams(  # noqa: C901, PLR0917  (replaced by the stage redesign, issue #16)
     streams: Sequence[StreamPipeline],
     sink: Sink,
     stop: asyncio.Event,

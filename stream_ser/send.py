@@ -47,6 +47,8 @@ from stream_ser.uplink import Outbox, Outgoing, Uplink
 log = logging.getLogger(__name__)
 
 Block = tuple[np.ndarray, bool]  # int16 (frames, channels); True for the end of the input
+MIN_CHUNK_MS = 10
+MIN_BUFFER_S, MAX_BUFFER_S = 1, 3600
 
 
 @dataclass(frozen=True)
@@ -58,12 +60,12 @@ class SendSettings:
     buffer_s: float = 30.0  # audio kept while the broker is away
 
     def __post_init__(self) -> None:
-        if not 10 <= self.chunk_ms <= MAX_CHUNK_MS:
-            raise ConfigError(f"--send-chunk-ms must be between 10 and {MAX_CHUNK_MS}")
+        if not MIN_CHUNK_MS <= self.chunk_ms <= MAX_CHUNK_MS:
+            raise ConfigError(f"--send-chunk-ms must be between {MIN_CHUNK_MS} and {MAX_CHUNK_MS}")
         if self.qos not in (0, 1):
             raise ConfigError("--send-qos must be 0 or 1")
-        if not 1.0 <= self.buffer_s <= 3600.0:
-            raise ConfigError("--send-buffer-s must be between 1 and 3600")
+        if not MIN_BUFFER_S <= self.buffer_s <= MAX_BUFFER_S:
+            raise ConfigError(f"--send-buffer-s must be between {MIN_BUFFER_S} and {MAX_BUFFER_S}")
 
     @property
     def outbox_chunks(self) -> int:
@@ -120,7 +122,7 @@ def open_capture(settings: Settings, chunk_ms: int) -> Capture:
     if src.input is None:
         raise ConfigError("no audio source: give --input FILE, --input - or --mic [DEVICE]")
     path = Path(src.input)
-    audio = source._open_file(path)
+    audio = source.open_file(path)
     rate, channels = _wire_format(audio.samplerate, audio.channels)
     pace = src.speed if src.realtime else None
     return Capture(
@@ -168,7 +170,7 @@ async def stdin_blocks(
 ) -> AsyncGenerator[Block, None]:
     """Raw little-endian 16-bit PCM on stdin, `channels` interleaved, at `rate` Hz."""
     frame_bytes = 2 * channels
-    blocks = source._read_stdin_in_thread(frame_bytes * max(1, rate * chunk_ms // 1000))
+    blocks = source.read_stdin_in_thread(frame_bytes * max(1, rate * chunk_ms // 1000))
     converter = None if fits_format(rate, channels) else WireConverter(rate, channels, stats)
     pending = b""
     while True:
@@ -191,18 +193,18 @@ async def stdin_blocks(
 def _open_mic(
     device: str, chunk_ms: int, stats: source.SourceStats, retries: int, retry_delay_s: float
 ) -> Capture:
-    sd = source._sounddevice()
-    info = source._resolve_device(sd, device)
+    sd = source.load_sounddevice()
+    info = source.resolve_device(sd, device)
     rate = int(info["default_samplerate"])
     channels = min(2, int(info["max_input_channels"]))
-    microphone = source._Microphone(sd, device, rate, channels, chunk_ms, stats)
+    microphone = source.Microphone(sd, device, rate, channels, chunk_ms, stats)
     wire_rate, wire_channels = _wire_format(rate, channels)
     blocks = mic_blocks(microphone, stats, retries, retry_delay_s)
     return Capture(wire_rate, wire_channels, blocks, live=True)
 
 
 async def mic_blocks(
-    microphone: source._Microphone,
+    microphone: source.Microphone,
     stats: source.SourceStats,
     retries: int,
     retry_delay_s: float,
@@ -221,14 +223,14 @@ async def mic_blocks(
     failures = 0
     while True:
         with capture.stream:
-            async for block in source._captured_blocks(capture, stall_s):
+            async for block in source.captured_blocks(capture, stall_s):
                 failures = 0
                 yield wire(block), False
         lost_at = time.monotonic()
         failures += 1
         failure = f"input device {capture.name!r} stopped delivering audio"
         capture, failures = await microphone.reopen(failure, failures, retries, retry_delay_s)
-        yield wire(source._silence(time.monotonic() - lost_at, rate, channels)), False
+        yield wire(source.silence(time.monotonic() - lost_at, rate, channels)), False
 
 
 # --- chunks --------------------------------------------------------------------------------

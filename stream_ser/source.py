@@ -132,10 +132,11 @@ def open_source(
         raise AudioInputError("no audio source: give --input FILE, --input - or --mic")
     path = Path(settings.input)
     pace = settings.speed if settings.realtime else None
-    return file_source(path, _open_file(path), settings.chunk_ms, pace, stats, damage)
+    return file_source(path, open_file(path), settings.chunk_ms, pace, stats, damage)
 
 
-def _open_file(path: Path) -> soundfile.SoundFile:
+def open_file(path: Path) -> soundfile.SoundFile:
+    """An audio file opened for reading; a clear AudioInputError when it cannot be."""
     if not path.exists():
         raise AudioInputError(f"{path}: no such file")
     if path.is_dir():
@@ -206,7 +207,7 @@ def _damaged(error: AudioInputError, cause: Exception, damage: Damage | None) ->
     log.error("%s; the results for the audio before it are published first", error)
 
 
-def _read_stdin_in_thread(block_bytes: int) -> asyncio.Queue[bytes]:
+def read_stdin_in_thread(block_bytes: int) -> asyncio.Queue[bytes]:
     """A daemon thread reads stdin (a blocking read can't be cancelled); b"" marks the end."""
     loop = asyncio.get_running_loop()
     blocks: asyncio.Queue[bytes] = asyncio.Queue(MIC_QUEUE_BLOCKS)
@@ -228,7 +229,7 @@ async def stdin_source(
 ) -> AsyncIterator[AudioChunk]:
     """Raw little-endian 16-bit PCM on stdin, `channels` interleaved, at `rate` Hz."""
     frame_bytes = 2 * channels
-    blocks = _read_stdin_in_thread(frame_bytes * max(1, rate * chunk_ms // 1000))
+    blocks = read_stdin_in_thread(frame_bytes * max(1, rate * chunk_ms // 1000))
     converter = Converter(rate, channels, stats)
     pending = b""
     while True:
@@ -252,7 +253,8 @@ async def stdin_source(
         )
 
 
-def _sounddevice() -> Any:
+def load_sounddevice() -> Any:
+    """The sounddevice module; an AudioInputError naming the fix when PortAudio is missing."""
     try:
         import sounddevice
     except OSError as err:  # raised when the PortAudio library is missing
@@ -264,7 +266,7 @@ def _sounddevice() -> Any:
 
 def list_input_devices() -> list[dict[str, Any]]:
     """Input-capable devices: index, name, channels, default rate, host API."""
-    sd = _sounddevice()
+    sd = load_sounddevice()
     apis = sd.query_hostapis()
     return [
         {
@@ -279,7 +281,7 @@ def list_input_devices() -> list[dict[str, Any]]:
     ]
 
 
-def _resolve_device(sd: Any, device: str) -> dict[str, Any]:
+def resolve_device(sd: Any, device: str) -> dict[str, Any]:
     """A device by index or (part of its) name; 'default' is the default input."""
     key: int | str | None = None if device == "default" else device
     if isinstance(key, str) and key.isdigit():
@@ -303,7 +305,7 @@ class _Capture:
 
 
 @dataclass
-class _Microphone:
+class Microphone:
     """Opens (and reopens) one input device at a fixed rate and channel count."""
 
     sd: Any
@@ -315,7 +317,7 @@ class _Microphone:
 
     def open(self) -> _Capture:
         """Find the device, open and start a stream; AudioInputError if it cannot."""
-        info = _resolve_device(self.sd, self.device)
+        info = resolve_device(self.sd, self.device)
         loop = asyncio.get_running_loop()
         blocks: asyncio.Queue[np.ndarray | None] = asyncio.Queue(MIC_QUEUE_BLOCKS)
         stats = self.stats
@@ -378,8 +380,8 @@ class _Microphone:
         """PortAudio lists devices once, at initialisation: re-scan, as a device that came
         back may have a new index. Possible only while no stream is open."""
         try:
-            self.sd._terminate()
-            self.sd._initialize()
+            self.sd._terminate()  # noqa: SLF001  (sounddevice has no public re-scan)
+            self.sd._initialize()  # noqa: SLF001
         except (AttributeError, self.sd.PortAudioError) as err:
             log.debug("could not re-scan audio devices: %s", err)
 
@@ -401,18 +403,18 @@ async def mic_source(
     After the last try: AudioInputError. A device that cannot be opened at start-up is
     an error at once.
     """
-    sd = _sounddevice()
-    info = _resolve_device(sd, device)
+    sd = load_sounddevice()
+    info = resolve_device(sd, device)
     rate = int(info["default_samplerate"])
     channels = min(2, int(info["max_input_channels"]))
-    microphone = _Microphone(sd, device, rate, channels, chunk_ms, stats)
+    microphone = Microphone(sd, device, rate, channels, chunk_ms, stats)
     converter = Converter(rate, channels, stats)
     capture = microphone.open()
     log.info("capturing %r at %d Hz, %d channel(s)", capture.name, rate, channels)
     failures = 0
     while True:
         with capture.stream:
-            async for block in _captured_blocks(capture, stall_s):
+            async for block in captured_blocks(capture, stall_s):
                 failures = 0
                 if (chunk := converter.convert(block)) is not None:
                     yield chunk
@@ -422,11 +424,11 @@ async def mic_source(
         capture, failures = await microphone.reopen(failure, failures, retries, retry_delay_s)
         away_s = time.monotonic() - lost_at
         log.warning("input device %r is back after %.1f s", capture.name, away_s)
-        if (gap := converter.convert(_silence(away_s, rate, channels))) is not None:
+        if (gap := converter.convert(silence(away_s, rate, channels))) is not None:
             yield gap
 
 
-async def _captured_blocks(capture: _Capture, stall_s: float) -> AsyncIterator[np.ndarray]:
+async def captured_blocks(capture: _Capture, stall_s: float) -> AsyncIterator[np.ndarray]:
     """The stream's blocks until it ends or stalls for `stall_s`."""
     while True:
         try:
@@ -439,6 +441,6 @@ async def _captured_blocks(capture: _Capture, stall_s: float) -> AsyncIterator[n
         yield block
 
 
-def _silence(seconds: float, rate: int, channels: int) -> np.ndarray:
+def silence(seconds: float, rate: int, channels: int) -> np.ndarray:
     """Zeros standing for audio lost while the device was away (at most a minute)."""
     return np.zeros((int(min(seconds, 60.0) * rate), channels), dtype=np.float32)

@@ -49,11 +49,13 @@ WIN_LENGTH = 400
 HOP_LENGTH = 160
 N_MELS = 40
 LOG_FLOOR = 1e-10
+MEL_BREAK_HZ, MEL_BREAK = 1000.0, 15.0  # Slaney mel scale: linear below, logarithmic above
+MAX_COSINE_DISTANCE = 2.0
 WINDOW_FRAMES = 80
 STRIDE_FRAMES = 40
 
 SPEECH_DB = 35.0  # frames this far below the loudest are left out of the embedding
-DEFAULT_THRESHOLD = 0.375  # cosine distance; tuned on training speakers (tools/bench_speakers.py)
+DEFAULT_THRESHOLD = 0.375  # cosine distance; tuned on training speakers (bench_speakers.py)
 DEFAULT_MAX_SPEAKERS = 2  # a call; raise it for meetings (see docs/asr-speakers.md)
 LABEL_PREFIX = "spk-"
 
@@ -70,14 +72,14 @@ def _hz_to_mel(hz: np.ndarray) -> np.ndarray:
     hz = np.asarray(hz, dtype=np.float64)
     linear = hz / (200.0 / 3)
     log_part = 15.0 + np.log(np.maximum(hz, 1e-10) / 1000.0) / (np.log(6.4) / 27.0)
-    return np.where(hz >= 1000.0, log_part, linear)
+    return np.where(hz >= MEL_BREAK_HZ, log_part, linear)
 
 
 def _mel_to_hz(mel: np.ndarray) -> np.ndarray:
     mel = np.asarray(mel, dtype=np.float64)
     linear = mel * (200.0 / 3)
     log_part = 1000.0 * np.exp((np.log(6.4) / 27.0) * (mel - 15.0))
-    return np.where(mel >= 15.0, log_part, linear)
+    return np.where(mel >= MEL_BREAK, log_part, linear)
 
 
 @lru_cache(maxsize=1)
@@ -226,7 +228,7 @@ class OnlineSpeakers:
     def __init__(
         self, threshold: float = DEFAULT_THRESHOLD, max_speakers: int = DEFAULT_MAX_SPEAKERS
     ) -> None:
-        if not 0.0 <= threshold <= 2.0:
+        if not 0.0 <= threshold <= MAX_COSINE_DISTANCE:
             raise ValueError("threshold is a cosine distance, 0..2")
         if max_speakers < 1:
             raise ValueError("max_speakers must be >= 1")

@@ -60,6 +60,7 @@ CARD_FORMAT = "stream-ser-model/1"
 CARD_NAMES = ("card.json", "card.toml")
 INPUT_NORMALIZATIONS = ("none", "zero_mean_unit_var")
 OUTPUT_KINDS = ("logits", "probabilities")
+MIN_LABELS = 2
 
 
 @dataclass(frozen=True)
@@ -176,7 +177,7 @@ class ModelCard:
             problems.append(f"format must be {CARD_FORMAT!r}")
         if raw.get("input", {}).get("kind", "waveform") != "waveform":
             problems.append("input.kind must be 'waveform'")
-        if len(self.labels) < 2 or len(set(self.labels)) != len(self.labels):
+        if len(self.labels) < MIN_LABELS or len(set(self.labels)) != len(self.labels):
             problems.append("labels must be at least two distinct names")
         if self.sample_rate != SAMPLE_RATE:
             problems.append(f"sample_rate must be {SAMPLE_RATE}")

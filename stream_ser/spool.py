@@ -243,10 +243,11 @@ class Spool:
                 make_room()
             try:
                 self._insert(kind, topic, qos, payload, retain)
-                return
             except sqlite3.Error as again:
                 if not is_storage_full(again):
                     raise PublishError(f"spool {self.path}: {again}") from again
+            else:
+                return
         self._count_drop(kind)
 
     def _shrink_log(self) -> None:
@@ -317,18 +318,18 @@ class Reserve:
         try:
             with self.path.open("ab") as reserve:
                 os.posix_fallocate(reserve.fileno(), 0, RESERVE_BYTES)
-            return True
         except OSError:
             self.release()
             return False
+        return True
 
     def release(self) -> bool:
         """Give the space back to the disk; False if it was not held."""
         try:
             self.path.unlink()
-            return True
         except OSError:
             return False
+        return True
 
 
 def _lock(path: Path) -> int:

@@ -166,14 +166,15 @@ class TailView:
         prefix = self.options.topic_prefix + "/"
         if not topic.startswith(prefix):
             return []
-        levels = topic[len(prefix) :].split("/")
-        if len(levels) == 2 and levels[0] == "status":
-            return self._status(levels[1], payload)
-        if len(levels) == 2 and levels[1] == "speaking":
-            return self._speaking(levels[0], payload)
-        if len(levels) == 2 and levels[1] in ("utterance", "window"):
-            return self._result(payload)
-        return []
+        match topic[len(prefix) :].split("/"):
+            case ["status", client]:
+                return self._status(client, payload)
+            case [stream, "speaking"]:
+                return self._speaking(stream, payload)
+            case [_, "utterance" | "window"]:
+                return self._result(payload)
+            case _:
+                return []
 
     def _result(self, payload: bytes) -> list[str]:
         message = _json_object(payload)
@@ -261,9 +262,12 @@ def result_problem(message: Mapping[str, Any]) -> str | None:
     return None
 
 
+MAX_ABS_FLOAT = 1e15  # larger values are shown as they came, not formatted
+
+
 def _fits_float(value: float) -> bool:
     try:
-        return math.isfinite(float(value)) and abs(float(value)) < 1e15
+        return math.isfinite(float(value)) and abs(float(value)) < MAX_ABS_FLOAT
     except OverflowError:
         return False
 

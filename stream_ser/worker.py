@@ -71,6 +71,7 @@ log = logging.getLogger(__name__)
 
 IDLE_TIMEOUT_S = 10.0
 MAX_QUEUED_CHUNKS = 200  # per stream, between the MQTT loop and the stream's pipeline
+AUDIO_TOPIC_LEVELS = 4  # PREFIX/audio/STREAM/KIND at least
 DEFAULT_MAX_STREAMS = 32
 OWNER_REFRESH_S = 5.0  # an owner re-publishes its claims this often
 OWNER_TTL_S = 15.0  # a claim not refreshed for this long has expired
@@ -287,7 +288,7 @@ class AudioWorker:
         parts = topic.split("/")
         if topic.startswith(f"{self.prefix}/status/"):
             self._on_status(parts[-1], data)
-        elif len(parts) >= 4 and parts[-3] == "audio" and _valid_id(parts[-2]):
+        elif len(parts) >= AUDIO_TOPIC_LEVELS and parts[-3] == "audio" and _valid_id(parts[-2]):
             stream_id, kind = parts[-2], parts[-1]
             if kind == "pcm" and stream_id in self.mine:
                 self.mine[stream_id].accept(data)

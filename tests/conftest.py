@@ -116,9 +116,10 @@ def wait_for_port(port: int, timeout_s: float = 10.0) -> None:
     while time.monotonic() < deadline:
         try:
             socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
         except OSError:
             time.sleep(0.05)
+        else:
+            return
     raise TimeoutError(f"nothing listens on port {port}")
 
 
@@ -182,7 +183,7 @@ def run_cli(
         input=stdin if stdin is not None else b"",
         capture_output=True,
         timeout=timeout_s,
-        cwd=REPO,
+        cwd=REPO, check=False,
     )
     return subprocess.CompletedProcess(
         done.args, done.returncode, done.stdout.decode(), done.stderr.decode()

@@ -15,7 +15,7 @@ def silence(seconds: float) -> np.ndarray:
 def buzz(seconds: float, f0_hz: float = 150.0, level: float = 0.1) -> np.ndarray:
     """A voice-like harmonic buzz: webrtcvad classifies it as speech."""
     t = np.arange(int(RATE * seconds)) / RATE
-    wave = sum(np.sin(2 * np.pi * f0_hz * k * t) / k for k in range(1, 20))
+    wave = sum((np.sin(2 * np.pi * f0_hz * k * t) / k for k in range(1, 20)), np.zeros_like(t))
     return (level * wave).astype(np.float32)
 
 

@@ -8,10 +8,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import soundfile
-from conftest import LABELS, REPO, run_cli
-from schema import check_result, parse_lines, utterances
-from signals import buzz, silence
+
+from tests.conftest import LABELS, REPO, run_cli
+from tests.schema import check_result, parse_lines, utterances
+from tests.signals import buzz, silence
 
 
 def assert_clean_failure(done, code: int, text: str) -> None:  # type: ignore[no-untyped-def]
@@ -21,11 +23,13 @@ def assert_clean_failure(done, code: int, text: str) -> None:  # type: ignore[no
     assert done.stdout == ""
 
 
+@pytest.mark.slow
 def test_missing_file(tiny_model: Path, tmp_path: Path) -> None:
     done = run_cli("run", "--input", str(tmp_path / "nope.wav"), "--model", str(tiny_model))
     assert_clean_failure(done, 1, "nope.wav: no such file")
 
 
+@pytest.mark.slow
 def test_unsupported_format(tiny_model: Path, tmp_path: Path) -> None:
     fake = tmp_path / "notes.wav"
     fake.write_text("this is not audio at all\n" * 20)
@@ -33,6 +37,7 @@ def test_unsupported_format(tiny_model: Path, tmp_path: Path) -> None:
     assert_clean_failure(done, 1, "notes.wav: cannot decode audio")
 
 
+@pytest.mark.slow
 def test_truncated_file_keeps_what_was_readable(tiny_model: Path, tmp_path: Path) -> None:
     whole = tmp_path / "whole.wav"
     soundfile.write(whole, np.concatenate([silence(0.5), buzz(1.5), silence(1.0), buzz(3)]), 16000)
@@ -45,6 +50,7 @@ def test_truncated_file_keeps_what_was_readable(tiny_model: Path, tmp_path: Path
     assert finals[-1]["end_reason"] == "stream_end"
 
 
+@pytest.mark.slow
 def test_empty_and_all_zero_audio(tiny_model: Path, tmp_path: Path) -> None:
     empty = tmp_path / "empty.wav"
     soundfile.write(empty, np.zeros(0, dtype=np.float32), 16000)
@@ -59,11 +65,13 @@ def test_empty_and_all_zero_audio(tiny_model: Path, tmp_path: Path) -> None:
     assert done.stdout == ""
 
 
+@pytest.mark.slow
 def test_directory_instead_of_file(tiny_model: Path, tmp_path: Path) -> None:
     done = run_cli("run", "--input", str(tmp_path), "--model", str(tiny_model))
     assert_clean_failure(done, 1, "is a directory")
 
 
+@pytest.mark.slow
 def test_stdin_with_wrong_channel_count_warns(tiny_model: Path) -> None:
     pcm = (np.concatenate([silence(0.5), buzz(1.5), silence(1)]) * 32767).astype("<i2")
     odd = pcm.tobytes() + b"\x01\x02"  # 2 stray bytes: not a whole stereo frame
@@ -72,6 +80,7 @@ def test_stdin_with_wrong_channel_count_warns(tiny_model: Path) -> None:
     assert "stray bytes" in done.stderr and "check --channels" in done.stderr
 
 
+@pytest.mark.slow
 def test_nan_and_clipped_samples_are_sanitised(tiny_model: Path, tmp_path: Path) -> None:
     audio = np.concatenate([silence(0.5), buzz(1.5, level=0.9) * 3, silence(1)])
     audio[20000:20100] = np.nan
@@ -84,6 +93,7 @@ def test_nan_and_clipped_samples_are_sanitised(tiny_model: Path, tmp_path: Path)
     check_result(final, LABELS)
 
 
+@pytest.mark.slow
 def test_wrong_model_directory(tmp_path: Path) -> None:
     done = run_cli("run", "--input", "x.wav", "--model", str(tmp_path / "none"))
     assert_clean_failure(done, 2, "no such model directory")
@@ -91,6 +101,7 @@ def test_wrong_model_directory(tmp_path: Path) -> None:
     assert_clean_failure(done, 1, "no model card")
 
 
+@pytest.mark.slow
 def test_a_closed_stdout_ends_the_run_with_a_clear_error(tiny_model: Path, tmp_path: Path) -> None:
     """`stream-ser run | head -1`: once the reader has gone, one line on stderr, exit 1."""
     path = tmp_path / "long.wav"
@@ -115,7 +126,7 @@ def test_a_closed_stdin_is_a_clear_error(tiny_model: Path) -> None:
     done = subprocess.run(
         ["sh", "-c", 'exec "$0" -m stream_ser run --input - --model "$1" <&-', sys.executable,
          str(tiny_model)],
-        capture_output=True, text=True, timeout=60, cwd=REPO,
+        capture_output=True, text=True, timeout=60, cwd=REPO, check=False,
     )  # fmt: skip
     assert_clean_failure(done, 1, "--input -: standard input is closed")
 

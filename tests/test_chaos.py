@@ -1,4 +1,4 @@
-"""`tools/chaos.py` runs an attack end to end and reports it (smoke test of the script)."""
+"""`tools/bench/chaos.py` runs an attack end to end and reports it (smoke test of the script)."""
 
 from __future__ import annotations
 
@@ -7,15 +7,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import REPO
+from tests.conftest import REPO
 
 
 def test_chaos_script_runs_one_attack_and_writes_its_row(tmp_path: Path, tiny_model: Path) -> None:
     out = tmp_path / "chaos.json"
     done = subprocess.run(
-        [sys.executable, str(REPO / "tools" / "chaos.py"), "--model", str(tiny_model),
+        [sys.executable, "-m", "tools.bench.chaos", "--model", str(tiny_model),
          "--only", "truncated-file", "--json", str(out)],
-        capture_output=True, text=True, timeout=120, cwd=REPO,
+        capture_output=True, text=True, timeout=120, cwd=REPO, check=False,
     )  # fmt: skip
     (row,) = json.loads(out.read_text())
     assert row["attack"] == "6 truncated-file"

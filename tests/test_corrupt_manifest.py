@@ -1,24 +1,24 @@
-"""tools/corrupt_manifest.py: degraded copies of a manifest's clips that `stream-ser eval` reads."""
+"""tools/train/corrupt_manifest.py: degraded copies of a manifest's clips for `stream-ser eval`."""
 
 from __future__ import annotations
 
 import csv
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile
-from conftest import REPO, run_cli
-from signals import buzz, silence
 
-sys.path.insert(0, str(REPO / "tools"))
+from tests.conftest import run_cli
+from tests.signals import buzz, silence
+
 pytest.importorskip("torch")
 
-import corrupt_manifest
+from tools.train import corrupt_manifest
 
 
+@pytest.mark.slow
 def test_noise_and_gain_at_the_asked_levels_with_every_column_kept(
     tmp_path: Path, tiny_model: Path
 ) -> None:

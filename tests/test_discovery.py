@@ -15,7 +15,6 @@ import aiomqtt
 import numpy as np
 import pytest
 import soundfile
-from conftest import REPO, Broker, run_cli
 
 from stream_ser.discovery import (
     discovery_configs,
@@ -23,6 +22,7 @@ from stream_ser.discovery import (
     node_id,
     removal_messages,
 )
+from tests.conftest import REPO, Broker, run_cli
 
 PREFIX = "ser"
 STATUS = "ser/status/stream-ser-host-room1"

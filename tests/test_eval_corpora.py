@@ -8,8 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import DATASETS, run_cli
-from test_evaluate import adaptive_model, ravdess_rows, write_manifest  # noqa: F401
 
 from stream_ser.errors import ConfigError
 from stream_ser.eval_corpora import (
@@ -21,6 +19,8 @@ from stream_ser.eval_corpora import (
 )
 from stream_ser.evaluate import Clip, recognize
 from stream_ser.specialist import Specialist
+from tests.conftest import DATASETS, run_cli
+from tests.test_evaluate import adaptive_model, ravdess_rows, write_manifest  # noqa: F401
 
 RAVDESS = DATASETS / "ravdess"
 COLUMNS = ("path", "label", "speaker")

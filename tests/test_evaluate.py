@@ -10,12 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile
-from conftest import DATASETS, LABELS, build_tiny_model, run_cli
-from signals import buzz, noise
 
 from stream_ser.adaptation import StreamBaseline
 from stream_ser.evaluate import (
     Clip,
+    Failure,
     confusion_matrix,
     evaluate,
     expected_calibration_error,
@@ -26,6 +25,8 @@ from stream_ser.evaluate import (
     unweighted_average_recall,
 )
 from stream_ser.specialist import Specialist, bundled_model_dir
+from tests.conftest import DATASETS, LABELS, build_tiny_model, run_cli
+from tests.signals import buzz, noise
 
 RAVDESS = DATASETS / "ravdess"
 EMODB = DATASETS / "emodb"
@@ -87,21 +88,29 @@ def adaptive_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_adaptive_model(tmp_path_factory.mktemp("adaptive"))
 
 
-def ravdess_rows(per_label: int = 1, actors: tuple[str, ...] = ("Actor_01", "Actor_02")) -> list:
+def ravdess_rows(
+    per_label: int = 1, actors: tuple[str, ...] = ("Actor_01", "Actor_02")
+) -> list[dict[str, str]]:
     """A few RAVDESS manifest rows: `per_label` clips per label per actor."""
     manifest = RAVDESS / "manifest.csv"
     if not manifest.is_file():
         pytest.skip(f"dataset not found: {manifest}")
     with manifest.open(newline="") as handle:
         rows = [row for row in csv.DictReader(handle) if row["speaker"] in actors]
-    picked: list[dict] = []
+    picked: list[dict[str, str]] = []
     for actor in actors:
         for label in LABELS:
             picked += [r for r in rows if r["speaker"] == actor and r["label"] == label][:per_label]
     return picked
 
 
-def write_manifest(path: Path, rows: list[dict], columns: tuple[str, ...]) -> Path:
+def probabilities(outcome: np.ndarray | Failure) -> np.ndarray:
+    """A clip's probabilities; a failed clip fails the test with its reason."""
+    assert isinstance(outcome, np.ndarray), outcome
+    return outcome
+
+
+def write_manifest(path: Path, rows: list[dict[str, str]], columns: tuple[str, ...]) -> Path:
     """A manifest CSV with the given columns."""
     with path.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, columns, extrasaction="ignore")
@@ -188,7 +197,8 @@ def test_stream_replay_is_causal(adaptive_model: Path, tmp_path: Path) -> None:
     specialist = Specialist(adaptive_model)
 
     def replay(items: list[Clip], mode: str = "stream") -> np.ndarray:
-        return np.vstack([outcome for _, outcome in recognize(specialist, items, mode)])
+        outcomes = recognize(specialist, items, mode)
+        return np.vstack([probabilities(outcome) for _, outcome in outcomes])
 
     full = replay(clips)
     np.testing.assert_allclose(full[:2], replay(clips[:2]))  # the future changes nothing
@@ -237,6 +247,7 @@ def test_eval_json_on_real_clips(tiny_model: Path, tmp_path: Path) -> None:
     assert set(report["per_class_recall"]) == set(LABELS)
 
 
+@pytest.mark.slow
 def test_eval_table_subset_unreadable_clip_and_plots(tiny_model: Path, tmp_path: Path) -> None:
     rows = [r for r in ravdess_rows() if r["label"] in ("happy", "sad", "angry", "neutral")]
     folder = tmp_path / "clips"
@@ -260,6 +271,7 @@ def test_eval_table_subset_unreadable_clip_and_plots(tiny_model: Path, tmp_path:
     assert report.to_dict()["n_failed"] == 1
 
 
+@pytest.mark.slow
 def test_eval_usage_errors(tiny_model: Path, tmp_path: Path) -> None:
     unknown = write_manifest(
         tmp_path / "boredom.csv", [{"path": "x.wav", "label": "boredom"}], ("path", "label")
@@ -273,6 +285,7 @@ def test_eval_usage_errors(tiny_model: Path, tmp_path: Path) -> None:
     assert done.returncode == 2
 
 
+@pytest.mark.slow
 def test_eval_of_the_bundled_model_on_unseen_speakers() -> None:
     """The bundled model on a few clips of RAVDESS test speakers (never used in training)."""
     if not (bundled_model_dir() / "model.onnx").is_file():

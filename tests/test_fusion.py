@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -104,7 +105,7 @@ def test_fusion_file_round_trip(tmp_path: Path) -> None:
         ({"colour": "red"}, "unknown keys"),
     ],
 )
-def test_bad_fusion_files(raw: dict, message: str) -> None:
+def test_bad_fusion_files(raw: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         fusion_from_dict(raw, LABELS)
 
@@ -124,6 +125,7 @@ def softmax_rows(logits: np.ndarray) -> list[dict[str, float]]:
     return [dist(*row) for row in p]
 
 
+@pytest.mark.slow
 def test_temperature_fit_recovers_overconfidence() -> None:
     truth, logits = synthetic_dev_set()
     overconfident = softmax_rows(3.0 * logits)  # the calibrated answer is T = 3
@@ -133,6 +135,7 @@ def test_temperature_fit_recovers_overconfidence() -> None:
     assert 0.8 <= calibrated <= 1.25
 
 
+@pytest.mark.slow
 def test_calibration_learns_to_ignore_an_uninformative_source() -> None:
     truth, logits = synthetic_dev_set(seed=1)
     noise = np.random.default_rng(7).normal(0, 2, logits.shape)

@@ -10,13 +10,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from alm.alm_helpers import tool
-from conftest import DATASETS, LABELS, run_cli
 
 from stream_ser.ambiguity import vote_metrics
 from stream_ser.fusion import load_fusion
-
-fake = tool("fake_openai_alm")
+from tests.conftest import DATASETS, LABELS, run_cli
+from tests.fakes import fake_openai_alm as fake
 
 
 def test_vote_metrics_known_answers() -> None:

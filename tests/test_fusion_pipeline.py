@@ -1,7 +1,7 @@
 """The ALM stage in the running pipeline: provisional then final results, fusion, deadlines
 (live streams; a file read as fast as possible waits for every stage).
 
-The ALM is a local fake of an OpenAI-compatible server (tools/fake_openai_alm.py) reached over
+The ALM is a local fake of an OpenAI-compatible server (tests/fakes/fake_openai_alm.py) reached over
 real HTTP by the real remote backend; the CLI runs as a subprocess.
 """
 
@@ -19,11 +19,10 @@ from typing import Any
 import numpy as np
 import pytest
 import soundfile
-from alm.alm_helpers import tool
-from conftest import LABELS, REPO, build_tiny_model, run_cli
-from schema import check_result, parse_lines
 
-fake = tool("fake_openai_alm")
+from tests.conftest import LABELS, REPO, build_tiny_model, run_cli
+from tests.fakes import fake_openai_alm as fake
+from tests.schema import check_result, parse_lines
 
 
 def run_with_alm(path: Path, model: Path, url: str, *extra: str) -> list[dict[str, Any]]:
@@ -38,12 +37,13 @@ def run_with_alm(path: Path, model: Path, url: str, *extra: str) -> list[dict[st
     return messages
 
 
-def by_stage(messages: list[dict[str, Any]]) -> tuple[list[dict], list[dict]]:
+def by_stage(messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     provisional = [m for m in messages if m["type"] == "utterance" and not m["final"]]
     finals = [m for m in messages if m["type"] == "utterance" and m["final"]]
     return provisional, finals
 
 
+@pytest.mark.slow
 def test_provisional_then_one_fused_final_per_utterance(
     tiny_model: Path, speech_with_pauses: tuple[Path, int]
 ) -> None:
@@ -76,6 +76,7 @@ def test_provisional_then_one_fused_final_per_utterance(
         assert "descriptors" in final
 
 
+@pytest.mark.slow
 def test_slow_alm_meets_the_deadline_with_flagged_specialist_only_results(
     tiny_model: Path, speech_with_pauses: tuple[Path, int]
 ) -> None:
@@ -102,6 +103,7 @@ def test_slow_alm_meets_the_deadline_with_flagged_specialist_only_results(
     assert elapsed_s < 25
 
 
+@pytest.mark.slow
 def test_a_file_read_as_fast_as_possible_waits_for_a_slow_alm(
     tiny_model: Path, speech_with_pauses: tuple[Path, int]
 ) -> None:
@@ -122,6 +124,7 @@ def test_a_file_read_as_fast_as_possible_waits_for_a_slow_alm(
         assert final["latency_ms"] > 500  # it waited past the 100 ms deadline for the ALM
 
 
+@pytest.mark.slow
 def test_failing_alm_gives_flagged_results(
     tiny_model: Path, speech_with_pauses: tuple[Path, int]
 ) -> None:
@@ -136,6 +139,7 @@ def test_failing_alm_gives_flagged_results(
         assert "500" in final["sources"]["alm"]["error"]
 
 
+@pytest.mark.slow
 def test_fusion_file_weights_and_mapping(
     tmp_path: Path, tiny_model: Path, speech_with_pauses: tuple[Path, int]
 ) -> None:
@@ -161,6 +165,7 @@ def test_fusion_file_weights_and_mapping(
         assert final["fusion"]["dropped_mass"]["specialist"] > 0
 
 
+@pytest.mark.slow
 def test_a_further_specialist_is_fused_per_utterance(
     tmp_path: Path, tiny_model: Path, speech_with_pauses: tuple[Path, int]
 ) -> None:
@@ -186,6 +191,7 @@ def test_a_further_specialist_is_fused_per_utterance(
         )
 
 
+@pytest.mark.slow
 def test_stdin_redirected_from_a_file_is_a_recording_a_pipe_is_live(
     tmp_path: Path, tiny_model: Path, speech_with_pauses: tuple[Path, int]
 ) -> None:
@@ -202,7 +208,7 @@ def test_stdin_redirected_from_a_file_is_a_recording_a_pipe_is_live(
         with raw.open("rb") as redirected:
             done = subprocess.run(
                 [sys.executable, "-m", "stream_ser", *args, *alm], stdin=redirected,
-                capture_output=True, text=True, timeout=120, cwd=REPO,
+                capture_output=True, text=True, timeout=120, cwd=REPO, check=False,
             )  # fmt: skip
         piped = run_cli(*args, *alm, stdin=raw.read_bytes())
     for run in (done, piped):
@@ -214,6 +220,7 @@ def test_stdin_redirected_from_a_file_is_a_recording_a_pipe_is_live(
     assert all(m["flags"] == ["alm_deadline", "specialist_only"] for m in from_pipe)
 
 
+@pytest.mark.slow
 def test_a_stopped_file_run_stops_waiting_for_a_slow_alm(
     tiny_model: Path, speech_with_pauses: tuple[Path, int]
 ) -> None:

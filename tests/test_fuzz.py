@@ -20,17 +20,17 @@ from typing import Any
 import numpy as np
 import pytest
 import soundfile
-from conftest import REPO
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
-from signals import buzz, silence
 
 from stream_ser.errors import AudioInputError
 from stream_ser.events import AudioChunk, UtteranceEnd
 from stream_ser.settings import SourceSettings, VadSettings
 from stream_ser.source import Converter, SourceStats, open_source
 from stream_ser.vad import Segmenter
+from tests.conftest import REPO
+from tests.signals import buzz, silence
 
 FUZZ = settings(
     deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
@@ -90,6 +90,7 @@ def _run_source(settings: SourceSettings) -> tuple[list[object], SourceStats]:
 
 @settings(FUZZ, max_examples=300)
 @given(data=file_bytes(), chunk_ms=st.sampled_from([10, 100, 1000]))
+@pytest.mark.slow
 def test_any_file_bytes_decode_or_fail_cleanly(data: bytes, chunk_ms: int) -> None:
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "fuzz.wav"
@@ -164,6 +165,7 @@ finite_or_not = st.one_of(
     dc=st.floats(-2, 2),
     rate=st.sampled_from([8000, 16000, 22050, 48000]),
 )
+@pytest.mark.slow
 def test_any_float_samples_are_sanitised(block: np.ndarray, dc: float, rate: int) -> None:
     stats = SourceStats()
     converter = Converter(rate, block.shape[1], stats)
@@ -195,6 +197,7 @@ def test_absurd_sample_rate_in_a_header_is_refused(rate: int, tmp_path: Path) ->
         _run_source(SourceSettings(input=str(path)))
 
 
+@pytest.mark.slow
 def test_long_silence_and_long_speech_are_bounded() -> None:
     """Ten minutes of silence yields nothing; 125 s of speech is split at the max length."""
     stats = SourceStats()
@@ -226,7 +229,7 @@ def _cli(*args: str, stdin: bytes = b"") -> subprocess.CompletedProcess[str]:
         input=stdin,
         capture_output=True,
         timeout=60,
-        cwd=REPO,
+        cwd=REPO, check=False,
     )
     return subprocess.CompletedProcess(
         done.args, done.returncode, done.stdout.decode(), done.stderr.decode()
@@ -242,6 +245,7 @@ def _assert_clean(done: subprocess.CompletedProcess[str]) -> None:
 
 @settings(FUZZ, max_examples=4)
 @given(data=file_bytes())
+@pytest.mark.slow
 def test_cli_on_fuzzed_files(data: bytes, tiny_model: Path) -> None:
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "fuzz.flac"
@@ -251,6 +255,7 @@ def test_cli_on_fuzzed_files(data: bytes, tiny_model: Path) -> None:
 
 @settings(FUZZ, max_examples=3)
 @given(data=st.binary(max_size=40000), channels=st.integers(1, 6))
+@pytest.mark.slow
 def test_cli_on_fuzzed_stdin(data: bytes, channels: int, tiny_model: Path) -> None:
     done = _cli("run", "--input", "-", "--rate", "44100", "--channels", str(channels),
                 "--model", str(tiny_model), stdin=data)  # fmt: skip

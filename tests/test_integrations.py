@@ -11,7 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import aiomqtt
-from conftest import REPO, Broker, free_port, wait_for_port
+import pytest
+
+from tests.conftest import REPO, Broker, free_port, wait_for_port
 
 PREFIX = "integ"
 
@@ -38,6 +40,7 @@ def scrape(port: int, path: str) -> tuple[int, str]:
         return err.code, err.read().decode()
 
 
+@pytest.mark.slow
 async def test_discovery_speaking_metrics_and_json_logs(
     broker: Broker, speech_with_pauses: tuple[Path, int], tiny_model: Path
 ) -> None:

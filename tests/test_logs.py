@@ -26,6 +26,11 @@ def restore_root_logger() -> Iterator[None]:
     root.setLevel(level)
 
 
+def fail(message: str) -> None:
+    """Raise, so that the logged record carries a real traceback."""
+    raise ValueError(message)
+
+
 @pytest.mark.usefixtures("restore_root_logger")
 def test_json_lines_carry_time_level_logger_message_and_traceback() -> None:
     out = io.StringIO()
@@ -34,7 +39,7 @@ def test_json_lines_carry_time_level_logger_message_and_traceback() -> None:
     log.debug("not shown at info")
     log.info("connected to %s", "mqtt://broker:1883")
     try:
-        raise ValueError('bad "value"\nsecond line')
+        fail('bad "value"\nsecond line')
     except ValueError:
         log.exception("it failed")
     lines = [json.loads(line) for line in out.getvalue().splitlines()]

@@ -13,13 +13,13 @@ from typing import cast
 import numpy as np
 import pytest
 import soundfile
-from conftest import run_cli
-from test_tail import result
 
 from stream_ser.errors import ConfigError, StreamSerError
 from stream_ser.metrics import Metrics, MetricsServer, MetricsSettings
 from stream_ser.pipeline import OBSERVER_REFRESH_S, StreamPipeline, run_streams
 from stream_ser.publish import JsonlSink
+from tests.conftest import run_cli
+from tests.test_tail import result
 
 pytest.importorskip("prometheus_client")
 from prometheus_client.parser import text_string_to_metric_families

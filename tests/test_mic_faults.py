@@ -15,8 +15,10 @@ import threading
 import time
 from pathlib import Path
 
-from conftest import REPO
-from test_microphone import pulse_env  # noqa: F401  (the PulseAudio fixture)
+import pytest
+
+from tests.conftest import REPO
+from tests.test_microphone import pulse_env  # noqa: F401  (the PulseAudio fixture)
 
 NULL_SINK = ["module-null-sink", "sink_name=vsink", "rate=16000", "channels=1"]
 
@@ -66,6 +68,7 @@ class StderrLines:
         return "".join(self.lines)
 
 
+@pytest.mark.slow
 def test_microphone_unplugged_and_back_recovers(
     pulse_env: dict[str, str],  # noqa: F811
     speech_with_pauses: tuple[Path, int],
@@ -102,6 +105,7 @@ def test_microphone_unplugged_and_back_recovers(
     assert finals[clip_count]["start_ms"] - gap_start > 2500  # the outage counted as time
 
 
+@pytest.mark.slow
 def test_microphone_gone_for_good_is_a_clear_error(
     pulse_env: dict[str, str],  # noqa: F811
     tiny_model: Path,

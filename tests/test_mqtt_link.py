@@ -11,8 +11,6 @@ from pathlib import Path
 import aiomqtt
 import numpy as np
 import pytest
-from conftest import SAMPLE, Broker, run_cli
-from test_tail import PREFIX, subscribed_tail
 
 from stream_ser.errors import ConfigError, PublishError
 from stream_ser.mqtt import PASSWORD_ENV, Backoff, keep_connected, parse_broker_url
@@ -20,6 +18,8 @@ from stream_ser.send import Capture
 from stream_ser.settings import MqttSettings
 from stream_ser.tail import TailOptions, TailView
 from stream_ser.uplink import Outbox, Uplink
+from tests.conftest import SAMPLE, Broker, run_cli
+from tests.test_tail import PREFIX, subscribed_tail
 
 
 @pytest.fixture(autouse=True)

@@ -7,16 +7,18 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import numpy as np
+import pytest
 import soundfile
 import soxr
-from conftest import LABELS, SAMPLE, run_cli
-from schema import check_result, parse_lines, utterances
-from signals import buzz, silence
 
 from stream_ser.events import AudioChunk, SpeechAudio, UtteranceStart
 from stream_ser.pipeline import Windower, until_stopped
+from tests.conftest import LABELS, SAMPLE, run_cli
+from tests.schema import check_result, parse_lines, utterances
+from tests.signals import buzz, silence
 
 
+@pytest.mark.slow
 def test_real_speech_file_gives_one_result_per_utterance(
     tiny_model: Path, speech_with_pauses: tuple[Path, int]
 ) -> None:
@@ -39,6 +41,7 @@ def test_real_speech_file_gives_one_result_per_utterance(
         assert window["end_ms"] - window["start_ms"] == 1000  # the card's window_ms
 
 
+@pytest.mark.slow
 def test_utterance_times_match_the_clip_boundaries(
     tiny_model: Path, ravdess_clips: list[Path]
 ) -> None:
@@ -61,6 +64,7 @@ def test_utterance_times_match_the_clip_boundaries(
     assert final["end_ms"] <= clip_end_ms + 300
 
 
+@pytest.mark.slow
 def test_bundled_sample_runs_with_the_default_model() -> None:
     done = run_cli("run", "--input", str(SAMPLE))
     assert done.returncode == 0, done.stderr
@@ -70,6 +74,7 @@ def test_bundled_sample_runs_with_the_default_model() -> None:
         check_result(message)
 
 
+@pytest.mark.slow
 def test_stdin_at_another_rate_and_channel_count(
     tiny_model: Path, speech_with_pauses: tuple[Path, int]
 ) -> None:
@@ -96,6 +101,7 @@ def test_stdin_at_another_rate_and_channel_count(
     assert all(m["stream_id"] == "stdin" for m in finals)
 
 
+@pytest.mark.slow
 def test_synthetic_signals(tmp_path: Path, tiny_model: Path) -> None:
     cases = {
         "silence": (silence(4), 0),
@@ -128,6 +134,7 @@ def test_windower_emits_a_window_every_hop() -> None:
     np.testing.assert_array_equal(jobs[-1].samples, audio[16000:32000])
 
 
+@pytest.mark.slow
 def test_several_sources_in_one_process(
     tmp_path: Path, tiny_model: Path, speech_with_pauses: tuple[Path, int]
 ) -> None:

@@ -7,11 +7,11 @@ import struct
 from pathlib import Path
 
 import pytest
-from conftest import LABELS, run_cli
-from test_tail import result
 
 from stream_ser.cli import main
 from stream_ser.plot import final_utterances, read_results
+from tests.conftest import LABELS, run_cli
+from tests.test_tail import result
 
 pytest.importorskip("matplotlib")
 
@@ -51,6 +51,7 @@ def test_final_utterances_are_deduplicated_and_ordered(tmp_path: Path) -> None:
     assert room[0].top_label == LABELS[1]
 
 
+@pytest.mark.slow
 def test_plot_writes_a_png_of_sensible_size(tmp_path: Path) -> None:
     results = session(tmp_path / "session.jsonl")
     done = run_cli("plot", str(results), timeout_s=60)
@@ -63,6 +64,7 @@ def test_plot_writes_a_png_of_sensible_size(tmp_path: Path) -> None:
     assert output.stat().st_size > 20_000  # bars, labels and legend, not an empty canvas
 
 
+@pytest.mark.slow
 def test_plot_one_stream_to_a_chosen_file(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -89,6 +91,7 @@ def test_plot_reports_unknown_stream_and_empty_input(
     assert not (tmp_path / "empty.png").exists()
 
 
+@pytest.mark.slow
 def test_plot_reads_results_piped_on_stdin(tmp_path: Path) -> None:
     results = session(tmp_path / "session.jsonl")
     assert main(["plot", str(results), "-o", str(tmp_path / "from-file.png")]) == 0

@@ -11,7 +11,6 @@ from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
-from test_evaluate import build_adaptive_model
 
 from stream_ser.adaptation import StreamBaseline
 from stream_ser.errors import ModelError
@@ -22,6 +21,7 @@ from stream_ser.settings import SourceSettings, VadSettings
 from stream_ser.source import SourceStats, open_source
 from stream_ser.specialist import Baseline, Specialist
 from stream_ser.vad import Segmenter
+from tests.test_evaluate import build_adaptive_model
 
 
 class GatedSpecialist:

@@ -20,12 +20,12 @@ from typing import Any
 
 import aiomqtt
 import pytest
-from conftest import LABELS, REPO, Broker, free_port, wait_for_port
-from schema import check_result
 
 from stream_ser.errors import ConfigError
 from stream_ser.mqtt import PASSWORD_ENV, parse_broker_url
 from stream_ser.settings import MqttSettings
+from tests.conftest import LABELS, REPO, Broker, free_port, wait_for_port
+from tests.schema import check_result
 
 PREFIX = "stream-ser"
 PUBLISHER_PASSWORD = "pub-Secret-4711"
@@ -180,7 +180,7 @@ def run_ser(
         capture_output=True,
         text=True,
         timeout=timeout_s,
-        cwd=REPO,
+        cwd=REPO, check=False,
     )
 
 
@@ -245,6 +245,7 @@ def cli_args(path: Path, model: Path, *extra: str) -> list[str]:
             "--mqtt-client-id", "secure-ser", "--mqtt-connect-timeout-s", "5", *extra]  # fmt: skip
 
 
+@pytest.mark.slow
 async def test_tls_with_client_certificate_delivers_and_leaks_no_password(
     secure_broker: SecureBroker,
     pki: Pki,
@@ -272,6 +273,7 @@ async def test_tls_with_client_certificate_delivers_and_leaks_no_password(
     assert_no_secret(done, reader, PUBLISHER_PASSWORD)
 
 
+@pytest.mark.slow
 async def test_tls_with_a_foreign_ca_is_refused(
     secure_broker: SecureBroker, pki: Pki, tmp_path: Path, tiny_model: Path,
     speech_with_pauses: tuple[Path, int],
@@ -291,6 +293,7 @@ async def test_tls_with_a_foreign_ca_is_refused(
     assert done.stdout == ""
 
 
+@pytest.mark.slow
 async def test_tls_without_client_certificate_is_refused(
     secure_broker: SecureBroker, pki: Pki, tiny_model: Path, speech_with_pauses: tuple[Path, int],
     monkeypatch: pytest.MonkeyPatch,
@@ -311,6 +314,7 @@ async def test_tls_without_client_certificate_is_refused(
     assert PUBLISHER_PASSWORD not in done.stderr
 
 
+@pytest.mark.slow
 async def test_wrong_password_is_a_clear_error_at_start_up(
     secure_broker: SecureBroker, tmp_path: Path, tiny_model: Path,
     speech_with_pauses: tuple[Path, int],
@@ -331,6 +335,7 @@ async def test_wrong_password_is_a_clear_error_at_start_up(
     assert wrong not in done.stderr and wrong not in done.stdout
 
 
+@pytest.mark.slow
 async def test_password_in_the_url_works_with_a_warning_and_is_never_shown(
     secure_broker: SecureBroker, tiny_model: Path, speech_with_pauses: tuple[Path, int]
 ) -> None:
@@ -345,6 +350,7 @@ async def test_password_in_the_url_works_with_a_warning_and_is_never_shown(
     assert_no_secret(done, reader, PUBLISHER_PASSWORD)
 
 
+@pytest.mark.slow
 async def test_acl_denial_is_surfaced_counted_and_not_retried(
     secure_broker: SecureBroker, tiny_model: Path, speech_with_pauses: tuple[Path, int]
 ) -> None:

@@ -14,11 +14,11 @@ import aiomqtt
 import numpy as np
 import pytest
 import soundfile
-from conftest import REPO, Broker, free_port, run_cli
 
 from stream_ser.remote import Chunk, decode_chunk
 from stream_ser.send import chunk_pieces
 from stream_ser.uplink import Outbox, Outgoing
+from tests.conftest import REPO, Broker, free_port, run_cli
 
 PREFIX = "send-test"
 MODEL_MODULES = ("onnxruntime", "opensmile")

@@ -16,9 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import aiomqtt
-from conftest import REPO, Broker
-from schema import check_result
-from test_microphone import pulse_env  # noqa: F401  (the PulseAudio fixture)
+import pytest
+
+from tests.conftest import REPO, Broker
+from tests.schema import check_result
+from tests.test_microphone import pulse_env  # noqa: F401  (the PulseAudio fixture)
 
 PREFIX = "devices"
 
@@ -48,6 +50,7 @@ async def claimed(broker: Broker, stream_id: str) -> None:
                     return
 
 
+@pytest.mark.slow
 async def test_send_mic_to_a_worker(
     pulse_env: dict[str, str],  # noqa: F811
     broker: Broker,

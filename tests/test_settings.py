@@ -6,10 +6,10 @@ import argparse
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
 
 from stream_ser.errors import ConfigError
 from stream_ser.settings import add_arguments, build_settings
+from tests.conftest import run_cli
 
 
 def parse(*argv: str) -> argparse.Namespace:

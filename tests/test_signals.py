@@ -11,7 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import aiomqtt
-from conftest import REPO, Broker
+import pytest
+
+from tests.conftest import REPO, Broker
 
 PREFIX = "signal-test"
 
@@ -36,6 +38,7 @@ async def retained_status(broker: Broker, client_id: str) -> dict[str, Any]:
     raise AssertionError("no status")
 
 
+@pytest.mark.slow
 async def test_sigterm_mid_utterance_finishes_it_and_exits_cleanly(
     broker: Broker, tiny_model: Path, speech_with_pauses: tuple[Path, int]
 ) -> None:

@@ -5,14 +5,15 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
-from conftest import LABELS, build_tiny_model
-from signals import buzz, noise
 
 from stream_ser.errors import ModelError
 from stream_ser.specialist import Specialist, bundled_model_dir, load_card
+from tests.conftest import LABELS, build_tiny_model
+from tests.signals import buzz, noise
 
 
 def test_predict_gives_one_distribution_per_clip(tiny_model: Path) -> None:
@@ -72,7 +73,7 @@ def test_toml_card_is_accepted(tmp_path: Path, tiny_model: Path) -> None:
     ],
 )
 def test_bad_cards_are_clear_errors(
-    tmp_path: Path, tiny_model: Path, change: dict, message: str
+    tmp_path: Path, tiny_model: Path, change: dict[str, Any], message: str
 ) -> None:
     directory = tmp_path / "bad"
     shutil.copytree(tiny_model, directory)

@@ -13,13 +13,14 @@ from typing import Any
 
 import aiomqtt
 import numpy as np
+import pytest
 import soundfile
-from conftest import REPO, Broker, run_cli
 
 from stream_ser.messages import status_message
 from stream_ser.publish import MqttSink
 from stream_ser.settings import MqttSettings
 from stream_ser.spool import Spool
+from tests.conftest import REPO, Broker, run_cli
 
 PREFIX = "spool-test"
 
@@ -109,6 +110,7 @@ class Subscriber:
         return ids
 
 
+@pytest.mark.slow
 async def test_broker_restarts_lose_nothing(
     tmp_path: Path, tiny_model: Path, ravdess_clips: list[Path]
 ) -> None:
@@ -177,6 +179,7 @@ async def test_the_offline_status_follows_results_spooled_during_an_outage(
     assert [m["utterance_id"] for m in subscriber.messages[:first] if m.get("final")] == [1, 2]
 
 
+@pytest.mark.slow
 async def test_results_spooled_while_down_are_delivered_by_the_next_run(
     tmp_path: Path, broker: Broker, tiny_model: Path, speech_with_pauses: tuple[Path, int]
 ) -> None:
@@ -223,6 +226,7 @@ async def test_results_spooled_while_down_are_delivered_by_the_next_run(
     assert subscriber.final_ids() == list(range(1, clip_count + 1))
 
 
+@pytest.mark.slow
 async def test_an_idle_stream_reconnects_and_restores_its_status(
     tmp_path: Path, broker: Broker, tiny_model: Path
 ) -> None:

@@ -15,13 +15,13 @@ from typing import Any
 import numpy as np
 import pytest
 import soundfile
-from conftest import REPO, Broker, run_cli
-from test_spool import PREFIX, Subscriber, long_recording
 
 from stream_ser.messages import status_message
 from stream_ser.publish import MqttSink
 from stream_ser.settings import MqttSettings
 from stream_ser.spool import RESERVE_BYTES, Spool
+from tests.conftest import REPO, Broker, run_cli
+from tests.test_spool import PREFIX, Subscriber, long_recording
 
 
 def start(*args: str) -> subprocess.Popen[bytes]:
@@ -196,7 +196,7 @@ def small_disk(tmp_path: Path) -> Any:
     if os.geteuid() != 0:
         pytest.skip("mounting a small tmpfs needs root")
     done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)],
-                          capture_output=True, text=True)  # fmt: skip
+                          capture_output=True, text=True, check=False)  # fmt: skip
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs: {done.stderr.strip()}")
     try:

@@ -12,17 +12,20 @@ from pathlib import Path
 from typing import Any
 
 import aiomqtt
-from conftest import LABELS, REPO, Broker, free_port, run_cli
-from schema import check_result
+import pytest
 
 from stream_ser.messages import StreamInfo, speaking_message
 from stream_ser.tail import TailOptions, TailView, bar, format_result
+from tests.conftest import LABELS, REPO, Broker, free_port, run_cli
+from tests.schema import check_result
 
 PREFIX = "tail-test"
 STATUS = f"{PREFIX}/status/ser-host-room1"
 
 
-def result(stream_id: str, utterance_id: int, start_ms: int, end_ms: int, **extra: Any) -> dict:
+def result(
+    stream_id: str, utterance_id: int, start_ms: int, end_ms: int, **extra: Any
+) -> dict[str, Any]:
     """A synthetic schema-1 result whose top label cycles through the labels."""
     top = LABELS[utterance_id % len(LABELS)]
     rest = (1 - 0.65) / (len(LABELS) - 1)
@@ -188,6 +191,7 @@ def test_tail_reports_an_unreachable_broker() -> None:
     assert "Traceback" not in done.stderr
 
 
+@pytest.mark.slow
 async def test_tail_follows_a_running_pipeline(
     broker: Broker, tiny_model: Path, speech_with_pauses: tuple[Path, int]
 ) -> None:

@@ -1,22 +1,20 @@
-"""tools/train_multi.py: shared label space with a masked loss, corpus-balanced weights, the
+"""tools/train/train_multi.py: shared label space with a masked loss, corpus-balanced weights, the
 speaker-independent split of every corpus, adaptation weights and the blocked replay."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO
 
 pytest.importorskip("torch")
-sys.path.insert(0, str(REPO / "tools"))
 
 import torch
-import train_multi as tm
-import train_strong as ts
-from strong_features import Row
+
+from tools.train import train_multi as tm
+from tools.train import train_strong as ts
+from tools.train.strong_features import Row
 
 LABELS = ["neutral", "calm", "happy", "sad", "angry", "boredom"]
 

@@ -1,21 +1,18 @@
-"""tools/train_strong.py: speaker folds for cross-validation, the causal training replay, the
+"""tools/train/train_strong.py: speaker folds for cross-validation, the causal training replay, the
 augmented training copies."""
 
 from __future__ import annotations
 
-import sys
-
 import numpy as np
 import pytest
-from conftest import REPO
 
 pytest.importorskip("torch")
 pytest.importorskip("sklearn")
-sys.path.insert(0, str(REPO / "tools"))
 
 import torch
-import train_strong as ts
-from strong_features import (
+
+from tools.train import train_strong as ts
+from tools.train.strong_features import (
     AUGMENTATIONS,
     Row,
     gain,

@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile
-from conftest import run_cli
 
 from stream_ser.alm.base import ALM_HELP
 from stream_ser.cli import _parser
 from stream_ser.publish import default_client_id
 from stream_ser.settings import SECTIONS, field_help
+from tests.conftest import run_cli
 
 
 def command_parser(name: str) -> argparse.ArgumentParser:

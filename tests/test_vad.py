@@ -3,26 +3,29 @@
 from __future__ import annotations
 
 import itertools
+from typing import Any
 
 import numpy as np
 import pytest
-from signals import RATE, buzz, noise, silence, tone
 
-from stream_ser.events import AudioChunk, SpeechAudio, UtteranceEnd, UtteranceStart
+from stream_ser.events import AudioChunk, SpeechAudio, UtteranceEnd, UtteranceStart, VadEvent
 from stream_ser.settings import VadSettings
 from stream_ser.vad import Segmenter
+from tests.signals import RATE, buzz, noise, silence, tone
 
 
-def run_segmenter(audio: np.ndarray, chunk: int = 1600, **settings: int) -> tuple[list, Segmenter]:
+def run_segmenter(
+    audio: np.ndarray, chunk: int = 1600, **settings: Any
+) -> tuple[list[VadEvent], Segmenter]:
     segmenter = Segmenter(VadSettings(**settings))
-    events = []
+    events: list[VadEvent] = []
     for offset in range(0, len(audio), chunk):
         events += segmenter.process(AudioChunk(audio[offset : offset + chunk], offset // 16))
     events += segmenter.flush()
     return events, segmenter
 
 
-def ends(events: list) -> list[UtteranceEnd]:
+def ends(events: list[VadEvent]) -> list[UtteranceEnd]:
     return [event for event in events if isinstance(event, UtteranceEnd)]
 
 

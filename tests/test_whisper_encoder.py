@@ -1,22 +1,21 @@
-"""tools/whisper_encoder.py: CTranslate2 weight reading, the torch encoder, ONNX export."""
+"""tools/train/whisper_encoder.py: CTranslate2 weight reading, the torch encoder, ONNX export."""
 
 from __future__ import annotations
 
 import struct
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO
-from signals import buzz
+
+from tests.signals import buzz
 
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
-sys.path.insert(0, str(REPO / "tools"))
 
 import torch
-from whisper_encoder import (
+
+from tools.train.whisper_encoder import (
     PooledWhisper,
     export_onnx,
     join_parts,

@@ -15,10 +15,10 @@ from typing import Any
 
 import aiomqtt
 import pytest
-from conftest import REPO, Broker
 
 from stream_ser.mqtt import PASSWORD_ENV, broker_client, parse_broker_url
 from stream_ser.settings import MqttSettings
+from tests.conftest import REPO, Broker
 
 PASSWORDS = {"ser-kitchen": "kitchen-Secret-1", "dashboard": "dash-Secret-2", "porch": "porch-3"}
 

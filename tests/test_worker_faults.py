@@ -16,12 +16,12 @@ from typing import Any
 import aiomqtt
 import numpy as np
 import pytest
-from conftest import REPO, Broker
-from test_workers import CHUNK, PREFIX, collect_finals, device, recording, start_worker
 
 from stream_ser.remote import encode_chunk
 from stream_ser.settings import MqttSettings
 from stream_ser.worker import OWNER_TTL_S, AudioWorker, RemoteStream
+from tests.conftest import REPO, Broker
+from tests.test_workers import CHUNK, PREFIX, collect_finals, device, recording, start_worker
 
 
 @asynccontextmanager

@@ -14,10 +14,11 @@ from typing import Any
 
 import aiomqtt
 import numpy as np
+import pytest
 import soundfile
-from conftest import REPO, Broker
 
 from stream_ser.remote import HELLO_INTERVAL_S, encode_chunk
+from tests.conftest import REPO, Broker
 
 PREFIX = "fleet"
 CHUNK = 1600  # 100 ms at 16 kHz
@@ -95,6 +96,7 @@ class OwnerWatch:
         return [worker for stream, worker in self.claims if stream == stream_id]
 
 
+@pytest.mark.slow
 async def test_two_workers_split_the_streams_and_one_takes_over(
     tmp_path: Path, broker: Broker, tiny_model: Path, ravdess_clips: list[Path]
 ) -> None:

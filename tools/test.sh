@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The test command: installs everything Python needs into .venv, then runs lint, types and tests.
 # System packages (mosquitto, PulseAudio...) come from `.ci/run` or the README.
+# Arguments go to pytest: CI runs everything; `bash tools/test.sh -m "not slow"` is the fast lane.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] || python3 -m venv .venv

@@ -23,6 +23,7 @@ DTYPES = ("fp32", "bf16", "fp16")
 TOKEN_MODES = ("auto", "first", "sequence", "mean")
 SCORINGS = ("logits", "text")
 INSTALL_HINT = "pip install 'stream-ser[alm]'"
+MAX_TOP_LOGPROBS = 20  # the most OpenAI-compatible servers return
 
 # one line of `--alm-*` help per AlmOptions field (docs/alm.md has the details)
 ALM_HELP = {
@@ -127,8 +128,8 @@ class AlmOptions:
         ]
         if self.max_wait_ms < 0 or self.cpu_threads < 0 or self.timeout_s <= 0:
             problems.append("max_wait_ms and cpu_threads must be >= 0, timeout_s > 0")
-        if self.top_logprobs > 20:
-            problems.append("top_logprobs must be at most 20")
+        if self.top_logprobs > MAX_TOP_LOGPROBS:
+            problems.append(f"top_logprobs must be at most {MAX_TOP_LOGPROBS}")
         if self.device.startswith("cpu") and self.dtype == "fp16":
             problems.append("dtype fp16 needs device cuda (use fp32 or bf16 on cpu)")
         if problems:
@@ -231,10 +232,14 @@ class AlmBackend(Protocol):
         ...
 
 
+MIN_LABELS = 2
+"""A distribution needs at least two labels."""
+
+
 def check_labels(labels: Sequence[str]) -> tuple[str, ...]:
     """At least two distinct, non-empty label words."""
     cleaned = tuple(str(label).strip() for label in labels)
-    if len(cleaned) < 2 or len(set(cleaned)) != len(cleaned) or not all(cleaned):
+    if len(cleaned) < MIN_LABELS or len(set(cleaned)) != len(cleaned) or not all(cleaned):
         raise ConfigError(f"alm: labels must be at least two distinct words, got {list(labels)}")
     return cleaned
 
@@ -257,9 +262,8 @@ def resolve_cues(
     if len(given) != len(batch):
         raise ModelError(f"alm: {len(given)} cue sets for {len(batch)} utterances")
     resolved = []
-    for clip, tokens in zip(batch, given, strict=True):
-        if tokens is None:
-            tokens = acoustics.cue_tokens(acoustics.analyse_functionals(clip))
+    for clip, known in zip(batch, given, strict=True):
+        tokens = known or acoustics.cue_tokens(acoustics.analyse_functionals(clip))
         resolved.append(acoustics.probe(tokens, mode, acoustics.audio_seed(clip)))
     return resolved
 

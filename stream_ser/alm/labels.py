@@ -200,5 +200,5 @@ def from_top_logprobs(labels: Sequence[str], top: Sequence[tuple[str, float]]) -
     if missing.any():
         listed = [math.exp(logprob) for _, logprob in top]
         unlisted = max(0.0, 1.0 - sum(listed))
-        mass[missing] = min(min(listed), unlisted / int(missing.sum())) or 1e-12
+        mass[missing] = min([*listed, unlisted / int(missing.sum())]) or 1e-12
     return mass / mass.sum()  # type: ignore[no-any-return]

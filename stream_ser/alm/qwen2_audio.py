@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from stream_ser import SAMPLE_RATE
 from stream_ser.acoustics import CueTokens
 from stream_ser.alm import labels as label_rules
 from stream_ser.alm import text_scoring
@@ -166,7 +167,7 @@ class Qwen2AudioBackend:
         return [str(text).strip() for text in decoded]
 
     def _audio_parts(self, clip: np.ndarray) -> list[np.ndarray]:
-        if self._sample_rate != 16000:
+        if self._sample_rate != SAMPLE_RATE:
             import soxr
 
             clip = soxr.resample(clip, 16000, self._sample_rate).astype(np.float32)

@@ -19,6 +19,8 @@ from collections.abc import Sequence
 
 from stream_ser.errors import ModelError
 
+PERCENT_TOTAL = 1.5  # an answer whose numbers add up to more is in percent
+
 
 def _pattern(label: str) -> re.Pattern[str]:
     return re.compile(
@@ -38,7 +40,7 @@ def parse(labels: Sequence[str], text: str, source: str = "alm") -> dict[str, fl
     total = sum(values.values())
     if not values or total <= 0:
         raise ModelError(f"{source}: no distribution over the labels in the answer {text[:120]!r}")
-    if percent or total > 1.5:
+    if percent or total > PERCENT_TOTAL:
         values = {label: value / 100 for label, value in values.items()}
         total /= 100
     return {label: values.get(label, 0.0) / total for label in labels}

@@ -4,20 +4,17 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import numpy as np
 import pytest
 import soundfile
 
-from .alm_helpers import RATE, noise, tool
+from tests.fakes import fake_openai_alm, make_tiny_alm
+
+from .alm_helpers import RATE, noise
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _builder() -> ModuleType:
-    return tool("make_tiny_alm")
 
 
 @pytest.fixture(scope="session")
@@ -30,19 +27,19 @@ def torch_one_thread() -> None:
 @pytest.fixture(scope="session")
 def tiny_qwen(tmp_path_factory: pytest.TempPathFactory, torch_one_thread: None) -> Path:
     """A tiny Qwen2-Audio directory (4 s audio window, BPE tokenizer trained here)."""
-    return _builder().build_qwen2_audio(tmp_path_factory.mktemp("alm") / "qwen2-audio")  # type: ignore[no-any-return]
+    return make_tiny_alm.build_qwen2_audio(tmp_path_factory.mktemp("alm") / "qwen2-audio")
 
 
 @pytest.fixture(scope="session")
 def tiny_clap(tmp_path_factory: pytest.TempPathFactory, torch_one_thread: None) -> Path:
     """A tiny CLAP directory (48 kHz, 2 s window, rand_trunc truncation)."""
-    return _builder().build_clap(tmp_path_factory.mktemp("alm") / "clap")  # type: ignore[no-any-return]
+    return make_tiny_alm.build_clap(tmp_path_factory.mktemp("alm") / "clap")
 
 
 @pytest.fixture
 def fake_server() -> Iterator[Any]:
-    """A fake OpenAI-compatible audio chat server on 127.0.0.1 (tools/fake_openai_alm.py)."""
-    with tool("fake_openai_alm").FakeOpenAIServer() as server:
+    """A fake OpenAI-compatible audio chat server on 127.0.0.1 (tests/fakes/fake_openai_alm.py)."""
+    with fake_openai_alm.FakeOpenAIServer() as server:
         yield server
 
 

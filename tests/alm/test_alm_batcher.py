@@ -7,11 +7,12 @@ import time
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
-import stream_ser.alm as alm
+from stream_ser import alm
 from stream_ser.acoustics import CueTokens
 from stream_ser.alm import AlmBatcher, AlmOptions, AlmOutOfMemoryError
 from stream_ser.errors import ModelError, StreamSerError
@@ -26,7 +27,7 @@ class FakeBackend:
 
     kind = "fake"
     spec = "fake:test"
-    labels = LABELS
+    labels: tuple[str, ...] = LABELS
 
     def __init__(self, options: AlmOptions, delay_s: float = 0.0, oom_above: int | None = None,
                  error: Exception | None = None) -> None:
@@ -71,7 +72,7 @@ def clip(tag: int) -> np.ndarray:
     return np.full(1600, tag, dtype=np.float32)
 
 
-def options(**changes: object) -> AlmOptions:
+def options(**changes: Any) -> AlmOptions:
     return replace(AlmOptions(max_batch=4, max_wait_ms=50, max_queue=16), **changes)
 
 
@@ -198,6 +199,7 @@ async def test_submit_needs_a_running_batcher() -> None:
         batcher.submit(clip(0))
 
 
+@pytest.mark.slow
 async def test_real_backend_through_the_batcher(
     tiny_qwen: Path, mixed_clips: list[np.ndarray]
 ) -> None:

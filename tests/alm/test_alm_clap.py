@@ -9,7 +9,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-import stream_ser.alm as alm  # noqa: E402
+from stream_ser import alm  # noqa: E402
 from stream_ser.alm.clap import ClapBackend  # noqa: E402
 from stream_ser.errors import ConfigError  # noqa: E402
 

@@ -12,13 +12,11 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import DATASETS, LABELS, run_cli
 
 from stream_ser.alm import prompts
+from tests.conftest import DATASETS, LABELS, run_cli
+from tests.fakes import fake_openai_alm as fake
 
-from .alm_helpers import tool
-
-fake = tool("fake_openai_alm")
 PROBES = "aligned,none,shuffled,corrupted,conflicting"
 ROOT = str(DATASETS / "ravdess")
 

@@ -8,15 +8,14 @@ from typing import Any
 import numpy as np
 import pytest
 
-import stream_ser.alm as alm
+from stream_ser import alm
 from stream_ser.alm import labels as rules
 from stream_ser.alm.openai_remote import OpenAIRemoteBackend, api_base, wav_base64
 from stream_ser.alm.prompts import load_generative, question_text
 from stream_ser.errors import ConfigError, ModelError
+from tests.fakes import fake_openai_alm as fake
 
-from .alm_helpers import LABELS, noise, tool
-
-fake = tool("fake_openai_alm")
+from .alm_helpers import LABELS, noise
 
 
 def _backend(server: Any, **options: Any) -> OpenAIRemoteBackend:

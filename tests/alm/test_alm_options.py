@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-import stream_ser.alm as alm
+from stream_ser import alm
 from stream_ser.alm import prompts
 from stream_ser.errors import ConfigError, ModelError
 

@@ -9,8 +9,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-import stream_ser.alm as alm  # noqa: E402
-from stream_ser import acoustics  # noqa: E402
+from stream_ser import acoustics, alm  # noqa: E402
 from stream_ser import errors as alm_errors  # noqa: E402
 from stream_ser.alm.qwen2_audio import Qwen2AudioBackend  # noqa: E402
 

@@ -1,0 +1,1 @@
+"""Training, export and feature tools of the bundled models (`python -m tools.train.X`)."""
