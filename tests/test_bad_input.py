@@ -131,6 +131,7 @@ def test_a_closed_stdin_is_a_clear_error(tiny_model: Path) -> None:
     assert_clean_failure(done, 1, "--input -: standard input is closed")
 
 
+@pytest.mark.slow
 def test_a_damaged_flac_publishes_everything_before_the_damage(
     tiny_model: Path, tmp_path: Path, ravdess_clips: list[Path]
 ) -> None:

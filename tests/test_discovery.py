@@ -237,8 +237,8 @@ async def test_several_sources_announce_the_status_their_process_publishes(
 async def test_a_worker_announces_the_remote_streams_it_claims(
     broker: Broker, tmp_path: Path, tiny_model: Path
 ) -> None:
-    from test_workers import PREFIX as FLEET
-    from test_workers import device
+    from tests.test_workers import PREFIX as FLEET
+    from tests.test_workers import device
 
     worker = subprocess.Popen(
         [sys.executable, "-m", "stream_ser", "run", "--mqtt-audio", "--mqtt", broker.url,

@@ -55,6 +55,7 @@ def alm_url() -> Iterator[str]:
         yield server.url
 
 
+@pytest.mark.slow
 def test_calibrate_then_eval_every_source(tmp_path: Path, alm_url: str) -> None:
     root = str(DATASETS / "ravdess")
     dev = write_manifest(tmp_path / "dev.csv", ("Actor_13", "Actor_14"), 12)
@@ -93,6 +94,7 @@ def test_calibrate_then_eval_every_source(tmp_path: Path, alm_url: str) -> None:
     assert "votes: JSD" in table.stdout
 
 
+@pytest.mark.slow
 def test_label_outside_the_fusion_labels_is_a_clear_error(tmp_path: Path, alm_url: str) -> None:
     manifest = write_manifest(tmp_path / "m.csv", ("Actor_17",), 12)
     fusion = tmp_path / "fusion.toml"

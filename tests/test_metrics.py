@@ -144,6 +144,7 @@ class SteadyStream:
         await self.released.wait()
 
 
+@pytest.mark.slow
 async def test_counters_are_fresh_between_status_messages() -> None:
     metrics, stream = Metrics(), SteadyStream()
     running = asyncio.create_task(

@@ -40,6 +40,7 @@ async def run_cli_async(*args: str) -> subprocess.CompletedProcess[str]:
     return await asyncio.to_thread(run_cli, *args)
 
 
+@pytest.mark.slow
 async def test_every_utterance_is_published_and_status_is_retained(
     broker: Broker, tiny_model: Path, speech_with_pauses: tuple[Path, int]
 ) -> None:
@@ -89,6 +90,7 @@ async def test_every_utterance_is_published_and_status_is_retained(
     assert retained[2]["state"] == "offline"
 
 
+@pytest.mark.slow
 async def test_last_will_reports_offline_when_the_process_dies(
     broker: Broker, tiny_model: Path, speech_with_pauses: tuple[Path, int]
 ) -> None:
@@ -133,6 +135,7 @@ async def test_last_will_reports_offline_when_the_process_dies(
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGHUP])
+@pytest.mark.slow
 async def test_sigint_finishes_cleanly_with_offline_status(
     broker: Broker, tiny_model: Path, speech_with_pauses: tuple[Path, int], signum: int
 ) -> None:
@@ -174,6 +177,7 @@ async def test_sigint_finishes_cleanly_with_offline_status(
     assert status[2]["state"] == "offline"
 
 
+@pytest.mark.slow
 def test_unreachable_broker_is_a_clear_error(
     tiny_model: Path, speech_with_pauses: tuple[Path, int]
 ) -> None:

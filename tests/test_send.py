@@ -192,6 +192,7 @@ async def test_sigterm_sends_a_last_chunk_and_exits_0(broker: Broker, tmp_path: 
     assert 1600 * 4 <= len(pcm) < 16000 * 10  # stopped early, in real time
 
 
+@pytest.mark.slow
 async def test_chunks_survive_a_broker_restart(tmp_path: Path) -> None:
     broker = Broker(tmp_path, persistence=True)
     broker.start()

@@ -52,6 +52,7 @@ async def listening(broker: Broker) -> tuple[Subscriber, asyncio.Task[None]]:
     return subscriber, task
 
 
+@pytest.mark.slow
 async def test_a_second_process_with_the_same_client_id_is_refused(
     tmp_path: Path, broker: Broker, tiny_model: Path, ravdess_clips: list[Path]
 ) -> None:
@@ -81,6 +82,7 @@ async def test_a_second_process_with_the_same_client_id_is_refused(
     assert offline_counters(subscriber)["utterances"] == 3
 
 
+@pytest.mark.slow
 async def test_messages_the_broker_refuses_are_set_aside_and_delivery_goes_on(
     tmp_path: Path, tiny_model: Path, speech_with_pauses: tuple[Path, int]
 ) -> None:

@@ -254,6 +254,7 @@ async def hello(broker: Broker, stream_id: str) -> None:
         await client.publish(f"{PREFIX}/audio/{stream_id}/hello", json.dumps(message), qos=1)
 
 
+@pytest.mark.slow
 async def test_audio_sent_while_the_broker_restarts_reaches_the_worker(tmp_path: Path) -> None:
     """Item 9: the worker's audio link kept no session, so what a device published after a
     broker restart, before the worker had re-subscribed, reached nobody."""

@@ -27,6 +27,7 @@ def _values(dists: list[dict[str, float]]) -> np.ndarray:
     return np.array([[d[label] for label in LABELS] for d in dists])
 
 
+@pytest.mark.slow
 def test_model_rate_and_window(backend: ClapBackend) -> None:
     assert backend._sample_rate == 48000 and backend._window == 2 * 48000
     windows = backend._windows(noise(4.5, 1))  # 4.5 s -> 2 s + 2 s + 0.5 s at 48 kHz

@@ -64,6 +64,7 @@ def check_probe_table(table: dict[str, Any]) -> None:
             row["neutral_mean_p"] - none["neutral_mean_p"])
 
 
+@pytest.mark.slow
 def test_probe_table_and_templates_with_the_remote_alm(tmp_path: Path, server: Any) -> None:
     manifest = write_manifest(tmp_path / "m.csv", 6, LABELS)
     before = len(server.requests)
@@ -90,6 +91,7 @@ def test_probe_table_and_templates_with_the_remote_alm(tmp_path: Path, server: A
     assert [line.split()[0] for line in lines[2:]] == ["conflicting", "aligned", "none"]
 
 
+@pytest.mark.slow
 def test_probe_table_with_the_tiny_qwen2_audio(tmp_path: Path, tiny_qwen: Path) -> None:
     manifest = write_manifest(tmp_path / "m.csv", 4, None)
     result = eval_json(manifest, "--alm", f"qwen2-audio:{tiny_qwen}", "--alm-prompt-set",
@@ -126,6 +128,7 @@ def test_text_level_baseline_in_eval(tmp_path: Path, server: Any) -> None:
     assert template["template"].startswith("How likely is each emotion")
 
 
+@pytest.mark.slow
 def test_probes_need_a_generative_alm(tmp_path: Path, tiny_clap: Path) -> None:
     manifest = write_manifest(tmp_path / "m.csv", 2, None)
     for extra in ((), ("--alm", f"clap:{tiny_clap}")):
