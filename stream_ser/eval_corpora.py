@@ -119,9 +119,11 @@ def pooled(reports: dict[str, Report], model_labels: Sequence[str]) -> Report:
         failures += report.failures
     first = next(iter(reports.values()))
     adaptation = "/".join(sorted({report.adaptation for report in reports.values()}))
+    votes = [report.votes for report in reports.values()]
     return Report(
-        first.model_id, labels, adaptation, np.concatenate(truth), np.vstack(rows), failures
-    )
+        first.model_id, labels, adaptation, np.concatenate(truth), np.vstack(rows), failures,
+        [v for per_corpus in votes if per_corpus for v in per_corpus] if all(votes) else None,
+    )  # fmt: skip
 
 
 def summary(reports: dict[str, Report]) -> dict[str, float]:
@@ -168,5 +170,6 @@ def render(
     """What `eval` prints: the JSON object, or the pooled table plus the per-corpus table."""
     if as_json:
         return json.dumps(report_dict(reports, model_labels, order))
-    text = format_table(pooled(reports, model_labels))
-    return text + "\n\n" + corpus_table(reports) if len(reports) > 1 else text
+    if len(reports) == 1:
+        return format_table(next(iter(reports.values())))
+    return format_table(pooled(reports, model_labels)) + "\n\n" + corpus_table(reports)
