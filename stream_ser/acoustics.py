@@ -30,8 +30,9 @@ import numpy as np
 
 from stream_ser import SAMPLE_RATE
 from stream_ser.errors import ConfigError, ModelError, StreamSerError
+from stream_ser.kinds import CueMode, values
 
-CUE_MODES = ("aligned", "none", "shuffled", "corrupted", "conflicting")
+CUE_MODES = values(CueMode)
 LEVELS = ("low", "mid", "high")
 Z_THRESHOLD = 0.75
 """|z| above this gives `low` or `high`; within it `mid` (about the middle 55% of a speaker)."""

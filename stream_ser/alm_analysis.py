@@ -36,7 +36,7 @@ Members = list[Distribution] | None
 
 
 def parse_probes(text: str | None) -> tuple[str, ...]:
-    """"aligned,none,..." -> the cue modes, checked; None or "" -> no probes."""
+    """ "aligned,none,..." -> the cue modes, checked; None or "" -> no probes."""
     modes = tuple(dict.fromkeys(m.strip() for m in (text or "").split(",") if m.strip()))
     unknown = [m for m in modes if m not in CUE_MODES]
     if unknown:

@@ -113,7 +113,9 @@ class Transcriber:
         model_class = _whisper_model_class()
         try:
             self._model = model_class(
-                str(self.model_dir), device=device, compute_type=compute_type,
+                str(self.model_dir),
+                device=device,
+                compute_type=compute_type,
                 cpu_threads=cpu_threads,
             )
         except (RuntimeError, ValueError, OSError) as err:
@@ -128,8 +130,12 @@ class Transcriber:
             return Transcript("", self._language or "", 0.0, () if words else None)
         try:
             segments, info = self._model.transcribe(
-                samples, language=self._language, beam_size=self._beam_size,
-                word_timestamps=words, condition_on_previous_text=False, vad_filter=False,
+                samples,
+                language=self._language,
+                beam_size=self._beam_size,
+                word_timestamps=words,
+                condition_on_previous_text=False,
+                vad_filter=False,
             )
             done = list(segments)  # the generator decodes lazily
         except (RuntimeError, ValueError) as err:
@@ -173,4 +179,3 @@ def _check_model_dir(folder: Path) -> None:
         raise ModelError(
             f"{folder}: not a CTranslate2 Whisper model folder (missing {', '.join(missing)})"
         )
-

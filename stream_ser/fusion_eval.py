@@ -12,12 +12,10 @@ distribution metrics of the token-level-logits paper against the vote distributi
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -31,15 +29,13 @@ from stream_ser.evaluate import (
     Clip,
     Failure,
     Report,
-    check_clips_exist,
     label_subset,
     load_audio,
-    read_manifest,
     recognize,
     resolve_adaptation,
     restrict,
 )
-from stream_ser.fusion import FusionConfig, align, fuse, fusion_to_toml, temper
+from stream_ser.fusion import FusionConfig, align, fuse, temper
 from stream_ser.specialist import Specialist
 
 log = logging.getLogger(__name__)
@@ -244,50 +240,3 @@ def _table(figures: dict[str, Any]) -> str:
         "recall: " + "  ".join(f"{k} {v:.2f}" for k, v in figures["per_class_recall"].items()),
     ]
     return "\n".join(lines)
-
-
-def add_source_arguments(parser: argparse.ArgumentParser) -> None:
-    """--model-extra, and the [alm] and [fusion] settings as flags."""
-    from stream_ser.settings import add_arguments
-
-    parser.add_argument(
-        "--model-extra", action="append", default=[], metavar="DIR",
-        help="a further ONNX specialist (repeatable); source name specialist:<model id>",
-    )  # fmt: skip
-    add_arguments(parser, sections=("alm", "fusion"))
-
-
-def uses_sources(args: argparse.Namespace) -> bool:
-    """Whether `eval` was asked for more than the specialist alone."""
-    return bool(
-        getattr(args, "alm__spec", None)
-        or getattr(args, "fusion__file", None)
-        or getattr(args, "model_extra", None)
-    )
-
-
-def calibrate_command(args: argparse.Namespace) -> int:
-    """Run `stream-ser calibrate`: learn a fusion file on a development manifest."""
-    from stream_ser.cli import load_recognizers, source_settings
-
-    logging.basicConfig(level="WARNING", format="stream-ser: %(levelname)s: %(message)s")
-
-    settings = source_settings(args)
-    root = Path(args.root) if args.root else None
-    clips = read_manifest(Path(args.manifest), root)
-    check_clips_exist(clips, Path(args.manifest), root)
-    recognizers, base = load_recognizers(settings, args.model, args.model_extra, args.threads)
-    scores = score(recognizers, clips, args.adapt)
-    config = calibrate_sources(scores, base, args.per_class)
-    Path(args.out).write_text(fusion_to_toml(config), encoding="utf-8")
-    before = evaluate_sources(scores, base)
-    after = evaluate_sources(scores, config)
-    print(f"wrote {args.out} from {len(scores.clips)} clips ({len(scores.failures)} unreadable)")
-    for name in config.sources:
-        source = config.source(name)
-        print(f"  {name}: weight {source.weight:.2f}, temperature {source.temperature:.2f}")
-    print(
-        f"  on the development set: UAR {before['uar']:.3f} -> {after['uar']:.3f}, "
-        f"ECE {before['ece']:.3f} -> {after['ece']:.3f} (optimistic: fitted here)"
-    )
-    return 0

@@ -1,4 +1,8 @@
-"""The published message format (schema version 1), documented in the README."""
+"""The published message format (schema version 1), documented in the README.
+
+Every published message has a TypedDict here; docs/schema/*.schema.json say the same for
+subscribers, and the tests validate every message they see against those files.
+"""
 
 from __future__ import annotations
 
@@ -6,16 +10,111 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal, NotRequired, TypedDict
 
 import numpy as np
 
-from stream_ser.acoustics import Analysis, AnalysisSkipped
-from stream_ser.alm.base import AlmResult
 from stream_ser.events import Recognition
-from stream_ser.fusion import FusionConfig, arousal_valence, fuse
+from stream_ser.fusion import arousal_valence
+from stream_ser.kinds import CueBaseline, EndReason, Flag, ResultStage, ResultType, StatusState
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION: Literal[1] = 1
+
+Distribution = dict[str, float]  # label -> probability, rounded to 6 decimals
+
+
+class SourceEntry(TypedDict, total=False):
+    """One recognizer in a final result's `sources`: specialist, specialist:<id> or alm."""
+
+    model_id: str  # specialists
+    distribution: Distribution  # when it answered
+    error: str | None  # when it did not
+    ok: bool  # alm
+    backend: str
+    prompt_set: str
+    audio_repeats: int
+    text_repeats: int
+    cue_mode: str
+    cues: str | None
+    cue_baseline: CueBaseline | None
+    latency_ms: float
+    batch_size: int
+    rationale: str
+    templates: list[Distribution]  # explain mode: the prompt ensemble's members
+
+
+class FusionInfo(TypedDict):
+    """How a final distribution was fused."""
+
+    rule: str
+    sources: list[str]
+    dropped_mass: dict[str, float]
+
+
+class Descriptor(TypedDict):
+    """One eGeMAPS descriptor of an utterance."""
+
+    level: str
+    z: float
+    value: float
+
+
+class ResultMessage(TypedDict):
+    """A window, provisional or final result (`type` window | utterance; `final`).
+
+    Windows and provisionals carry `model_ms`; finals also `sources`, `fusion` (when any
+    source answered), `flags` and (with descriptors) `descriptors`: descriptor name ->
+    Descriptor, plus "baseline" (CueBaseline) and "voiced" (bool).
+    """
+
+    schema_version: Literal[1]
+    type: ResultType
+    id: str
+    stream_id: str
+    utterance_id: int
+    start_ms: int
+    end_ms: int
+    wall_time: str  # ISO 8601 UTC, milliseconds
+    distribution: Distribution
+    top_label: str
+    top_probability: float
+    entropy: float  # bits
+    model_id: str
+    latency_ms: float
+    final: bool
+    arousal: float | None
+    valence: float | None
+    end_reason: NotRequired[EndReason]  # utterances
+    lag_ms: NotRequired[int]
+    model_ms: NotRequired[float]  # absent when the specialist failed
+    sources: NotRequired[dict[str, SourceEntry]]
+    fusion: NotRequired[FusionInfo]
+    flags: NotRequired[list[Flag]]
+    descriptors: NotRequired[dict[str, Descriptor | CueBaseline | bool]]
+
+
+class SpeakingMessage(TypedDict):
+    """Retained per-stream voice activity."""
+
+    schema_version: Literal[1]
+    type: Literal["speaking"]
+    stream_id: str
+    speaking: bool
+    utterance_id: int
+    at_ms: int
+    wall_time: str
+
+
+class StatusMessage(TypedDict):
+    """The retained status of a process (also its last will)."""
+
+    schema_version: Literal[1]
+    type: Literal["status"]
+    state: StatusState
+    streams: list[str]
+    wall_time: str
+    counters: dict[str, int | float]
+    per_stream: dict[str, dict[str, int | float]]
 
 
 @dataclass(frozen=True)
@@ -39,15 +138,15 @@ def entropy_bits(probabilities: np.ndarray) -> float:
     return float(-(p * np.log2(p)).sum())
 
 
-STAGE_ID_SUFFIX = {"window": "w", "provisional": "p", "final": "f"}
+STAGE_ID_SUFFIX: dict[ResultStage, str] = {"window": "w", "provisional": "p", "final": "f"}
 
 
 def result_message(
     stream: StreamInfo,
     result: Recognition,
-    stage: str,
+    stage: ResultStage,
     labels: tuple[str, ...] | None = None,
-) -> dict[str, Any]:
+) -> ResultMessage:
     """The JSON object published for a result; `stage` is window, provisional or final."""
     labels = labels or stream.labels
     probabilities = np.asarray(result.probabilities, dtype=np.float64)
@@ -56,9 +155,13 @@ def result_message(
     distribution = {
         label: round(float(p), 6) for label, p in zip(labels, probabilities, strict=True)
     }
-    message: dict[str, Any] = {
+    affect: Mapping[str, float | None] = arousal_valence(distribution) or {
+        "arousal": None,
+        "valence": None,
+    }
+    message: ResultMessage = {
         "schema_version": SCHEMA_VERSION,
-        "type": result.kind,
+        "type": "window" if result.kind == "window" else "utterance",
         "id": f"{stream.session_id}:{stream.stream_id}:{result.utterance_id}:{suffix}",
         "stream_id": stream.stream_id,
         "utterance_id": result.utterance_id,
@@ -72,9 +175,9 @@ def result_message(
         "model_id": stream.model_id,
         "latency_ms": round(result.latency_ms, 3),
         "final": stage == "final",
+        "arousal": affect["arousal"],
+        "valence": affect["valence"],
     }
-    affect: dict[str, float | None] = {"arousal": None, "valence": None}
-    message |= arousal_valence(distribution) or affect
     if result.reason is not None:
         message["end_reason"] = result.reason
     return message
@@ -82,7 +185,7 @@ def result_message(
 
 def speaking_message(
     stream: StreamInfo, utterance_id: int, speaking: bool, at_ms: int
-) -> dict[str, Any]:
+) -> SpeakingMessage:
     """Retained per-stream voice activity: true from an utterance's start to its end."""
     return {
         "schema_version": SCHEMA_VERSION,
@@ -95,106 +198,12 @@ def speaking_message(
     }
 
 
-def final_fields(  # noqa: PLR0913, PLR0917  (replaced by a mapping of stage results, issue #16)
-    stream: StreamInfo,
-    fusion: FusionConfig,
-    scored: Any,
-    specialist_error: str | None,
-    alm_expected: bool,
-    alm: AlmResult | Exception | None,
-    analysis: Analysis | Exception | None,
-    side: Mapping[str, Mapping[str, float]] | None = None,
-    descriptors_expected: bool = False,
-) -> tuple[np.ndarray, dict[str, Any]]:
-    """The fused distribution of a final utterance result and its extra fields.
-
-    `scored` is the specialist's Scored outcome (None if it failed); `alm` is the ALM's
-    result, an exception, or None if it did not answer by the deadline (or is not used).
-    """
-    distributions: dict[str, dict[str, float]] = {}
-    sources: dict[str, Any] = {}
-    flags: list[str] = []
-    if scored is not None:
-        distributions["specialist"] = dict(
-            zip(stream.labels, map(float, scored.probabilities), strict=True)
-        )
-        sources["specialist"] = {
-            "model_id": stream.model_id,
-            "distribution": _rounded(distributions["specialist"]),
-        }
-    else:
-        flags.append("specialist_failed")
-        sources["specialist"] = {"model_id": stream.model_id, "error": specialist_error}
-    for name, distribution in (side or {}).items():
-        distributions[name] = dict(distribution)
-        sources[name] = {"distribution": _rounded(distribution)}
-    if alm_expected:
-        sources["alm"] = _alm_source(alm)
-        if isinstance(alm, AlmResult) and alm.ok:
-            distributions["alm"] = dict(alm.distribution)
-        else:
-            flags.append("alm_deadline" if alm is None else "alm_failed")
-            if scored is not None:
-                flags.append("specialist_only")
-    extras: dict[str, Any] = {"sources": sources, "flags": flags}
-    if distributions:
-        fused, dropped = fuse(distributions, fusion)
-        extras["fusion"] = {
-            "rule": fusion.rule,
-            "sources": list(distributions),
-            "dropped_mass": {name: round(mass, 6) for name, mass in dropped.items()},
-        }
-    else:
-        fused = np.full(len(fusion.labels), 1.0 / len(fusion.labels))
-        flags.append("no_recognition")
-    if isinstance(analysis, Analysis):
-        extras["descriptors"] = analysis.descriptors_message()
-    elif isinstance(analysis, Exception):
-        skipped = isinstance(analysis, AnalysisSkipped)
-        flags.append("descriptors_skipped" if skipped else "descriptors_failed")
-    elif descriptors_expected:
-        flags.append("descriptors_deadline")
-    return fused, extras
-
-
-def _alm_source(alm: AlmResult | Exception | None) -> dict[str, Any]:
-    if alm is None:
-        return {"ok": False, "error": "no answer by the fusion deadline"}
-    if isinstance(alm, Exception):
-        return {"ok": False, "error": str(alm)}
-    fields = {
-        "ok": alm.ok,
-        "backend": alm.backend,
-        "prompt_set": alm.prompt_set,
-        "audio_repeats": alm.audio_repeats,
-        "text_repeats": alm.text_repeats,
-        "cue_mode": alm.cue_mode,
-        "cues": alm.cues,
-        "cue_baseline": alm.cue_baseline,
-        "latency_ms": alm.latency_ms,
-        "batch_size": alm.batch_size,
-    }
-    if alm.ok:
-        fields["distribution"] = _rounded(alm.distribution)
-    else:
-        fields["error"] = alm.error
-    if alm.rationale is not None:
-        fields["rationale"] = alm.rationale
-    if alm.templates:  # explain mode: the prompt ensemble's members, in template order
-        fields["templates"] = [_rounded(member) for member in alm.templates]
-    return fields
-
-
-def _rounded(distribution: Mapping[str, float]) -> dict[str, float]:
-    return {label: round(float(p), 6) for label, p in distribution.items()}
-
-
 def status_message(
-    state: str,
+    state: StatusState,
     stream_ids: list[str],
-    counters: dict[str, int],
-    per_stream: dict[str, dict[str, int]] | None = None,
-) -> dict[str, Any]:
+    counters: Mapping[str, int | float],
+    per_stream: Mapping[str, Mapping[str, int | float]] | None = None,
+) -> StatusMessage:
     """The retained status: 'online' while running, 'offline' after exit (also the last will)."""
     return {
         "schema_version": SCHEMA_VERSION,
@@ -202,11 +211,11 @@ def status_message(
         "state": state,
         "streams": stream_ids,
         "wall_time": wall_time(),
-        "counters": counters,
-        "per_stream": per_stream or {},
+        "counters": dict(counters),
+        "per_stream": {name: dict(values) for name, values in (per_stream or {}).items()},
     }
 
 
-def encode(message: dict[str, Any]) -> bytes:
+def encode(message: Mapping[str, Any]) -> bytes:
     """Compact UTF-8 JSON; NaN is never valid here."""
     return json.dumps(message, separators=(",", ":"), allow_nan=False).encode()

@@ -34,7 +34,6 @@ import json
 import logging
 import threading
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from typing import Any
@@ -51,28 +50,6 @@ GAUGE_COUNTERS = frozenset({"spool_waiting", "lag_ms"})  # levels, not running t
 LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 LAG_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0)
 DURATION_BUCKETS_S = (0.5, 1.0, 2.0, 3.0, 5.0, 8.0, 12.0, 20.0, 30.0, 60.0)
-
-
-def _setting(default: Any, help: str) -> Any:
-    """Like `settings.setting` (same metadata), which this module cannot import: the settings
-    tree imports MetricsSettings from here."""
-    return field(default=default, metadata={"help": help, "flag": None, "argparse": {}})
-
-
-@dataclass(frozen=True)
-class MetricsSettings:
-    """The Prometheus and health endpoint."""
-
-    port: int | None = _setting(
-        None, "serve /metrics and /healthz on this TCP port (0: any free port); none: off"
-    )
-    host: str = _setting("127.0.0.1", "address the metrics endpoint listens on")
-
-    def __post_init__(self) -> None:
-        if self.port is not None and not 0 <= self.port <= MAX_PORT:
-            raise ConfigError(f"--metrics-port must be 0..{MAX_PORT}")
-        if not self.host:
-            raise ConfigError("--metrics-host must not be empty")
 
 
 def import_prometheus() -> Any:

@@ -26,7 +26,13 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from stream_ser.delivery import LinkLedger
 from stream_ser.errors import PublishError
-from stream_ser.messages import encode, status_message
+from stream_ser.messages import (
+    ResultMessage,
+    SpeakingMessage,
+    StatusMessage,
+    encode,
+    status_message,
+)
 from stream_ser.mqtt import (
     LINK_ERRORS,
     Backoff,
@@ -54,13 +60,13 @@ class Sink(Protocol):
         self, kind: type[BaseException] | None, err: BaseException | None, tb: TracebackType | None
     ) -> None: ...
 
-    async def result(self, stream_id: str, message: dict[str, Any]) -> None:
+    async def result(self, stream_id: str, message: ResultMessage) -> None:
         """Deliver one window or utterance result."""
 
-    async def status(self, message: dict[str, Any]) -> None:
+    async def status(self, message: StatusMessage) -> None:
         """Deliver the process status."""
 
-    async def speaking(self, stream_id: str, message: dict[str, Any]) -> None:
+    async def speaking(self, stream_id: str, message: SpeakingMessage) -> None:
         """Deliver a stream's voice-activity change."""
 
     async def announce(self, topic: str, payload: bytes) -> None:
@@ -80,7 +86,7 @@ class JsonlSink:
     async def __aexit__(self, *exc: object) -> None:
         sys.stdout.flush()
 
-    async def result(self, stream_id: str, message: dict[str, Any]) -> None:
+    async def result(self, stream_id: str, message: ResultMessage) -> None:
         """Write one line; a closed stdout (`stream-ser run | head`) ends the run."""
         try:
             sys.stdout.write(encode(message).decode() + "\n")
@@ -93,11 +99,11 @@ class JsonlSink:
             os.close(devnull)
             raise PublishError("stdout was closed (its reader went away)") from None
 
-    async def status(self, message: dict[str, Any]) -> None:
+    async def status(self, message: StatusMessage) -> None:
         """Log the status at debug level."""
         log.debug("status %s", message)
 
-    async def speaking(self, stream_id: str, message: dict[str, Any]) -> None:
+    async def speaking(self, stream_id: str, message: SpeakingMessage) -> None:
         """Voice activity is not written to stdout (it is not a result)."""
 
     async def announce(self, topic: str, payload: bytes) -> None:
@@ -128,17 +134,17 @@ class TeeSink:
         for sink in reversed(self._sinks):
             await sink.__aexit__(*exc)
 
-    async def result(self, stream_id: str, message: dict[str, Any]) -> None:
+    async def result(self, stream_id: str, message: ResultMessage) -> None:
         """To each sink."""
         for sink in self._sinks:
             await sink.result(stream_id, message)
 
-    async def status(self, message: dict[str, Any]) -> None:
+    async def status(self, message: StatusMessage) -> None:
         """To each sink."""
         for sink in self._sinks:
             await sink.status(message)
 
-    async def speaking(self, stream_id: str, message: dict[str, Any]) -> None:
+    async def speaking(self, stream_id: str, message: SpeakingMessage) -> None:
         """To each sink."""
         for sink in self._sinks:
             await sink.speaking(stream_id, message)
@@ -244,14 +250,14 @@ class MqttSink:
             )  # fmt: skip
         self.spool.close()
 
-    async def result(self, stream_id: str, message: dict[str, Any]) -> None:
+    async def result(self, stream_id: str, message: ResultMessage) -> None:
         """Spool the result (utterances QoS 1, windows QoS 0) for in-order delivery."""
         kind = message["type"]
         topic = f"{self.settings.topic_prefix}/{stream_id}/{kind}"
         self.spool.append(kind, topic, QOS_BY_KIND[kind], encode(message))
         self._wake.set()
 
-    async def speaking(self, stream_id: str, message: dict[str, Any]) -> None:
+    async def speaking(self, stream_id: str, message: SpeakingMessage) -> None:
         """Retained on {prefix}/{stream_id}/speaking, through the spool (in order with results)."""
         topic = f"{self.settings.topic_prefix}/{stream_id}/speaking"
         self.spool.append("speaking", topic, 1, encode(message), retain=True)
@@ -262,7 +268,7 @@ class MqttSink:
         self.spool.append("announce", topic, 1, payload, retain=True)
         self._wake.set()
 
-    async def status(self, message: dict[str, Any]) -> None:
+    async def status(self, message: StatusMessage) -> None:
         """Retained; while disconnected only the latest is kept, sent on reconnect.
 
         The final `offline` status goes out at exit, after the spool has been delivered.

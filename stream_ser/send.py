@@ -34,7 +34,6 @@ import soundfile
 from stream_ser import SAMPLE_RATE, source
 from stream_ser.errors import AudioInputError, ConfigError, PublishError
 from stream_ser.logs import configure_logging
-from stream_ser.pipeline import install_stop_handlers
 from stream_ser.remote import (
     MAX_CHANNELS,
     MAX_CHUNK_MS,
@@ -42,6 +41,7 @@ from stream_ser.remote import (
     encode_chunk,
 )
 from stream_ser.settings import Settings, add_arguments, build_settings
+from stream_ser.stopping import install_stop_handlers
 from stream_ser.uplink import Outbox, Outgoing, Uplink
 
 log = logging.getLogger(__name__)

@@ -16,15 +16,15 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from stream_ser.alm.base import ALM_HELP, AlmOptions
 from stream_ser.errors import ConfigError
-from stream_ser.fusion import RULES
-from stream_ser.metrics import MetricsSettings
+from stream_ser.kinds import FusionRule, values
+from stream_ser.options import ALM_HELP, AlmOptions
 
 FRAME_MS_CHOICES = (10, 20, 30)
 VAD_BACKENDS = ("webrtc", "silero")
 MAX_STREAM_ID_BYTES = 128  # UTF-8; a stream id is a topic level and part of the client id
 MAX_CLIENT_ID_BYTES = 200  # UTF-8; the client id names the spool file (255 bytes at most)
+RULES = values(FusionRule)
 
 
 def setting(default: Any, help: str, flag: str | None = None, **argparse_options: Any) -> Any:
@@ -308,6 +308,22 @@ class HomeAssistantSettings:
             bool(self.discovery_prefix) and not any(c in self.discovery_prefix for c in "#+"),
             "--ha-discovery-prefix must be non-empty and contain no '#' or '+'",
         )
+
+
+@dataclass(frozen=True)
+class MetricsSettings:
+    """The Prometheus and health endpoint."""
+
+    port: int | None = setting(
+        None, "serve /metrics and /healthz on this TCP port (0: any free port); none: off"
+    )
+    host: str = setting("127.0.0.1", "address the metrics endpoint listens on")
+
+    def __post_init__(self) -> None:
+        if self.port is not None and not 0 <= self.port <= 65535:
+            raise ConfigError("--metrics-port must be 0..65535")
+        if not self.host:
+            raise ConfigError("--metrics-host must not be empty")
 
 
 @dataclass(frozen=True)

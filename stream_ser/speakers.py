@@ -86,8 +86,9 @@ def _mel_to_hz(mel: np.ndarray) -> np.ndarray:
 def mel_filterbank() -> np.ndarray:
     """(N_MELS, N_FFT // 2 + 1) Slaney-normalised triangular filters, 0 Hz to Nyquist."""
     bins = np.linspace(0.0, SAMPLE_RATE / 2, N_FFT // 2 + 1)
-    edges = _mel_to_hz(np.linspace(_hz_to_mel(np.array(0.0)), _hz_to_mel(np.array(8000.0)),
-                                   N_MELS + 2))
+    edges = _mel_to_hz(
+        np.linspace(_hz_to_mel(np.array(0.0)), _hz_to_mel(np.array(8000.0)), N_MELS + 2)
+    )
     widths = np.diff(edges)
     ramps = edges[:, np.newaxis] - bins[np.newaxis, :]
     lower = -ramps[:-2] / widths[:-1, np.newaxis]

@@ -25,6 +25,7 @@ from stream_ser.events import (
     VadEvent,
     samples_to_ms,
 )
+from stream_ser.kinds import EndReason
 from stream_ser.settings import VadSettings
 from stream_ser.vad_backends import VoiceDetector, make_detector
 
@@ -133,7 +134,7 @@ class Segmenter:
             SpeechAudio(utterance.announced_id, np.concatenate(new), samples_to_ms(start))
         )
 
-    def _finish(self, reason: str, end_sample: int, events: list[VadEvent]) -> None:
+    def _finish(self, reason: EndReason, end_sample: int, events: list[VadEvent]) -> None:
         utterance = self._utterance
         assert utterance is not None
         self._announce_if_long_enough(utterance, events)

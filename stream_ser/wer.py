@@ -17,8 +17,9 @@ from dataclasses import dataclass
 def normalize(text: str) -> str:
     """Lower case, no punctuation, single spaces."""
     folded = unicodedata.normalize("NFKC", text).lower()
-    kept = "".join(" " if unicodedata.category(char).startswith(("P", "S")) else char
-                   for char in folded)
+    kept = "".join(
+        " " if unicodedata.category(char).startswith(("P", "S")) else char for char in folded
+    )
     return " ".join(kept.split())
 
 
@@ -28,11 +29,13 @@ def edit_distance(reference: Sequence[str], hypothesis: Sequence[str]) -> int:
     for i, ref in enumerate(reference, start=1):
         current = [i]
         for j, hyp in enumerate(hypothesis, start=1):
-            current.append(min(
-                previous[j] + 1,  # deletion
-                current[j - 1] + 1,  # insertion
-                previous[j - 1] + (ref != hyp),  # substitution or match
-            ))
+            current.append(
+                min(
+                    previous[j] + 1,  # deletion
+                    current[j - 1] + 1,  # insertion
+                    previous[j - 1] + (ref != hyp),  # substitution or match
+                )
+            )
         previous = current
     return previous[-1]
 

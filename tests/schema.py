@@ -1,11 +1,31 @@
-"""The result message schema, checked field by field (the README documents it)."""
+"""The published message schema: docs/schema/*.schema.json (what subscribers get), plus the
+checks a JSON Schema cannot express (sums, top label, entropy bounds)."""
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from datetime import datetime
+from pathlib import Path
 from typing import Any
+
+import jsonschema
+
+SCHEMA_DIR = Path(__file__).resolve().parent.parent / "docs" / "schema"
+
+
+@functools.cache
+def validator(name: str) -> jsonschema.Draft202012Validator:
+    """The validator of docs/schema/NAME.schema.json (result, speaking or status)."""
+    schema = json.loads((SCHEMA_DIR / f"{name}.schema.json").read_text(encoding="utf-8"))
+    jsonschema.Draft202012Validator.check_schema(schema)
+    return jsonschema.Draft202012Validator(schema)
+
+
+def validate(name: str, message: dict[str, Any]) -> None:
+    """Raise jsonschema.ValidationError unless `message` follows the named schema."""
+    validator(name).validate(message)
 
 RESULT_FIELDS = {
     "schema_version",
@@ -28,6 +48,7 @@ RESULT_FIELDS = {
 
 def check_result(message: dict[str, Any], labels: tuple[str, ...] | None = None) -> None:
     """Assert that `message` is a valid window or utterance result."""
+    validate("result", message)
     missing = RESULT_FIELDS - set(message)
     assert not missing, f"missing fields {missing}"
     assert message["schema_version"] == 1
@@ -55,6 +76,29 @@ def check_result(message: dict[str, Any], labels: tuple[str, ...] | None = None)
     if message["final"]:
         assert isinstance(message["flags"], list)
         assert "specialist" in message["sources"]
+
+
+def check_speaking(message: dict[str, Any]) -> None:
+    """Assert that `message` is a valid voice-activity message."""
+    validate("speaking", message)
+    datetime.fromisoformat(message["wall_time"].replace("Z", "+00:00"))
+
+
+def check_status(message: dict[str, Any]) -> None:
+    """Assert that `message` is a valid status message."""
+    validate("status", message)
+    datetime.fromisoformat(message["wall_time"].replace("Z", "+00:00"))
+    assert set(message["per_stream"]) <= set(message["streams"])
+
+
+def check_message(message: dict[str, Any]) -> None:
+    """Assert that `message` is a valid published message of any kind."""
+    if message.get("type") == "speaking":
+        check_speaking(message)
+    elif message.get("type") == "status":
+        check_status(message)
+    else:
+        check_result(message)
 
 
 def parse_lines(stdout: str) -> list[dict[str, Any]]:

@@ -258,11 +258,10 @@ def test_a_stopped_file_run_stops_waiting_for_a_slow_alm(
 async def test_analyser_skips_work_it_cannot_finish_in_time() -> None:
     """Overflow rule of the acoustics stage: too many waiting, or past the deadline."""
     from stream_ser.acoustics import AnalysisSkipped, StreamAcoustics
-    from stream_ser.pipeline import Analyzer
+    from stream_ser.stages import Analyzer
 
-    analyzer = Analyzer(max_pending=1)
     audio = np.zeros(16000, dtype=np.float32)
-    try:
+    async with Analyzer(max_pending=1) as analyzer:
         late = asyncio.create_task(
             analyzer.analyse(StreamAcoustics(), audio, deadline_s=time.monotonic() - 1)
         )
@@ -280,8 +279,6 @@ async def test_analyser_skips_work_it_cannot_finish_in_time() -> None:
         )
         assert (await asyncio.wait_for(waiting, 60)).descriptors and also.descriptors
         assert analyzer.skipped == 2
-    finally:
-        analyzer.close()
 
 
 def five_utterances(tmp_path: Path, ravdess_clips: list[Path]) -> Path:

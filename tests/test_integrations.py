@@ -14,6 +14,7 @@ import aiomqtt
 import pytest
 
 from tests.conftest import REPO, Broker, free_port, wait_for_port
+from tests.schema import check_speaking
 
 PREFIX = "integ"
 
@@ -79,3 +80,4 @@ async def test_discovery_speaking_metrics_and_json_logs(
     speaking = await retained(broker, f"{PREFIX}/desk/speaking", 1)
     last = speaking[f"{PREFIX}/desk/speaking"]
     assert last["speaking"] is False and last["utterance_id"] == clip_count
+    check_speaking(last)

@@ -15,9 +15,10 @@ import pytest
 import soundfile
 
 from stream_ser.errors import ConfigError, StreamSerError
-from stream_ser.metrics import Metrics, MetricsServer, MetricsSettings
+from stream_ser.metrics import Metrics, MetricsServer
 from stream_ser.pipeline import OBSERVER_REFRESH_S, StreamPipeline, run_streams
 from stream_ser.publish import JsonlSink
+from stream_ser.settings import MetricsSettings
 from tests.conftest import run_cli
 from tests.test_tail import result
 

@@ -15,7 +15,7 @@ import aiomqtt
 import pytest
 
 from tests.conftest import LABELS, REPO, Broker, free_port, run_cli
-from tests.schema import check_result
+from tests.schema import check_message, check_result, check_status
 
 PREFIX = "test-ser"
 
@@ -76,6 +76,10 @@ async def test_every_utterance_is_published_and_status_is_retained(
     windows = [m for topic, _, m in messages if topic == f"{PREFIX}/room1/window"]
     assert [m["utterance_id"] for m in finals] == list(range(1, clip_count + 1))
     assert windows
+    kinds = {m["type"] for _, _, m in messages}
+    assert kinds == {"window", "utterance", "speaking", "status"}
+    for _, _, message in messages:  # every published message follows docs/schema
+        check_message(message)
     for message in finals + windows:
         check_result(message, LABELS)
         assert message["stream_id"] == "room1"
@@ -129,6 +133,7 @@ async def test_last_will_reports_offline_when_the_process_dies(
         os.kill(process.pid, signal.SIGKILL)  # no chance to say goodbye: the broker does
         messages = await asyncio.wait_for(listener, 30)
         assert messages[-1][2]["state"] == "offline"
+        check_status(messages[-1][2])  # the last will follows the schema too
     finally:
         process.kill()
         process.wait(timeout=10)

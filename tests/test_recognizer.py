@@ -13,13 +13,17 @@ from typing import Any
 import numpy as np
 
 from stream_ser.adaptation import StreamBaseline
+from stream_ser.backpressure import for_stream
 from stream_ser.errors import ModelError
 from stream_ser.fusion import FusionConfig
+from stream_ser.kinds import JobKind
 from stream_ser.messages import StreamInfo
-from stream_ser.pipeline import Job, Recognizer, StreamPipeline, UtteranceStages
+from stream_ser.pipeline import StreamPipeline
+from stream_ser.recognizer import Job, Recognizer
 from stream_ser.settings import SourceSettings, VadSettings
 from stream_ser.source import SourceStats, open_source
 from stream_ser.specialist import Baseline, Specialist
+from stream_ser.stages import UtteranceStages
 from stream_ser.vad import Segmenter
 from tests.test_evaluate import build_adaptive_model
 
@@ -45,7 +49,7 @@ class GatedSpecialist:
         return self.predict_windows(batch, baseline), None
 
 
-def job(kind: str, tag: int, samples: int = 1600) -> Job:
+def job(kind: JobKind, tag: int, samples: int = 1600) -> Job:
     return Job(kind, 1, np.full(samples, tag, dtype=np.float32), 0, 100, 0.0)
 
 
@@ -141,7 +145,8 @@ async def test_a_file_read_as_fast_as_possible_loses_no_window(
                 open_source(SourceSettings(input=str(path)), SourceStats()),
                 Segmenter(VadSettings()), recognizer, sink,  # type: ignore[arg-type]
                 specialist.card.window_ms, specialist.card.hop_ms,
-                UtteranceStages(FusionConfig(specialist.labels)), lossless=lossless,
+                UtteranceStages(FusionConfig(specialist.labels)),
+                backpressure=for_stream(lossless, 3000, recognizer.max_pending_windows),
             )  # fmt: skip
             await stream.run(asyncio.Event())
         counters[lossless] = stream.counters
@@ -189,7 +194,8 @@ async def test_a_file_read_as_fast_as_possible_adapts_to_every_earlier_utterance
             open_source(SourceSettings(input=str(path)), SourceStats()),
             Segmenter(VadSettings()), recognizer, sink,  # type: ignore[arg-type]
             specialist.card.window_ms, specialist.card.hop_ms,
-            UtteranceStages(FusionConfig(specialist.labels)), windows=False, lossless=True,
+            UtteranceStages(FusionConfig(specialist.labels)), windows=False,
+            backpressure=for_stream(True, 3000, recognizer.max_pending_windows),
         )  # fmt: skip
         await stream.run(asyncio.Event())
     assert len([m for m in sink.results if m["type"] == "utterance"]) == clip_count

@@ -166,7 +166,7 @@ async def test_the_offline_status_follows_results_spooled_during_an_outage(
                 broker.stop()
                 await asyncio.sleep(0.5)  # the sink has seen the link go
                 for index in (1, 2):
-                    await sink.result("s", {"type": "utterance", "final": True,
+                    await sink.result("s", {"type": "utterance", "final": True,  # type: ignore[typeddict-item]
                                             "id": f"u{index}", "utterance_id": index})  # fmt: skip
                 await sink.status(status_message("offline", ["s"], {"utterances": 2}))
                 broker.start()
@@ -287,7 +287,7 @@ async def test_a_link_lost_while_awaiting_an_acknowledgement_fails_over_at_once(
     try:
         async with MqttSink(settings, "dying", ["s"], Spool(tmp_path / "o.sqlite3")) as sink:
             broker.process.send_signal(signal.SIGSTOP)  # connected, but acknowledges nothing
-            await sink.result("s", {"type": "utterance", "final": True, "id": "u1",
+            await sink.result("s", {"type": "utterance", "final": True, "id": "u1",  # type: ignore[typeddict-item]
                                     "utterance_id": 1})  # fmt: skip
             await asyncio.sleep(0.5)  # the publish is out, its PUBACK pending
             broker.process.kill()  # the kernel closes the broker's sockets: the link drops

@@ -135,7 +135,7 @@ async def test_a_topic_the_broker_rejects_is_set_aside(tmp_path: Path, broker: B
             async with MqttSink(settings, "nul", ["s"], Spool(path)) as sink:
                 for index, stream_id in ((1, "bad\0id"), (2, "s")):
                     message = {"type": "utterance", "final": True, "id": f"u{index}"}
-                    await sink.result(stream_id, message | {"utterance_id": index})
+                    await sink.result(stream_id, message | {"utterance_id": index})  # type: ignore[arg-type]
                 await sink.status(status_message("offline", ["s"], {"utterances": 2}))
             await subscriber.offline.wait()
     finally:

@@ -31,15 +31,19 @@ def result(
     rest = (1 - 0.65) / (len(LABELS) - 1)
     distribution = {label: 0.65 if label == top else rest for label in LABELS}
     kind = extra.pop("type", "utterance")
+    final = kind == "utterance"
+    suffix = "f" if final else f"w{end_ms}"
     return {
         "schema_version": 1, "type": kind,
-        "id": f"s1:{stream_id}:{utterance_id}:{kind}:{end_ms}", "stream_id": stream_id,
+        "id": f"s1:{stream_id}:{utterance_id}:{suffix}", "stream_id": stream_id,
         "utterance_id": utterance_id, "start_ms": start_ms, "end_ms": end_ms,
         "wall_time": "2026-01-01T10:00:00.000Z", "distribution": distribution,
-        "top_label": top, "top_probability": 0.65, "entropy": 2.1, "model_id": "tiny",
-        "latency_ms": 2.0, "final": kind == "utterance", "arousal": None, "valence": None,
-        "flags": [], "sources": ["specialist"],
-        **({"end_reason": "silence"} if kind == "utterance" else {}), **extra,
+        "top_label": top, "top_probability": 0.65, "entropy": 1.67, "model_id": "tiny",
+        "latency_ms": 2.0, "final": final, "arousal": None, "valence": None,
+        **({"end_reason": "silence", "flags": [],
+            "sources": {"specialist": {"model_id": "tiny", "distribution": distribution}}}
+           if final else {}),
+        **extra,
     }  # fmt: skip
 
 

@@ -2,7 +2,8 @@
 
 `submit()` never blocks: it queues the utterance and returns a future of its `AlmResult`. A batch
 goes to the backend when it holds `max_batch` utterances or its oldest has waited `max_wait_ms`;
-the backend runs in a single-thread executor, so capture and the specialist keep going.
+the backend runs in the thread of a `ModelWorker` (stream_ser.inference), so capture and the
+specialist keep going.
 
 Overflow rule: the queue holds at most `max_queue` waiting utterances; submitting to a full queue
 drops the OLDEST waiting utterance (a live stream cares most about recent speech). Its future gets
@@ -19,9 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import deque
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from types import TracebackType
 
@@ -37,6 +36,7 @@ from stream_ser.alm.base import (
     template_means,
 )
 from stream_ser.errors import StreamSerError
+from stream_ser.inference import Batching, ModelWorker, Overflow
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +64,7 @@ class AlmStats:
 class _Pending:
     audio: np.ndarray
     cues: CueTokens | None
-    future: asyncio.Future[AlmResult]
-    enqueued_s: float
+    enqueued_s: float  # time.monotonic()
 
 
 @dataclass
@@ -86,21 +85,32 @@ class AlmBatcher:
     def __init__(self, backend: AlmBackend, options: AlmOptions | None = None) -> None:
         self.backend = backend
         self.options = options or backend.options
-        self.stats = AlmStats()
-        self._queue: deque[_Pending] = deque()
-        self._arrived = asyncio.Event()
-        self._idle = asyncio.Event()
-        self._idle.set()
-        self._current: list[_Pending] = []
-        self._flushing = False
+        self._completed = 0
+        self._failed = 0
         self._batches: int = 0
         self._splits: int = 0
-        self._executor: ThreadPoolExecutor | None = None
-        self._worker: asyncio.Task[None] | None = None
+        self.worker: ModelWorker[_Pending, AlmResult] = ModelWorker(
+            "alm",
+            self._infer,
+            Batching(
+                self.options.max_batch, key=_together, linger_s=self.options.max_wait_ms / 1000
+            ),
+            Overflow(self.options.max_queue, "drop_oldest", self._dropped),
+            on_close=self._shut_down,
+            wait_on_close=False,
+        )
+
+    @property
+    def stats(self) -> AlmStats:
+        """The counters now."""
+        worker = self.worker.stats
+        return AlmStats(
+            worker.submitted, self._completed, self._failed, worker.refused,
+            self._batches, self._splits, worker.waiting,
+        )  # fmt: skip
 
     async def __aenter__(self) -> AlmBatcher:
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="alm")
-        self._worker = asyncio.create_task(self._run(), name="alm-batcher")
+        await self.worker.__aenter__()
         return self
 
     async def __aexit__(
@@ -115,95 +125,42 @@ class AlmBatcher:
         """Stop the worker; with `drain`, first finish every queued utterance. Without it,
         queued utterances get a flagged "shutdown" result at once (a model call in progress
         still finishes in its thread)."""
-        if drain:
-            await self.drain()
-        await self._stop()
+        await self.worker.close(drain)
 
     def submit(self, audio: np.ndarray, cues: CueTokens | None = None) -> asyncio.Future[AlmResult]:
         """Queue one finished utterance (16 kHz mono float32); never blocks."""
-        if self._worker is None or self._worker.done():
+        if not self.worker.running:
             raise StreamSerError("alm: the batcher is not running (use `async with`)")
-        loop = asyncio.get_running_loop()
-        if len(self._queue) >= self.options.max_queue:
-            self._drop_oldest(loop.time())
-        pending = _Pending(
-            np.asarray(audio, dtype=np.float32).reshape(-1), cues, loop.create_future(), loop.time()
-        )
-        self._queue.append(pending)
-        self.stats.submitted += 1
-        self.stats.waiting = len(self._queue)
-        self._idle.clear()
-        self._arrived.set()
-        return pending.future
+        pending = _Pending(np.asarray(audio, dtype=np.float32).reshape(-1), cues, time.monotonic())
+        future = self.worker.submit(pending)
+        future.add_done_callback(self._count)
+        return future
 
     async def drain(self) -> None:
         """Send what is queued without waiting for deadlines; return when all have results."""
-        self._flushing = True
-        self._arrived.set()
-        try:
-            await self._idle.wait()
-        finally:
-            self._flushing = False
+        await self.worker.drain()
 
-    def _drop_oldest(self, now_s: float) -> None:
-        oldest = self._queue.popleft()
-        self.stats.dropped += 1
+    def _count(self, future: asyncio.Future[AlmResult]) -> None:
+        if future.cancelled() or future.exception() is not None:
+            return
+        result = future.result()
+        if result.ok:
+            self._completed += 1
+        elif result.batch_size:  # a model error, not a drop or the shutdown
+            self._failed += 1
+
+    def _dropped(self, pending: _Pending, waiting: int) -> AlmResult:
         log.warning(
             "alm: queue full (max_queue=%d), dropped the oldest waiting utterance "
             "(%d dropped so far)",
             self.options.max_queue,
-            self.stats.dropped,
+            self.worker.stats.refused,
         )
         reason = f"dropped: ALM queue full (max_queue={self.options.max_queue})"
-        _resolve(oldest, self._result(oldest, _Outcome(None, reason, 0.0, 0), now_s))
+        return self._result(pending, _Outcome(None, reason, 0.0, 0), time.monotonic())
 
-    async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            await self._wait_for_batch(loop)
-            batch = [
-                self._queue.popleft() for _ in range(min(self.options.max_batch, len(self._queue)))
-            ]
-            self.stats.waiting = len(self._queue)
-            self._current = batch
-            try:
-                outcomes = await loop.run_in_executor(self._executor, self._infer, batch)
-            except Exception as err:  # a bug, not a model failure: visible, not hidden
-                log.exception("alm: batch of %d failed unexpectedly", len(batch))
-                for pending in batch:
-                    if not pending.future.done():
-                        pending.future.set_exception(err)
-                outcomes = None
-            self._current = []
-            if outcomes is not None:
-                self._deliver(batch, outcomes, loop.time())
-            self.stats.batches, self.stats.splits = self._batches, self._splits
-            if not self._queue:
-                self._idle.set()
-
-    async def _wait_for_batch(self, loop: asyncio.AbstractEventLoop) -> None:
-        while not self._queue:
-            self._arrived.clear()
-            await self._arrived.wait()
-        max_wait_s = self.options.max_wait_ms / 1000
-        while len(self._queue) < self.options.max_batch and not self._flushing:
-            remaining_s = self._queue[0].enqueued_s + max_wait_s - loop.time()
-            if remaining_s <= 0:
-                return
-            self._arrived.clear()
-            try:
-                async with asyncio.timeout(remaining_s):
-                    await self._arrived.wait()
-            except TimeoutError:
-                return
-
-    def _deliver(self, batch: list[_Pending], outcomes: list[_Outcome], now_s: float) -> None:
-        for pending, outcome in zip(batch, outcomes, strict=True):
-            if outcome.distribution is None:
-                self.stats.failed += 1
-            else:
-                self.stats.completed += 1
-            _resolve(pending, self._result(pending, outcome, now_s))
+    def _shut_down(self, pending: _Pending) -> AlmResult:
+        return self._result(pending, _Outcome(None, "shutdown", 0.0, 0), time.monotonic())
 
     def _result(self, pending: _Pending, outcome: _Outcome, now_s: float) -> AlmResult:
         options = self.backend.options
@@ -225,12 +182,16 @@ class AlmBatcher:
             templates=outcome.templates,
         )
 
-    # --- executor thread from here on: no event-loop objects are touched ---
+    # --- worker thread from here on: no event-loop objects are touched ---
 
-    def _infer(self, batch: list[_Pending]) -> list[_Outcome]:
+    def _infer(self, batch: list[_Pending]) -> list[AlmResult]:
         audio = [pending.audio for pending in batch]
-        cues = self._cues(batch)
-        return self._predict_split(audio, cues)
+        outcomes = self._predict_split(audio, self._cues(batch))
+        now_s = time.monotonic()
+        return [
+            self._result(pending, outcome, now_s)
+            for pending, outcome in zip(batch, outcomes, strict=True)
+        ]
 
     def _cues(self, batch: list[_Pending]) -> list[CueTokens | None]:
         """Missing cues are computed here once (population baseline) when the mode needs them."""
@@ -286,22 +247,9 @@ class AlmBatcher:
             log.warning("alm: rationale failed (distribution kept): %s", err)
             return [None] * len(audio)
 
-    async def _stop(self) -> None:
-        if self._worker is not None:
-            self._worker.cancel()
-            await asyncio.gather(self._worker, return_exceptions=True)
-        now_s = asyncio.get_running_loop().time()
-        for pending in [*self._current, *self._queue]:
-            _resolve(pending, self._result(pending, _Outcome(None, "shutdown", 0.0, 0), now_s))
-        self._queue.clear()
-        self._idle.set()
-        if self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
 
-
-def _resolve(pending: _Pending, result: AlmResult) -> None:
-    if not pending.future.done():
-        pending.future.set_result(result)
+def _together(pending: _Pending) -> tuple[()]:
+    return ()
 
 
 def _baseline(tokens: CueTokens | None) -> str | None:

@@ -116,7 +116,7 @@ def _weighted(
 
 
 def resolve_token_mode(mode: str, mapping: LabelTokens) -> str:
-    """"auto": "sequence" when any surface form of a label spans several tokens (the multi-token
+    """ "auto": "sequence" when any surface form of a label spans several tokens (the multi-token
     default), else "first" - which then scores exactly what "sequence" would, in one pass."""
     if mode != "auto":
         return mode

@@ -6,7 +6,8 @@
 - long speech files made of real RAVDESS clips, written to a temporary folder (never the repo);
 - a real mosquitto on a free loopback port and a subscriber process that timestamps arrivals;
 - probes around a stream: source pacing lag, VAD decision, model done, handed to the sink;
-- the multi-stream runner every script uses, built like `stream_ser.cli._run`;
+- the multi-stream runner every script uses, built by `stream_ser.app.open_runtime` as
+  `stream-ser run` is;
 - table printing and `--json` output.
 
 Run as a script only for its two helper modes (used by the other scripts):
@@ -375,21 +376,20 @@ async def paced(
 
 
 class RecognizerProbe:
-    """Stands in for the shared Recognizer in one StreamPipeline: logs, then delegates."""
+    """Stands in for the shared Recognizer: logs each job (by its stream), then delegates."""
 
-    def __init__(self, stream_id: str, recognizer: Any, probe: Probe) -> None:
-        self.stream_id = stream_id
+    def __init__(self, recognizer: Any, probe: Probe) -> None:
         self.recognizer = recognizer
         self.probe = probe
 
     def submit(self, job: Any) -> Any:
         """Log the job's ready time and when its probabilities arrive."""
-        key = result_key(self.stream_id, job.kind, job.utterance_id, job.end_ms)
+        key = result_key(job.stream_id, job.kind, job.utterance_id, job.end_ms)
         probe = self.probe
         probe.ready_s[key] = job.ready_s
         probe.kinds[key] = job.kind
         probe.end_ms[key] = job.end_ms
-        probe.stream_of[key] = self.stream_id
+        probe.stream_of[key] = job.stream_id
         future = self.recognizer.submit(job)
         future.add_done_callback(lambda _: probe.model_done_s.__setitem__(key, time.monotonic()))
         return future
@@ -480,17 +480,23 @@ class RunConfig:
 
 async def run_streams_probed(config: RunConfig) -> tuple[Probe, dict[str, Any]]:
     """Run the default pipeline on every file; returns the probe and per-run counters."""
-    from stream_ser.messages import StreamInfo
-    from stream_ser.pipeline import Recognizer, StreamPipeline, new_session_id, run_streams
-    from stream_ser.settings import ModelSettings, MqttSettings, VadSettings
+    from stream_ser.app import load_specialist, open_runtime
+    from stream_ser.pipeline import run_streams
+    from stream_ser.settings import ModelSettings, MqttSettings, OutputSettings, Settings
     from stream_ser.source import SourceStats, file_source
-    from stream_ser.specialist import Specialist
 
-    model = ModelSettings()
-    specialist = Specialist(
-        Path(config.model_dir), model.providers, config.intra_op_threads, model.inter_op_threads
-    )
-    card = specialist.card
+    wanted = descriptors_default() if config.descriptors is None else config.descriptors
+    settings = Settings(
+        model=ModelSettings(
+            path=config.model_dir, intra_op_threads=config.intra_op_threads,
+            windows=config.windows,
+        ),
+        output=OutputSettings(
+            max_pending_windows=config.max_pending_windows_per_stream * len(config.files),
+            descriptors=bool(wanted),
+        ),
+    )  # fmt: skip
+    specialist = load_specialist(config.model_dir, settings=settings)
     probe = Probe(speed=config.speed)
     stream_ids = [f"s{i:03d}" for i in range(len(config.files))]
     sink: Any = NullSink()
@@ -505,41 +511,26 @@ async def run_streams_probed(config: RunConfig) -> tuple[Probe, dict[str, Any]]:
     sink = SinkProbe(sink, probe)
     rng = random.Random(0)
     stop = asyncio.Event()
-    pending = config.max_pending_windows_per_stream * len(config.files)
-    extra, analyzer = _utterance_stages(card, config.descriptors)
-    if analyzer is not None:  # a one-off start-up cost (~1 s: pandas), not per audio second
+    if wanted:  # a one-off start-up cost (~1 s: pandas), not per audio second
         from stream_ser.acoustics import analyse_functionals
 
         analyse_functionals(np.zeros(SAMPLE_RATE, dtype=np.float32))
-    async with Recognizer(specialist, pending) as recognizer:
+    async with open_runtime(settings, specialist, sink) as runtime:
+        runtime.recognizer = RecognizerProbe(runtime.recognizer, probe)  # type: ignore[assignment]
         streams = []
         for stream_id, name in zip(stream_ids, config.files, strict=True):
             stats = SourceStats()
-            path = Path(name)
             source = file_source(
-                path, soundfile.SoundFile(name), config.chunk_ms, config.speed, stats
+                Path(name), soundfile.SoundFile(name), config.chunk_ms, config.speed, stats
             )
             delay = rng.uniform(0, config.stagger_s) if config.speed else 0.0
             streams.append(
-                StreamPipeline(
-                    stream=StreamInfo(stream_id, new_session_id(), card.model_id, card.labels),
-                    source=paced(stream_id, source, probe, delay),
-                    segmenter=_segmenter(VadSettings()),
-                    recognizer=RecognizerProbe(stream_id, recognizer, probe),  # type: ignore[arg-type]
-                    sink=sink,
-                    window_ms=card.window_ms,
-                    hop_ms=card.hop_ms,
-                    windows=config.windows,
-                    source_stats=stats,
-                    **extra,
-                )
+                runtime.pipeline(stream_id, paced(stream_id, source, probe, delay), stats)
             )
         async with sink:
             wall, cpu = time.monotonic(), cpu_seconds()
             await run_streams(streams, sink, stop, 10.0)
             probe.run_wall_s, probe.run_cpu_s = time.monotonic() - wall, cpu_seconds() - cpu
-    if analyzer is not None:
-        analyzer.close()
     counters = {s.stream_id: s.status_counters() for s in streams}
     totals: dict[str, int] = {}
     for per_stream in counters.values():
@@ -549,40 +540,10 @@ async def run_streams_probed(config: RunConfig) -> tuple[Probe, dict[str, Any]]:
 
 
 def descriptors_default() -> bool | None:
-    """The CLI's default for per-utterance descriptors; None where the pipeline has none."""
-    import dataclasses
+    """The CLI's default for per-utterance descriptors."""
+    from stream_ser.settings import OutputSettings
 
-    from stream_ser import pipeline, settings
-
-    if not hasattr(pipeline, "Analyzer"):
-        return None
-    for section in (getattr(settings, name) for name in dir(settings) if name.endswith("Settings")):
-        if dataclasses.is_dataclass(section):
-            for item in dataclasses.fields(section):
-                if item.name in ("descriptors", "acoustics") and isinstance(item.default, bool):
-                    return item.default
-    return False
-
-
-def _utterance_stages(card: Any, descriptors: bool | None) -> tuple[dict[str, Any], Any]:
-    """StreamPipeline's `stages` argument where the pipeline has one (descriptors, no ALM)."""
-    import dataclasses
-
-    from stream_ser import pipeline
-
-    if "stages" not in {f.name for f in dataclasses.fields(pipeline.StreamPipeline)}:
-        return {}, None
-    from stream_ser.fusion import FusionConfig
-
-    wanted = descriptors_default() if descriptors is None else descriptors
-    analyzer = pipeline.Analyzer() if wanted else None
-    return {"stages": pipeline.UtteranceStages(FusionConfig(card.labels), analyzer)}, analyzer
-
-
-def _segmenter(settings: Any) -> Any:
-    from stream_ser.vad import Segmenter
-
-    return Segmenter(settings)
+    return OutputSettings().descriptors
 
 
 def peak_rss_mb() -> float:
