@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import getpass
 import json
 import os
 import subprocess
@@ -126,6 +127,7 @@ def finals_row(name: str, lab: Lab, sub: Subscriber, expected: int, codes: list[
                ok, note)  # fmt: skip
 
 
+DYNSEC_PLUGIN = "/usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so"
 WINDOWED_S = 3.0  # bursts long enough for window results with any model (the bundled: 2 s)
 
 
@@ -384,10 +386,19 @@ def hello_flood(lab: Lab) -> Row:
 
 
 def acl_refused(lab: Lab) -> Row:
-    """11: the broker's ACL refuses the worker's subscriptions: it must fail loudly."""
-    acl = lab.directory / "acl"
-    acl.write_text(f"topic readwrite {PREFIX}/status/#\ntopic write {PREFIX}/#\n")
-    broker = Broker(lab.directory / "broker", [f"acl_file {acl}"]).start()
+    """11: the broker refuses the worker's subscriptions: it must fail loudly. mosquitto's
+    dynamic-security plugin refuses them in the SUBACK (an `acl_file` grants every SUBACK and
+    filters messages later, which no client can tell); an anonymous client has no role."""
+    dynsec = lab.directory / "dynsec.json"
+    subprocess.run(["mosquitto_ctrl", "dynsec", "init", str(dynsec), "admin", "admin-pw"],
+                   check=True, capture_output=True, timeout=30)  # fmt: skip
+    broker = Broker(lab.directory / "broker")
+    broker.config.write_text(
+        f"user {getpass.getuser()}\nper_listener_settings false\nallow_anonymous true\n"
+        f"plugin {DYNSEC_PLUGIN}\nplugin_opt_config_file {dynsec}\n"
+        f"listener {broker.port} 127.0.0.1\n"
+    )
+    broker.start()
     worker = lab.worker(broker, "w11")
     code = worker.wait(15)
     tracebacks = lab.tracebacks()
