@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 
@@ -13,7 +15,7 @@ RAW = {"warmup_utterances": 1, "prior_weight": 2.0, "population_mean": [0.0, 1.0
        "population_std": [1.0, 2.0, 3.0]}  # fmt: skip
 
 
-def baseline_after(raw: dict, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def baseline_after(raw: dict[str, Any], values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     stream = StreamBaseline(AdaptationCard.from_dict(raw, "test"))
     for value in values:
         stream.update(value)

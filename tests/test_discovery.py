@@ -116,7 +116,8 @@ def render(template: str, message: dict[str, Any]) -> str:
     """Render like HA does: Jinja2 sandbox, `value_json` and `this` in scope."""
     jinja2 = pytest.importorskip("jinja2.sandbox")
     environment = jinja2.ImmutableSandboxedEnvironment()
-    return environment.from_string(template).render(value_json=message, this=State())
+    rendered: str = environment.from_string(template).render(value_json=message, this=State())
+    return rendered
 
 
 FINAL = {

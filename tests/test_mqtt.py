@@ -46,7 +46,7 @@ async def test_every_utterance_is_published_and_status_is_retained(
 ) -> None:
     path, clip_count = speech_with_pauses
 
-    def finished(messages: list) -> bool:
+    def finished(messages: list[tuple[str, bool, dict[str, Any]]]) -> bool:
         return any(m.get("state") == "offline" for _, _, m in messages)
 
     listener = asyncio.create_task(collect(broker, f"{PREFIX}/#", finished))

@@ -26,7 +26,7 @@ PASSWORDS = {"ser-kitchen": "kitchen-Secret-1", "dashboard": "dash-Secret-2", "p
 def documented_acl() -> str:
     """The ACL file block of docs/security.md, as a reader would copy it."""
     text = (REPO / "docs" / "security.md").read_text()
-    blocks = re.findall(r"```\n(# /etc/mosquitto/acl.*?)```", text, flags=re.DOTALL)
+    blocks: list[str] = re.findall(r"```\n(# /etc/mosquitto/acl.*?)```", text, flags=re.DOTALL)
     assert len(blocks) == 1
     return blocks[0]
 

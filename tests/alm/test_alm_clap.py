@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -16,11 +17,16 @@ from stream_ser.errors import ConfigError  # noqa: E402
 from .alm_helpers import LABELS, noise  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def backend(tiny_clap: Path) -> ClapBackend:
-    loaded = alm.load(f"clap:{tiny_clap}", LABELS, cpu_threads=1)
+def _load(tiny_clap: Path, **overrides: Any) -> ClapBackend:
+    """`alm.load` of the tiny model, narrowed to the class these white-box tests look into."""
+    loaded = alm.load(f"clap:{tiny_clap}", LABELS, **overrides)
     assert isinstance(loaded, ClapBackend)
     return loaded
+
+
+@pytest.fixture(scope="module")
+def backend(tiny_clap: Path) -> ClapBackend:
+    return _load(tiny_clap, cpu_threads=1)
 
 
 def _values(dists: list[dict[str, float]]) -> np.ndarray:
@@ -79,7 +85,7 @@ def test_audio_amplification_gives_distinct_views(tiny_clap: Path, backend: Clap
     np.testing.assert_array_equal(features[0], features[1])  # the old tiling: a no-op, shown
     base = _values(backend.predict([short]))
     for k in (2, 3):
-        amplified = alm.load(f"clap:{tiny_clap}", LABELS, audio_repeats=k, cpu_threads=1)
+        amplified = _load(tiny_clap, audio_repeats=k, cpu_threads=1)
         got = _values(amplified.predict([short]))
         assert np.abs(got - base).max() > 1e-6  # identical input gave exactly 0
         np.testing.assert_allclose(got.sum(), 1.0)
@@ -95,8 +101,7 @@ def test_audio_amplification_gives_distinct_views(tiny_clap: Path, backend: Clap
 
 
 def test_text_amplification(tiny_clap: Path, backend: ClapBackend) -> None:
-    amplified = alm.load(f"clap:{tiny_clap}", LABELS, text_repeats=3, prompt_set="single",
-                         cpu_threads=1)
+    amplified = _load(tiny_clap, text_repeats=3, prompt_set="single", cpu_threads=1)
     assert amplified._text.shape[0] == 1
     clip = noise(0.7, 5)
     assert not np.allclose(_values(amplified.predict([clip])), _values(backend.predict([clip])))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -16,11 +17,16 @@ from stream_ser.alm.qwen2_audio import Qwen2AudioBackend  # noqa: E402
 from .alm_helpers import LABELS, noise  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def backend(tiny_qwen: Path) -> Qwen2AudioBackend:
-    loaded = alm.load(f"qwen2-audio:{tiny_qwen}", LABELS, cpu_threads=1)
+def _load(tiny_qwen: Path, **overrides: Any) -> Qwen2AudioBackend:
+    """`alm.load` of the tiny model, narrowed to the class these white-box tests look into."""
+    loaded = alm.load(f"qwen2-audio:{tiny_qwen}", LABELS, **overrides)
     assert isinstance(loaded, Qwen2AudioBackend)
     return loaded
+
+
+@pytest.fixture(scope="module")
+def backend(tiny_qwen: Path) -> Qwen2AudioBackend:
+    return _load(tiny_qwen, cpu_threads=1)
 
 
 def _close(a: list[dict[str, float]], b: list[dict[str, float]], tol: float = 1e-5) -> None:
@@ -41,8 +47,7 @@ def test_label_tokens_decode_to_label_prefixes(backend: Qwen2AudioBackend) -> No
 
 def test_distribution_is_softmax_of_label_token_logits(tiny_qwen: Path) -> None:
     """Recompute one prompt by hand: chat template, processor, logits[:, -1], rule, softmax."""
-    single = alm.load(f"qwen2-audio:{tiny_qwen}", LABELS, prompt_set="single", cpu_threads=1,
-                      token_mode="first")
+    single = _load(tiny_qwen, prompt_set="single", cpu_threads=1, token_mode="first")
     clip = noise(1.0, 7)
     processor = single._processor
     question = "What emotion does the speaker express? Answer with one word: " \
@@ -88,8 +93,7 @@ def test_mixed_length_batch_equals_one_by_one(
 def test_mean_token_mode_batch_equals_one_by_one(
     tiny_qwen: Path, mixed_clips: list[np.ndarray], backend: Qwen2AudioBackend
 ) -> None:
-    mean = alm.load(f"qwen2-audio:{tiny_qwen}", LABELS, token_mode="mean", prompt_set="single",
-                    cpu_threads=1)
+    mean = _load(tiny_qwen, token_mode="mean", prompt_set="single", cpu_threads=1)
     clips = mixed_clips[:3]
     batched = mean.predict(clips)
     _close(batched, [mean.predict([clip])[0] for clip in clips])
@@ -110,8 +114,7 @@ def test_long_audio_is_heard_in_windows(backend: Qwen2AudioBackend, speech: np.n
 
 
 def test_ensemble_and_amplification_shape_the_prompt(tiny_qwen: Path) -> None:
-    amplified = alm.load(f"qwen2-audio:{tiny_qwen}", LABELS, audio_repeats=3, text_repeats=2,
-                         cpu_threads=1)
+    amplified = _load(tiny_qwen, audio_repeats=3, text_repeats=2, cpu_threads=1)
     parts = amplified._audio_parts(noise(5.0, 3))
     assert len(parts) == 2 * 3  # two windows, three times
     chat = amplified._chat(len(parts), "Q?")
@@ -137,8 +140,7 @@ def test_cue_modes_change_the_prompt(tiny_qwen: Path, speech: np.ndarray) -> Non
     cues = acoustics.cue_tokens(acoustics.analyse_functionals(clip))
     results = {}
     for mode in ("aligned", "none", "conflicting", "shuffled"):
-        backend = alm.load(f"qwen2-audio:{tiny_qwen}", LABELS, cues=mode, prompt_set="single",
-                           cpu_threads=1)
+        backend = _load(tiny_qwen, cues=mode, prompt_set="single", cpu_threads=1)
         (phrase,) = backend.cue_phrases([clip], [cues])
         results[mode] = (phrase, backend.predict([clip], [cues])[0])
     assert results["none"][0] is None
@@ -149,8 +151,7 @@ def test_cue_modes_change_the_prompt(tiny_qwen: Path, speech: np.ndarray) -> Non
 
 
 def test_missing_cues_are_computed(tiny_qwen: Path, speech: np.ndarray) -> None:
-    backend = alm.load(f"qwen2-audio:{tiny_qwen}", LABELS, cues="aligned", prompt_set="single",
-                       cpu_threads=1)
+    backend = _load(tiny_qwen, cues="aligned", prompt_set="single", cpu_threads=1)
     clip = speech[: 2 * 16000]
     expected = acoustics.cue_tokens(acoustics.analyse_functionals(clip))
     assert backend.cue_phrases([clip]) == [expected.text()]
@@ -158,8 +159,7 @@ def test_missing_cues_are_computed(tiny_qwen: Path, speech: np.ndarray) -> None:
 
 
 def test_explain_generates_text(tiny_qwen: Path) -> None:
-    backend = alm.load(f"qwen2-audio:{tiny_qwen}", LABELS, explain=True, explain_tokens=5,
-                       cpu_threads=1)
+    backend = _load(tiny_qwen, explain=True, explain_tokens=5, cpu_threads=1)
     texts = backend.explain([noise(1.0, 1), noise(0.5, 2)])
     assert len(texts) == 2 and all(isinstance(t, str) and t for t in texts)
 
@@ -188,8 +188,7 @@ def _full_forward_logprob(backend: Qwen2AudioBackend, clip: np.ndarray, form: tu
 def test_sequence_mode_is_the_probability_of_each_label(tiny_qwen: Path) -> None:
     """token_mode "sequence" (the default for multi-token scoring) equals the product of the
     label's token probabilities, computed here without the KV cache, summed over spellings."""
-    backend = alm.load(f"qwen2-audio:{tiny_qwen}", LABELS, token_mode="sequence",
-                       prompt_set="single", cpu_threads=1)
+    backend = _load(tiny_qwen, token_mode="sequence", prompt_set="single", cpu_threads=1)
     assert any(len(form) > 1 for forms in backend.mapping.forms for form in forms)
     clip = noise(1.2, 11)
     scores = np.array([
@@ -199,11 +198,11 @@ def test_sequence_mode_is_the_probability_of_each_label(tiny_qwen: Path) -> None
     expected = np.exp(scores - scores.max())
     got = backend.predict([clip, noise(2.6, 12)])[0]  # in a padded batch
     np.testing.assert_allclose([got[k] for k in LABELS], expected / expected.sum(), atol=1e-5)
-    mean = alm.load(f"qwen2-audio:{tiny_qwen}", LABELS, token_mode="mean", prompt_set="single",
-                    cpu_threads=1).predict([clip])[0]
+    mean = _load(tiny_qwen, token_mode="mean", prompt_set="single",
+                 cpu_threads=1).predict([clip])[0]
     assert max(abs(mean[k] - got[k]) for k in LABELS) > 1e-4
     # the default ("auto") is "sequence" here: the tiny tokenizer spells labels in several tokens
-    default = alm.load(f"qwen2-audio:{tiny_qwen}", LABELS, prompt_set="single", cpu_threads=1)
+    default = _load(tiny_qwen, prompt_set="single", cpu_threads=1)
     assert default.token_mode == "sequence"
     assert default.predict([clip])[0] == backend.predict([clip])[0]
 
@@ -221,8 +220,7 @@ def test_per_template_distributions(backend: Qwen2AudioBackend) -> None:
 
 def test_cue_sentence_names_the_baseline_in_the_prompt(tiny_qwen: Path, speech: np.ndarray
                                                         ) -> None:
-    backend = alm.load(f"qwen2-audio:{tiny_qwen}", LABELS, cues="aligned", prompt_set="single",
-                       cpu_threads=1)
+    backend = _load(tiny_qwen, cues="aligned", prompt_set="single", cpu_threads=1)
     clip = speech[: 2 * 16000]
     tokens = acoustics.cue_tokens(acoustics.analyse_functionals(clip))
     (population,), _ = backend._prompts([clip], [tokens], backend.prompts.questions)
@@ -236,8 +234,7 @@ def test_cue_sentence_names_the_baseline_in_the_prompt(tiny_qwen: Path, speech: 
 def test_text_level_scoring_asks_for_and_parses_a_written_distribution(
     tiny_qwen: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    backend = alm.load(f"qwen2-audio:{tiny_qwen}", LABELS, scoring="text", text_tokens=6,
-                       cpu_threads=1)
+    backend = _load(tiny_qwen, scoring="text", text_tokens=6, cpu_threads=1)
     assert backend.template_names() == [backend.prompts.distribution]
     clips = [noise(0.9, 15), noise(1.4, 16)]
     # the tiny random model writes gibberish: no distribution is invented from it

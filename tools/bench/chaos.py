@@ -134,6 +134,15 @@ WINDOWED_S = 3.0  # bursts long enough for window results with any model (the bu
 # --- the attacks ----------------------------------------------------------------------------
 
 
+def results_past(subscriber: Subscriber, count: int) -> Callable[[], bool]:
+    """True once `subscriber` holds more than `count` results."""
+
+    def check() -> bool:
+        return len(subscriber.results()) > count
+
+    return check
+
+
 def session_ids(lab: Lab) -> Row:
     """1: one device streams 5 short sessions to the same worker: 5 distinct final ids."""
     broker = Broker(lab.directory / "broker").start()
@@ -144,7 +153,7 @@ def session_ids(lab: Lab) -> Row:
     codes: list[int | None] = []
     for index in range(5):
         codes.append(lab.send(broker, f"send{index}", path, "door", "--speed", "4").wait(30))
-        wait_until(lambda n=index: len(sub.results()) > n, 8)
+        wait_until(results_past(sub, index), 8)
     wait_until(lambda: len(sub.results()) >= 5, 5)
     codes.append(worker.stop())
     row = finals_row("1 session-ids", lab, sub, 5, codes, codes == [0] * 6)

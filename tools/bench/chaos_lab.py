@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import paho.mqtt.client as paho
 import soundfile
+from paho.mqtt.enums import CallbackAPIVersion
 
 RATE = 16000
 REPO = Path(__file__).resolve().parents[2]
@@ -164,12 +165,13 @@ class Subscriber:
         self._subscribed = threading.Event()
         self._filters = list(filters)
         self.client = paho.Client(
-            paho.CallbackAPIVersion.VERSION2, client_id=name, clean_session=False
+            CallbackAPIVersion.VERSION2, client_id=name, clean_session=False
         )
         self.client.on_connect = self._on_connect
         self.client.on_subscribe = lambda *args: self._subscribed.set()
         self.client.on_message = self._on_message
-        self.client.reconnect_delay_set(0.2, 1)
+        # paho annotates the delays as int, but its backoff only adds and doubles them: seconds
+        self.client.reconnect_delay_set(0.2, 1)  # type: ignore[arg-type]
         self.client.connect("127.0.0.1", broker.port, keepalive=5)
         self.client.loop_start()
         if not self._subscribed.wait(10):
@@ -218,9 +220,9 @@ def count_ids(results: list[dict[str, Any]]) -> tuple[int, int]:
 def buzz(seconds: float, f0_hz: float = 150.0, level: float = 0.1) -> np.ndarray:
     """A voice-like harmonic buzz: webrtcvad takes it for speech."""
     t = np.arange(int(RATE * seconds)) / RATE
-    return (level * sum(np.sin(2 * np.pi * f0_hz * k * t) / k for k in range(1, 20))).astype(
-        np.float32
-    )
+    wave = sum(np.sin(2 * np.pi * f0_hz * k * t) / k for k in range(1, 20))
+    assert isinstance(wave, np.ndarray)  # `sum` starts at 0: typed as a possible scalar
+    return (level * wave).astype(np.float32)
 
 
 def bursts(path: Path, count: int, on_s: float = 1.0, off_s: float = 1.0) -> Path:

@@ -18,12 +18,13 @@ import subprocess
 import sys
 import tomllib
 from pathlib import Path
+from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 RUNS = (("manifest", "stream"), ("blocked", "stream"), ("manifest", "none"))
 
 
-def evaluate(manifests: list[Path], model: Path, order: str, adapt: str) -> dict[str, object]:
+def evaluate(manifests: list[Path], model: Path, order: str, adapt: str) -> dict[str, Any]:
     """The `stream-ser eval --json` report over `manifests`."""
     command = [
         sys.executable, "-m", "stream_ser", "eval", *map(str, manifests), "--model", str(model),
@@ -32,7 +33,8 @@ def evaluate(manifests: list[Path], model: Path, order: str, adapt: str) -> dict
     done = subprocess.run(command, capture_output=True, text=True, check=False, cwd=REPO_ROOT)
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(command)}: {done.stderr.strip()}")
-    return json.loads(done.stdout)  # type: ignore[no-any-return]
+    report: dict[str, Any] = json.loads(done.stdout)
+    return report
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,9 +60,9 @@ def main(argv: list[str] | None = None) -> int:
                for order, adapt in RUNS}  # fmt: skip
     args.out.write_text(json.dumps(metrics, indent=1) + "\n")
     for name, report in metrics.items():
-        per_corpus = report["corpora"]  # type: ignore[index]
+        per_corpus = report["corpora"]
         cells = "  ".join(f"{c} {r['uar']:.3f}/{r['ece']:.3f}" for c, r in per_corpus.items())
-        print(f"{name:<16} UAR/ECE  {cells}  mean {report['corpus_mean']['uar']:.3f}")  # type: ignore[index]
+        print(f"{name:<16} UAR/ECE  {cells}  mean {report['corpus_mean']['uar']:.3f}")
     return 0
 
 

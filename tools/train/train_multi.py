@@ -49,6 +49,7 @@ from stream_ser.evaluate import (
 from stream_ser.specialist import AdaptationCard, Baseline
 from tools.train import train_strong as ts
 from tools.train.strong_features import cached_features, read_corpus
+from tools.train.whisper_encoder import load_pooled_whisper
 
 log = logging.getLogger("train_multi")
 LBFGS_STEPS = 150
@@ -121,7 +122,8 @@ def speaker_heaviness(x: np.ndarray, speakers: np.ndarray, y: np.ndarray) -> np.
         means = np.stack([x[inside & (y == lb)].mean(0) for lb in np.unique(y[inside])])
         speaker_means.append(x[inside].mean(0))
         emotion_vars.append(means.var(0))
-    return np.var(speaker_means, axis=0) / (np.mean(emotion_vars, axis=0) + 1e-12)
+    heaviness: np.ndarray = np.var(speaker_means, axis=0) / (np.mean(emotion_vars, axis=0) + 1e-12)
+    return heaviness
 
 
 def adapt_weights(
@@ -209,10 +211,10 @@ def fit_masked(
     def closure() -> torch.Tensor:
         optimiser.zero_grad()
         loss = masked_loss(xt @ coef.T + bias, target, blocked, w) + l2 * (coef**2).sum()
-        loss.backward()  # type: ignore[no-untyped-call]
+        loss.backward()
         return loss
 
-    optimiser.step(closure)  # type: ignore[no-untyped-call]
+    optimiser.step(closure)
     unseen = ~mask.any(axis=0)  # labels no training corpus has: never predicted
     intercept = bias.detach().numpy().astype(np.float64)
     intercept[unseen] = -30.0
@@ -269,7 +271,7 @@ def predict(
     """Logits restricted to `allowed` (in that order), causal replay in `order`."""
     logits = fitted.head.logits(normalise(x, speakers, order, fitted.card))
     columns = [list(fitted.head.classes_).index(label) for label in allowed]
-    return logits[:, columns]  # type: ignore[no-any-return]
+    return logits[:, columns]
 
 
 # --------------------------------------------------------------------------- scores
@@ -422,8 +424,8 @@ def export(config: dict[str, Any], data: ts.Data, fitted: Fitted, temperature: f
     head.coef_ /= temperature
     head.intercept_ = np.where(head.intercept_ > -30.0, head.intercept_ / temperature, -30.0)
     feats = config["features"]
-    whisper = ts.load_pooled_whisper(encoder=feats.get("encoder", "tiny.en"))
-    model = ts.StrongModel(whisper, feats, head, config["labels"])  # type: ignore[arg-type]
+    whisper = load_pooled_whisper(encoder=feats.get("encoder", "tiny.en"))
+    model = ts.StrongModel(whisper, feats, head, config["labels"])
     keep = np.isin(data.corpora(), config["training"]["corpora"]) & (data.split != "test")
     extra = {"training": {
         "corpora": config["training"]["corpora"], "clips": int(keep.sum()),
