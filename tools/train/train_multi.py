@@ -40,7 +40,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from stream_ser.adaptation import StreamBaseline
 from stream_ser.evaluate import (
     confusion_matrix,
     expected_calibration_error,
@@ -147,21 +146,6 @@ def make_card(x: np.ndarray, adapt: dict[str, Any], weights: np.ndarray | None) 
     )  # fmt: skip
 
 
-def normalise(
-    x: np.ndarray, speakers: np.ndarray, order: np.ndarray, card: AdaptationCard
-) -> np.ndarray:
-    """Each clip normalised with its speaker's StreamBaseline of earlier clips (in `order`)."""
-    out = np.empty_like(x)
-    for speaker in np.unique(speakers):
-        members = np.flatnonzero(speakers == speaker)
-        stream = StreamBaseline(card)
-        for i in members[np.argsort(order[members], kind="stable")]:
-            baseline = stream.current() or card.population
-            out[i] = (x[i] - baseline.mean) / baseline.std
-            stream.update(x[i])
-    return out
-
-
 def blocked_order(y: np.ndarray, speakers: np.ndarray, seed: int) -> np.ndarray:
     """Replay positions with each speaker's clips emotion by emotion (labels and clips within a
     label in a seeded random order), as `stream-ser eval --order blocked`."""
@@ -251,7 +235,7 @@ def train_recipe(config: dict[str, Any], x: np.ndarray, data: ts.Data, rows: np.
     card = make_card(x[rows], adapt, weights)
     rng = np.random.default_rng(config["seed"])
     orders = adapt["train_orders"]
-    xt = np.concatenate([normalise(x[rows], speakers, rng.permutation(len(y)), card)
+    xt = np.concatenate([ts.causal_normalise(x[rows], speakers, rng.permutation(len(y)), card)
                          for _ in range(orders)])  # fmt: skip
     covers = corpus_labels(data, labels) if config["training"]["loss"] == "masked" else {}
     present = [lb for lb in labels if lb in set(y)]
@@ -269,7 +253,7 @@ def predict(
     fitted: Fitted, x: np.ndarray, speakers: np.ndarray, order: np.ndarray, allowed: list[str]
 ) -> np.ndarray:
     """Logits restricted to `allowed` (in that order), causal replay in `order`."""
-    logits = fitted.head.logits(normalise(x, speakers, order, fitted.card))
+    logits = fitted.head.logits(ts.causal_normalise(x, speakers, order, fitted.card))
     columns = [list(fitted.head.classes_).index(label) for label in allowed]
     return logits[:, columns]
 

@@ -176,7 +176,7 @@ def causal_normalise(
     for speaker in np.unique(speakers):
         members = np.flatnonzero(speakers == speaker)
         stream = StreamBaseline(card)
-        for i in members[np.argsort(order[members])]:
+        for i in members[np.argsort(order[members], kind="stable")]:
             baseline = stream.current() or card.population
             out[i] = (x[i] - baseline.mean) / baseline.std
             stream.update(x[i])
