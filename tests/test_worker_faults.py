@@ -132,9 +132,15 @@ async def test_backoff_resets_after_a_good_connection(
 
 
 async def seconds_until_claimed(
-    broker: Broker, stream_id: str, since: float, timeout_s: float
+    broker: Broker,
+    stream_id: str,
+    since: float,
+    timeout_s: float,
+    by: str | None = None,
+    interval_s: float = 0.5,
 ) -> float:
-    """Send hellos until some worker claims the stream; seconds from `since`."""
+    """Send hellos every `interval_s` until a worker (`by`, when given) claims the stream;
+    seconds from `since`."""
     hello = {"stream_id": stream_id, "sample_rate": 16000, "channels": 1, "seq": 0}
     async with aiomqtt.Client("127.0.0.1", broker.port) as client:
         await client.subscribe(f"{PREFIX}/audio/{stream_id}/owner", qos=1)
@@ -142,9 +148,11 @@ async def seconds_until_claimed(
             while True:
                 await client.publish(f"{PREFIX}/audio/{stream_id}/hello", json.dumps(hello), qos=1)
                 try:
-                    async with asyncio.timeout(0.5):
+                    async with asyncio.timeout(interval_s):
                         async for message in client.messages:
-                            if message.payload:
+                            payload = message.payload
+                            assert isinstance(payload, bytes)
+                            if payload and by in (None, json.loads(payload)["worker"]):
                                 return time.monotonic() - since
                 except TimeoutError:
                     continue
@@ -160,31 +168,10 @@ async def test_an_expired_claim_of_a_dead_worker_is_taken_over(
     await retained(broker, f"{PREFIX}/status/ghost", b'{"state": "online"}')
     await retained(broker, f"{PREFIX}/audio/orphan/owner", b'{"worker": "ghost"}')
     async with worker_process(broker, tiny_model, "wa", tmp_path / "spool"):
-        claimed_s = await seconds_until_claimed_by(broker, "orphan", "wa", OWNER_TTL_S + 15)
+        claimed_s = await seconds_until_claimed(
+            broker, "orphan", time.monotonic(), OWNER_TTL_S + 15, by="wa", interval_s=1.0
+        )
     assert claimed_s <= OWNER_TTL_S + 10, claimed_s
-
-
-async def seconds_until_claimed_by(
-    broker: Broker, stream_id: str, worker: str, timeout_s: float
-) -> float:
-    """Send hellos every second until `worker` claims the stream."""
-    started = time.monotonic()
-    hello = {"stream_id": stream_id, "sample_rate": 16000, "channels": 1, "seq": 0}
-    async with aiomqtt.Client("127.0.0.1", broker.port) as client:
-        await client.subscribe(f"{PREFIX}/audio/{stream_id}/owner", qos=1)
-        async with asyncio.timeout(timeout_s):
-            while True:
-                await client.publish(f"{PREFIX}/audio/{stream_id}/hello", json.dumps(hello), qos=1)
-                try:
-                    async with asyncio.timeout(1.0):
-                        async for message in client.messages:
-                            payload = message.payload
-                            assert isinstance(payload, bytes)
-                            if payload and json.loads(payload)["worker"] == worker:
-                                return time.monotonic() - started
-                except TimeoutError:
-                    continue
-    raise AssertionError("unreachable")
 
 
 # --- in-process workers with a consumer in place of the pipeline ------------------------------
