@@ -111,6 +111,7 @@ async def test_one_voice_with_speakers_gives_what_it_gives_without(tmp_path: Pat
     assert [m["speaker"] for m in _utterances(labelled, True)] == ["spk-1"] * len(TAKES)
     assert all("speaker" not in m for m in plain)
     assert stream.baselines is not None and stream.baselines.get("spk-1").utterances == 4
+
     def key(message: dict[str, Any]) -> tuple[bool, int]:
         return message["final"], message["utterance_id"]
 
