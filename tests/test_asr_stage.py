@@ -4,6 +4,7 @@ result (live) while a lossless file waits for it."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import sys
 import threading
@@ -17,13 +18,21 @@ import soundfile
 
 from stream_ser import cli
 from stream_ser.asr import AsrUnavailableError, Transcript
+from stream_ser.asr_options import AsrSettings, SpeakerSettings
 from stream_ser.asr_stage import TranscriptSkipped, TranscriptStage
 from stream_ser.backpressure import for_stream
+from stream_ser.errors import ConfigError
 from stream_ser.fusion import FusionConfig
 from stream_ser.messages import StreamInfo
 from stream_ser.pipeline import StreamPipeline
 from stream_ser.recognizer import Recognizer
-from stream_ser.settings import SourceSettings, VadSettings
+from stream_ser.settings import (
+    Settings,
+    SourceSettings,
+    VadSettings,
+    add_arguments,
+    build_settings,
+)
 from stream_ser.source import SourceStats, open_source
 from stream_ser.specialist import Specialist
 from stream_ser.stages import FinalDraft, UtteranceStages
@@ -192,3 +201,29 @@ def test_run_without_the_asr_extra_fails_at_start_up(
     error = capsys.readouterr().err
     assert "transcripts need faster-whisper: pip install 'stream-ser[asr]'" in error
     assert issubclass(AsrUnavailableError, ImportError)
+
+
+def test_asr_and_speaker_settings_come_from_flags_and_the_settings_file(tmp_path: Path) -> None:
+    config = tmp_path / "settings.toml"
+    config.write_text("[asr]\ntranscribe = true\nthreads = 2\n[speakers]\nmax_speakers = 3\n")
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--config", str(config), "--transcribe-words", "--speakers"])
+    settings = build_settings(args)
+    assert settings.asr == AsrSettings(transcribe=True, words=True, threads=2)
+    assert settings.speakers == SpeakerSettings(enabled=True, max_speakers=3)
+    with pytest.raises(ConfigError, match=r"--max-speakers must be 1\.\.64"):
+        build_settings(parser.parse_args(["--max-speakers", "0"]))
+
+
+def test_asr_and_speaker_settings_without_their_switch_are_warned_about() -> None:
+    idle = Settings(asr=AsrSettings(words=True), speakers=SpeakerSettings(max_speakers=3))
+    assert cli.ineffective_settings(idle) == [
+        "--asr-*/--transcribe-words do nothing without --transcribe: ignored",
+        "--max-speakers/--speakers-* do nothing without --speakers: ignored",
+    ]
+    used = Settings(
+        asr=AsrSettings(transcribe=True, words=True),
+        speakers=SpeakerSettings(enabled=True, max_speakers=3),
+    )
+    assert cli.ineffective_settings(used) == []
