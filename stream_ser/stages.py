@@ -190,7 +190,7 @@ async def speaker_of(started: Mapping[str, asyncio.Future[Any]]) -> str | None:
         return None
     try:
         assignment: Assignment = await asyncio.shield(future)
-    except Exception:
+    except Exception:  # unlabelled is the fallback; the final flags it, the worker logged bugs
         return None
     return assignment.label
 

@@ -16,12 +16,19 @@ import soundfile
 from stream_ser.adaptation import PerSpeaker, StreamBaseline
 from stream_ser.app import load_specialist, open_runtime
 from stream_ser.asr_options import SpeakerSettings
+from stream_ser.backpressure import for_stream
+from stream_ser.errors import ModelError
+from stream_ser.fusion import FusionConfig
+from stream_ser.messages import StreamInfo
 from stream_ser.pipeline import StreamPipeline
-from stream_ser.settings import ModelSettings, Settings, SourceSettings
+from stream_ser.recognizer import Recognizer
+from stream_ser.settings import ModelSettings, Settings, SourceSettings, VadSettings
 from stream_ser.source import SourceStats, open_source
 from stream_ser.speaker_stage import SpeakerSkipped, SpeakerStage
 from stream_ser.speakers import Assignment, SpeakersUnavailableError
-from stream_ser.stages import FinalDraft
+from stream_ser.specialist import Specialist
+from stream_ser.stages import FinalDraft, UtteranceStages
+from stream_ser.vad import Segmenter
 from tests.conftest import DATASETS
 from tests.schema import check_result
 
@@ -158,3 +165,38 @@ def test_one_baseline_per_stream_without_the_speaker_stage() -> None:
     assert card is not None
     baselines: PerSpeaker[StreamBaseline] = PerSpeaker(lambda: StreamBaseline(card))
     assert baselines.get(None) is baselines.get(None) and len(baselines) == 1
+
+
+class Broken:
+    """A speaker encoder that always fails as onnxruntime would (a ModelError)."""
+
+    def embed(self, audio: np.ndarray) -> np.ndarray:
+        if audio.any():
+            raise ModelError("speaker embedding failed: broken on purpose")
+        return np.array([1.0, 0.0], dtype=np.float32)  # the warm-up
+
+
+async def test_a_failing_speaker_model_leaves_utterances_unlabelled_but_scored(
+    tiny_model: Path, speech_with_pauses: tuple[Path, int]
+) -> None:
+    path, clip_count = speech_with_pauses
+    specialist = Specialist(tiny_model)
+    stage = SpeakerStage(Broken(), threshold=0.375, max_speakers=2)
+    stages = UtteranceStages(FusionConfig(specialist.labels), [stage])
+    sink = Sink()
+    async with Recognizer(specialist) as recognizer, stage:
+        stream = StreamPipeline(
+            StreamInfo("s", "test", "tiny", specialist.labels),
+            open_source(SourceSettings(input=str(path)), SourceStats()),
+            Segmenter(VadSettings()), recognizer, sink,  # type: ignore[arg-type]
+            specialist.card.window_ms, specialist.card.hop_ms, stages, windows=False,
+            backpressure=for_stream(True, 3000, recognizer.max_pending_windows),
+        )  # fmt: skip
+        await asyncio.wait_for(stream.run(asyncio.Event()), 60)
+    finals, provisional = _utterances(sink.results, True), _utterances(sink.results, False)
+    assert len(finals) == len(provisional) == clip_count  # every utterance still scored
+    for message in sink.results:
+        check_result(message)
+        assert "speaker" not in message
+    assert [m["flags"] for m in finals] == [["speaker_failed"]] * clip_count
+    assert stream.counters.speakers_unlabelled == clip_count
