@@ -18,8 +18,7 @@ from the package's `_extract_dvec` (which uses librosa), so no librosa is import
 `OnlineSpeakers` labels the utterances of one stream `spk-1`, `spk-2`, ... as they come: an
 utterance joins the nearest known speaker when its cosine distance to that speaker's centroid is
 at most `threshold` (or when the stream already has `max_speakers`), and starts a new speaker
-otherwise. Privacy: embeddings and centroids stay in the process; only labels are meant to be
-published.
+otherwise. Privacy: embeddings and centroids stay in the process; only labels are published.
 
 Both are synchronous (numpy in, numpy out) and know nothing of asyncio.
 """
