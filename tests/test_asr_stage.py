@@ -1,6 +1,6 @@
 """The transcript stage (`--transcribe`) in the running pipeline: real Whisper on RAVDESS
-statements end to end, and a slow fake transcriber that must never hold back a provisional
-result (live) while a lossless file waits for it."""
+statements end to end (with `--speakers`), and a slow fake transcriber that must never hold back
+a provisional result (live) while a lossless file waits for it."""
 
 from __future__ import annotations
 
@@ -67,13 +67,16 @@ def two_statements(tmp_path: Path) -> Path:
 
 @pytest.mark.slow
 def test_run_transcribe_puts_each_statement_in_its_final_result(two_statements: Path) -> None:
-    done = run_cli("run", "--input", str(two_statements), "--transcribe", "--transcribe-words")
+    done = run_cli(
+        "run", "--input", str(two_statements), "--transcribe", "--transcribe-words", "--speakers"
+    )
     assert done.returncode == 0, done.stderr
     messages = parse_lines(done.stdout)
     for message in messages:
         check_result(message)  # docs/schema/result.schema.json, transcript included
     finals = [m for m in messages if m["final"]]
     assert [_words(m["transcript"]["text"]) for m in finals] == STATEMENTS
+    assert [m["speaker"] for m in finals] == ["spk-1", "spk-2"]  # two actors, one each
     for final in finals:
         transcript = final["transcript"]
         assert transcript["language"] == "en" and -1.5 < transcript["avg_logprob"] <= 0
@@ -84,6 +87,9 @@ def test_run_transcribe_puts_each_statement_in_its_final_result(two_statements: 
         for word in transcript["words"]:  # from the utterance's start
             assert 0 <= word["start_ms"] < word["end_ms"] <= duration_ms
     assert all("transcript" not in m for m in messages if not m["final"])  # windows, provisional
+    provisional = [m for m in messages if m["type"] == "utterance" and not m["final"]]
+    assert [m["speaker"] for m in provisional] == ["spk-1", "spk-2"]
+    assert all("speaker" not in m for m in messages if m["type"] == "window")
     assert any(m["type"] == "window" for m in messages)
 
 

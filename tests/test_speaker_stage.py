@@ -67,8 +67,11 @@ class Sink:
         pass
 
 
-async def _run(path: Path, speakers: bool) -> tuple[list[dict[str, Any]], StreamPipeline]:
-    """The file through the real pipeline (bundled model, descriptors on), as read by `run`."""
+async def _run(
+    path: Path, speakers: bool, live: bool = False
+) -> tuple[list[dict[str, Any]], StreamPipeline]:
+    """The file through the real pipeline (bundled model, descriptors on), as `run` reads it:
+    as fast as possible (lossless), or `live` (--realtime --speed 4: deadlines, nothing waits)."""
     settings = Settings(
         model=ModelSettings(windows=False), speakers=SpeakerSettings(enabled=speakers)
     )
@@ -76,8 +79,8 @@ async def _run(path: Path, speakers: bool) -> tuple[list[dict[str, Any]], Stream
     sink = Sink()
     async with open_runtime(settings, specialist, sink) as runtime:  # type: ignore[arg-type]
         stats = SourceStats()
-        source = open_source(SourceSettings(input=str(path)), stats)
-        stream = runtime.pipeline("conversation", source, stats, lossless=True)
+        paced = SourceSettings(input=str(path), realtime=live, speed=4.0 if live else 1.0)
+        stream = runtime.pipeline("conversation", open_source(paced, stats), stats, not live)
         await asyncio.wait_for(stream.run(asyncio.Event()), 180)
     for message in sink.results:
         check_result(message)  # docs/schema/result.schema.json, speaker included
@@ -89,12 +92,14 @@ def _utterances(results: list[dict[str, Any]], final: bool) -> list[dict[str, An
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("live", [False, True], ids=["file", "live"])
 async def test_two_speakers_taking_turns_get_their_labels_and_their_own_baselines(
-    tmp_path: Path,
+    tmp_path: Path, live: bool
 ) -> None:
     first, second = _takes(17), _takes(18)
     turns = [clip for pair in zip(first, second, strict=True) for clip in pair]
-    results, stream = await _run(_stream(tmp_path / "conversation.wav", turns), speakers=True)
+    conversation = _stream(tmp_path / "conversation.wav", turns)
+    results, stream = await _run(conversation, speakers=True, live=live)
     finals, provisional = _utterances(results, True), _utterances(results, False)
     assert [m["speaker"] for m in finals] == ["spk-1", "spk-2"] * 4
     assert [m["speaker"] for m in provisional] == ["spk-1", "spk-2"] * 4
