@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import subprocess
 import sys
 import threading
 import time
@@ -198,14 +199,18 @@ def test_flags_say_why_a_final_has_no_transcript() -> None:
     ]  # fmt: skip
 
 
-def test_run_without_the_asr_extra_fails_at_start_up(
-    two_statements: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    monkeypatch.setitem(sys.modules, "faster_whisper", None)  # import now raises ImportError
-    code = cli.main(["run", "--input", str(two_statements), "--transcribe"])
-    assert code == 1
-    error = capsys.readouterr().err
-    assert "transcripts need faster-whisper: pip install 'stream-ser[asr]'" in error
+def test_run_without_the_asr_extra_fails_at_start_up(two_statements: Path) -> None:
+    # a separate process: `run` configures logging for the whole process
+    code = (
+        "import sys; sys.modules['faster_whisper'] = None; from stream_ser import cli; "
+        f"sys.exit(cli.main(['run', '--input', {str(two_statements)!r}, '--transcribe']))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 1, done.stderr
+    assert "transcripts need faster-whisper: pip install 'stream-ser[asr]'" in done.stderr
+    assert "Traceback" not in done.stderr
     assert issubclass(AsrUnavailableError, ImportError)
 
 
