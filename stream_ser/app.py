@@ -114,6 +114,8 @@ def build_stages(
 ) -> UtteranceStages:
     """The utterance stages the settings ask for; the order is the final message's."""
     stages: list[UtteranceStage] = []
+    if settings.speakers.enabled:  # first: its label picks the others' per-speaker state
+        stages.append(speaker_stage(settings))
     if settings.model.extra:
         extra = [load_specialist(path) for path in settings.model.extra]
         stages.append(SideStage(SideSpecialists(extra)))
@@ -123,7 +125,33 @@ def build_stages(
     needs_cues = backend is not None and backend.kind != "clap" and settings.alm.cues != "none"
     if settings.output.descriptors or needs_cues:
         stages.append(DescriptorsStage(Analyzer(), publish=settings.output.descriptors))
+    if settings.asr.transcribe:
+        stages.append(transcript_stage(settings))
     return UtteranceStages(fusion, stages)
+
+
+def transcript_stage(settings: Settings) -> UtteranceStage:
+    """--transcribe: the Whisper model, loaded now (a missing extra fails at start-up)."""
+    from stream_ser.asr import Transcriber
+    from stream_ser.asr_stage import TranscriptStage
+
+    asr = settings.asr
+    model_dir = Path(asr.model) if asr.model else None
+    log.info("loading the transcriber %s", model_dir or "(Whisper tiny.en)")
+    transcriber = Transcriber(
+        model_dir, compute_type=asr.compute_type, cpu_threads=asr.threads, language=asr.language
+    )
+    return TranscriptStage(transcriber, asr.words, asr.max_pending)
+
+
+def speaker_stage(settings: Settings) -> UtteranceStage:
+    """--speakers: the speaker encoder, loaded now (a missing extra fails at start-up)."""
+    from stream_ser.speaker_stage import SpeakerStage
+    from stream_ser.speakers import SpeakerEmbedder
+
+    speakers = settings.speakers
+    embedder = SpeakerEmbedder(providers=settings.model.providers)
+    return SpeakerStage(embedder, speakers.threshold, speakers.max_speakers, speakers.max_pending)
 
 
 # --------------------------------------------------------------------------- sink

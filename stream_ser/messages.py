@@ -59,12 +59,31 @@ class Descriptor(TypedDict):
     value: float
 
 
+class TranscriptWord(TypedDict):
+    """One word of a transcript; times from the start of the utterance."""
+
+    text: str
+    start_ms: int
+    end_ms: int
+    probability: float
+
+
+class TranscriptInfo(TypedDict):
+    """What was said in an utterance (`--transcribe`)."""
+
+    text: str
+    language: str  # ISO 639-1 as Whisper reports it
+    avg_logprob: float  # mean log-probability per token (nats)
+    words: NotRequired[list[TranscriptWord]]  # with --transcribe-words
+
+
 class ResultMessage(TypedDict):
     """A window, provisional or final result (`type` window | utterance; `final`).
 
     Windows and provisionals carry `model_ms`; finals also `sources`, `fusion` (when any
     source answered), `flags` and (with descriptors) `descriptors`: descriptor name ->
-    Descriptor, plus "baseline" (CueBaseline) and "voiced" (bool).
+    Descriptor, plus "baseline" (CueBaseline) and "voiced" (bool); with --transcribe
+    `transcript`. Utterance results (provisional and final) carry `speaker` with --speakers.
     """
 
     schema_version: Literal[1]
@@ -91,6 +110,8 @@ class ResultMessage(TypedDict):
     fusion: NotRequired[FusionInfo]
     flags: NotRequired[list[Flag]]
     descriptors: NotRequired[dict[str, Descriptor | CueBaseline | bool]]
+    transcript: NotRequired[TranscriptInfo]
+    speaker: NotRequired[str]  # "spk-1", "spk-2", ...: only the label leaves the process
 
 
 class SpeakingMessage(TypedDict):

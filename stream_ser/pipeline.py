@@ -12,6 +12,10 @@ One process serves one or more streams. Each stream has its own tasks:
 All streams share the Recognizer (stream_ser.recognizer: one model session, one inference
 thread, windows batched across streams) and the utterance stages.
 
+Speaker baselines (adaptation.PerSpeaker): with the speaker stage, a finished utterance is
+labelled first, then scored with its speaker's baseline; windows use the last utterance's
+speaker's. Without it, one unlabelled baseline: exactly one StreamBaseline per stream.
+
 Queues and their overflow rules:
     Recognizer          at most `max_pending_windows` windows of one stream wait: its oldest
                         is dropped (counted in `windows_dropped`); utterances never.
@@ -37,7 +41,7 @@ from typing import Any, Protocol, TypeVar
 import numpy as np
 
 from stream_ser import SAMPLE_RATE
-from stream_ser.adaptation import StreamBaseline
+from stream_ser.adaptation import PerSpeaker, StreamBaseline
 from stream_ser.backpressure import BackPressure, Live
 from stream_ser.errors import ModelError, StreamSerError
 from stream_ser.events import (
@@ -60,7 +64,8 @@ from stream_ser.messages import (
 from stream_ser.publish import Sink
 from stream_ser.recognizer import Job, Outcome, Recognizer, Scored
 from stream_ser.source import SourceStats
-from stream_ser.stages import StreamScope, Utterance, UtteranceStages
+from stream_ser.specialist import Baseline
+from stream_ser.stages import SPEAKER_STAGE, StreamScope, Utterance, UtteranceStages, speaker_of
 from stream_ser.vad import Segmenter, segment
 
 log = logging.getLogger(__name__)
@@ -82,6 +87,8 @@ class Counters:
     lag_ms: int = 0  # now: how far capture is behind real time (a gauge, not a count)
     specialist_only: int = 0  # finals without the ALM's answer (late, failed or dropped)
     descriptors_skipped: int = 0  # finals without descriptors: the analyser was behind
+    transcripts_missing: int = 0  # finals without a transcript: late, skipped or failed
+    speakers_unlabelled: int = 0  # finals without a speaker label: skipped or failed
 
 
 class Windower:
@@ -181,7 +188,10 @@ class StreamPipeline:
         self.finished = asyncio.Event()
         self._origin_s: float | None = None  # monotonic time of the stream's time zero
         adaptation = self.recognizer.specialist.card.adaptation
-        self.baseline = StreamBaseline(adaptation) if adaptation is not None else None
+        self.baselines: PerSpeaker[StreamBaseline] | None = None  # per speaker label
+        if adaptation is not None:
+            self.baselines = PerSpeaker(lambda: StreamBaseline(adaptation))
+        self._speaker: str | None = None  # the last utterance's label: the windows' baseline
         self.scope = StreamScope(self.stream_id)
         if self.backpressure is None:
             self.backpressure = Live(self.stages.fusion.deadline_ms)
@@ -240,8 +250,12 @@ class StreamPipeline:
                 self.stream_id, speaking_message(self.stream, event.utterance_id, speaking, at_ms)
             )
 
+    def _baseline(self, speaker: str | None) -> Baseline | None:
+        """The speaker's adaptation baseline now (None: the population's)."""
+        return self.baselines.get(speaker).current() if self.baselines is not None else None
+
     def _jobs(self, event: object, windower: Windower) -> list[Job]:
-        baseline = self.baseline.current() if self.baseline is not None else None
+        baseline = self._baseline(self._speaker)
         if isinstance(event, UtteranceStart):
             windower.start(event)
         elif isinstance(event, SpeechAudio) and self.windows:
@@ -258,12 +272,22 @@ class StreamPipeline:
 
     def _submit(self, job: Job) -> Pending:
         """Start every stage the job needs; nothing here waits."""
-        scored = self.recognizer.submit(job)
-        self._policy.submitted(job, scored, adaptive=self.baseline is not None)
         if job.kind == "window":
+            scored = self.recognizer.submit(job)
+            self._policy.submitted(job, scored, adaptive=self.baselines is not None)
             return Pending(job, scored)
-        utterance = Utterance(job, self._policy.deadline_s(job), self.scope)
-        return Pending(job, scored, self.stages.start(utterance))
+        started = self.stages.start(Utterance(job, self._policy.deadline_s(job), self.scope))
+        if SPEAKER_STAGE in started:
+            scored = asyncio.ensure_future(self._score_as_speaker(job, started))
+        else:
+            scored = self.recognizer.submit(job)
+        self._policy.submitted(job, scored, adaptive=self.baselines is not None)
+        return Pending(job, scored, started)
+
+    async def _score_as_speaker(self, job: Job, started: dict[str, asyncio.Future[Any]]) -> Outcome:
+        """The utterance scored with its speaker's baseline, once the speaker stage labelled it."""
+        self._speaker = await speaker_of(started)
+        return await self.recognizer.submit(replace(job, baseline=self._baseline(self._speaker)))
 
     async def _publish(
         self, pending: asyncio.Queue[Pending | None], finals: asyncio.Queue[_Final | None]
@@ -278,12 +302,14 @@ class StreamPipeline:
                     await self._send(job, scored.probabilities, "window", timing)
                     self.counters.windows += 1
                 continue
-            if scored is not None and self.baseline is not None and scored.embedding is not None:
-                self.baseline.update(scored.embedding)
+            speaker = await speaker_of(item.stages)  # done: the specialist waited for it
+            if scored is not None and self.baselines is not None and scored.embedding is not None:
+                self.baselines.get(speaker).update(scored.embedding)
             self._policy.baseline_current()
             if scored is not None and self.stages.final_waits:
-                timing = {"model_ms": round(scored.model_ms, 3)}
-                await self._send(job, scored.probabilities, "provisional", timing)
+                fields: dict[str, Any] = {"model_ms": round(scored.model_ms, 3)}
+                fields |= {"speaker": speaker} if speaker is not None else {}
+                await self._send(job, scored.probabilities, "provisional", fields)
             await finals.put(_Final(job, scored, error, item.stages))
         await finals.put(None)
 
@@ -313,7 +339,10 @@ class StreamPipeline:
             if item.scored is not None:
                 extras["model_ms"] = round(item.scored.model_ms, 3)
             self.counters.specialist_only += "specialist_only" in extras["flags"]
-            self.counters.descriptors_skipped += "descriptors_skipped" in extras["flags"]
+            flags = extras["flags"]
+            self.counters.descriptors_skipped += "descriptors_skipped" in flags
+            self.counters.transcripts_missing += any(f.startswith("transcript_") for f in flags)
+            self.counters.speakers_unlabelled += any(f.startswith("speaker_") for f in flags)
             await self._send(item.job, fused, "final", extras, self.stages.fusion.labels)
             self.counters.utterances += 1
             self._policy.final_sent()

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from stream_ser.asr_options import AsrSettings, SpeakerSettings
 from stream_ser.errors import ConfigError
 from stream_ser.kinds import FusionRule, values
 from stream_ser.options import ALM_HELP, AlmOptions
@@ -361,6 +362,8 @@ class Settings:
     ha: HomeAssistantSettings = field(default_factory=HomeAssistantSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     output: OutputSettings = field(default_factory=OutputSettings)
+    asr: AsrSettings = field(default_factory=AsrSettings)
+    speakers: SpeakerSettings = field(default_factory=SpeakerSettings)
 
     def __post_init__(self) -> None:
         _require(
@@ -378,6 +381,8 @@ SECTIONS: dict[str, type[Any]] = {
     "ha": HomeAssistantSettings,
     "metrics": MetricsSettings,
     "output": OutputSettings,
+    "asr": AsrSettings,
+    "speakers": SpeakerSettings,
 }
 
 TOML_ONLY = {("alm", "api_key")}  # secrets never go on the command line

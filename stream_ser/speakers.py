@@ -18,8 +18,7 @@ from the package's `_extract_dvec` (which uses librosa), so no librosa is import
 `OnlineSpeakers` labels the utterances of one stream `spk-1`, `spk-2`, ... as they come: an
 utterance joins the nearest known speaker when its cosine distance to that speaker's centroid is
 at most `threshold` (or when the stream already has `max_speakers`), and starts a new speaker
-otherwise. Privacy: embeddings and centroids stay in the process; only labels are meant to be
-published.
+otherwise. Privacy: embeddings and centroids stay in the process; only labels are published.
 
 Both are synchronous (numpy in, numpy out) and know nothing of asyncio.
 """
@@ -35,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from stream_ser import SAMPLE_RATE
+from stream_ser.asr_options import DEFAULT_MAX_SPEAKERS, DEFAULT_THRESHOLD, MAX_COSINE_DISTANCE
 from stream_ser.errors import ModelError, StreamSerError
 from stream_ser.specialist import open_session
 
@@ -50,13 +50,10 @@ HOP_LENGTH = 160
 N_MELS = 40
 LOG_FLOOR = 1e-10
 MEL_BREAK_HZ, MEL_BREAK = 1000.0, 15.0  # Slaney mel scale: linear below, logarithmic above
-MAX_COSINE_DISTANCE = 2.0
 WINDOW_FRAMES = 80
 STRIDE_FRAMES = 40
 
 SPEECH_DB = 35.0  # frames this far below the loudest are left out of the embedding
-DEFAULT_THRESHOLD = 0.375  # cosine distance; tuned on training speakers (bench_speakers.py)
-DEFAULT_MAX_SPEAKERS = 2  # a call; raise it for meetings (see docs/asr-speakers.md)
 LABEL_PREFIX = "spk-"
 
 

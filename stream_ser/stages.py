@@ -26,6 +26,7 @@ from typing import Any, Protocol, TypeVar, cast
 import numpy as np
 
 from stream_ser.acoustics import Analysis, AnalysisSkipped, StreamAcoustics, warm_up
+from stream_ser.adaptation import PerSpeaker
 from stream_ser.alm.base import AlmResult
 from stream_ser.alm.batcher import AlmBatcher
 from stream_ser.errors import ModelError, StreamSerError
@@ -34,6 +35,7 @@ from stream_ser.inference import ModelWorker, Overflow
 from stream_ser.kinds import Flag
 from stream_ser.messages import StreamInfo
 from stream_ser.recognizer import Job
+from stream_ser.speakers import Assignment
 from stream_ser.specialist import Specialist
 
 log = logging.getLogger(__name__)
@@ -41,6 +43,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 StageResult = Any
 """A stage's result, the exception it failed with, or None (no answer by the deadline)."""
+SPEAKER_STAGE = "speaker"  # stream_ser.speaker_stage: its label picks per-speaker state
 
 
 @dataclass
@@ -178,6 +181,20 @@ def _dependency_order(stages: Sequence[UtteranceStage]) -> list[UtteranceStage]:
     return ordered
 
 
+async def speaker_of(started: Mapping[str, asyncio.Future[Any]]) -> str | None:
+    """The label the speaker stage gave the utterance; None without the stage, or when it gave
+    none (skipped or failed; the worker has logged a failure that was a bug): such utterances
+    share the stream's unlabelled state, as without speakers."""
+    future = started.get(SPEAKER_STAGE)
+    if future is None:
+        return None
+    try:
+        assignment: Assignment = await asyncio.shield(future)
+    except Exception:  # unlabelled is the fallback; the final flags it, the worker logged bugs
+        return None
+    return assignment.label
+
+
 def _retrieve(future: asyncio.Future[Any]) -> None:
     """Mark a background future's exception as seen; its consumer reports it (or it timed out)."""
     if not future.cancelled():
@@ -252,10 +269,10 @@ def _too_many(job: _AnalysisJob, waiting: int) -> BaseException:
 
 class DescriptorsStage:
     """Descriptors of each utterance against its speaker's baseline (published, and the ALM's
-    cue tokens)."""
+    cue tokens); with the speaker stage, one baseline per speaker of the stream."""
 
     name = "descriptors"
-    needs: tuple[str, ...] = ()
+    needs: tuple[str, ...] = (SPEAKER_STAGE,)
 
     def __init__(self, analyzer: Analyzer, publish: bool = True) -> None:
         self.analyzer = analyzer
@@ -274,11 +291,15 @@ class DescriptorsStage:
     def start(
         self, utterance: Utterance, started: Mapping[str, asyncio.Future[Any]]
     ) -> asyncio.Future[Analysis]:
-        """Analyse in the Analyzer's thread."""
-        acoustics = utterance.scope.state(self.name, StreamAcoustics)
-        return asyncio.ensure_future(
-            self.analyzer.analyse(acoustics, utterance.job.samples, utterance.deadline_s)
-        )
+        """Analyse in the Analyzer's thread (once the speaker is known)."""
+        return asyncio.ensure_future(self._analyse(utterance, started))
+
+    async def _analyse(
+        self, utterance: Utterance, started: Mapping[str, asyncio.Future[Any]]
+    ) -> Analysis:
+        speakers = utterance.scope.state(self.name, lambda: PerSpeaker(StreamAcoustics))
+        acoustics = speakers.get(await speaker_of(started))
+        return await self.analyzer.analyse(acoustics, utterance.job.samples, utterance.deadline_s)
 
     def add_to_final(self, result: StageResult, draft: FinalDraft) -> None:
         """`descriptors`, or a flag saying why there are none."""

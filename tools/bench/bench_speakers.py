@@ -39,8 +39,9 @@ from typing import Any
 import numpy as np
 
 from stream_ser.adaptation import PerSpeaker, StreamBaseline
+from stream_ser.asr_options import DEFAULT_MAX_SPEAKERS
 from stream_ser.evaluate import confusion_matrix, restrict, unweighted_average_recall
-from stream_ser.speakers import DEFAULT_MAX_SPEAKERS, OnlineSpeakers
+from stream_ser.speakers import OnlineSpeakers
 from stream_ser.specialist import AdaptationCard, Baseline, bundled_model_dir, load_card, softmax
 from tools.bench.speaker_cache import REPO, Cached, load
 
@@ -305,7 +306,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 def _default_threshold() -> float:
-    from stream_ser.speakers import DEFAULT_THRESHOLD
+    from stream_ser.asr_options import DEFAULT_THRESHOLD
 
     return DEFAULT_THRESHOLD
 
