@@ -30,6 +30,7 @@ from stream_ser.settings import (
 )
 from stream_ser.source import Damage, default_stream_id, list_input_devices
 from stream_ser.web import require_aiohttp
+from stream_ser.web.options import HttpSettings
 
 log = logging.getLogger("stream_ser")
 
@@ -138,6 +139,8 @@ def ineffective_settings(settings: Settings) -> list[str]:
         notes.append("--asr-*/--transcribe-words do nothing without --transcribe: ignored")
     if not settings.speakers.enabled and settings.speakers != SpeakerSettings():
         notes.append("--max-speakers/--speakers-* do nothing without --speakers: ignored")
+    if settings.http.address is None and settings.http != HttpSettings():
+        notes.append("--http-* settings do nothing without --http ADDRESS: ignored")
     return notes
 
 
