@@ -322,6 +322,7 @@ async def run_all(
         settings.source.mqtt_audio_group,
         remote_pipeline,
         settings.source.mqtt_audio_max_streams,
+        taken=lambda stream_id: runtime.arrivals.live(stream_id) is not None,
     )
     arriving = announcer.remote(merge([worker.streams(), aiter(runtime.arrivals)]))
     async with asyncio.TaskGroup() as group:

@@ -234,3 +234,36 @@ async def test_websocket_and_mqtt_devices_stream_into_one_process(
     assert "porch" in by_stream and len(by_stream) == 2  # the device and the WebSocket client
     assert len(finals(seen, "porch")) == count
     assert sorted(m["id"] for m in mqtt_finals) == sorted(m["id"] for m in utterances(seen))
+
+
+async def test_a_device_cannot_take_the_id_of_a_websocket_stream(
+    broker: Broker, tmp_path: Path, tiny_model: Path, speech_with_pauses: tuple[Path, int]
+) -> None:
+    from tests.test_workers import PREFIX, device
+
+    path, _ = speech_with_pauses
+    audio, _ = soundfile.read(path, dtype="float32")
+    server = Server(tmp_path, tiny_model, "--mqtt", broker.url, "--mqtt-audio",
+                    "--mqtt-topic-prefix", PREFIX, "--mqtt-spool-dir", str(tmp_path),
+                    "--mqtt-status-interval-s", "0.5")  # fmt: skip
+    seen: list[dict[str, Any]] = []
+    try:
+        async with asyncio.timeout(120), aiohttp.ClientSession() as http:
+            url = f"{server.url}/v1/stream?stream_id=den&token={TOKEN}"
+            async with http.ws_connect(url) as ws:  # holds the id, sends nothing
+                feed = events(server)
+                await collect_until(feed, seen, lambda s: any(
+                    m["type"] == "status" and "den" in m["streams"] for m in s))  # fmt: skip
+                await device(broker, "den", audio[: 16000 * 3], speed=1.0)  # 3 s: 2 hellos
+                await collect_until(feed, seen, lambda s: (
+                    s[-1]["type"] == "status" and s[-1]["counters"].get("streams_refused", 0) >= 1
+                ))  # fmt: skip
+                await ws.send_str('{"type": "end"}')
+                async for _ in ws:
+                    pass
+            await feed.aclose()
+    finally:
+        assert server.stop() == 0
+    assert not [m for m in seen if m["type"] in ("utterance", "window", "speaking")]
+    log = server.stderr.read_text()
+    assert log.count("refused stream den: a live stream of this process has its id") == 1
