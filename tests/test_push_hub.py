@@ -209,9 +209,10 @@ async def test_a_final_that_does_not_fit_closes_the_subscription_with_a_reason()
     slow, fast = hub.subscribe(), hub.subscribe()
     hub.publish(final("a", 1))
     hub.publish(final("a", 2))
-    assert await anext(fast) == final("a", 1)
-    hub.publish(final("a", 3))  # slow has two finals waiting: nothing can make room
-    assert await anext(fast) == final("a", 2)
+    async with asyncio.timeout(5):
+        assert await anext(fast) == final("a", 1)
+        hub.publish(final("a", 3))  # slow has two finals waiting: nothing can make room
+        assert await anext(fast) == final("a", 2)
     hub.publish(final("a", 4))
     assert slow.closed and "too slow" in (slow.close_reason or "")
     assert hub.closed_slow == 1 and hub.counters()["hub_subscribers_too_slow"] == 1
@@ -238,7 +239,8 @@ async def test_history_replays_retained_messages_then_the_latest_status_then_liv
 async def test_history_forgets_old_messages_and_stays_bounded() -> None:
     hub = ResultHub(history_s=0.05)
     hub.publish(final("a", 1))
-    await asyncio.sleep(0.1)
+    async with asyncio.timeout(5):
+        await asyncio.sleep(0.1)
     hub.publish(final("a", 2))
     assert [m["n"] for m in hub.history()] == [2]
     bounded = ResultHub(max_history=10)
@@ -264,7 +266,7 @@ async def test_closing_a_subscription_unsubscribes_it() -> None:
 async def test_the_hub_is_a_sink() -> None:
     hub = ResultHub()
     subscription = hub.subscribe()
-    async with hub:
+    async with asyncio.timeout(5), hub:
         await hub.result("a", final("a", 1))  # type: ignore[arg-type]
         await hub.speaking("a", {"type": "speaking", "stream_id": "a"})  # type: ignore[typeddict-item]
         await hub.status(status(2))  # type: ignore[arg-type]

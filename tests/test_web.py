@@ -117,7 +117,8 @@ async def finished(s: Served, stream_id: str) -> None:
 
 async def drained(subscription: Any) -> list[dict[str, Any]]:
     """What a subscription holds now (the hub must be closed, or this waits)."""
-    return [message async for message in subscription]
+    async with asyncio.timeout(10):
+        return [message async for message in subscription]
 
 
 # --------------------------------------------------------------------------- plain HTTP
