@@ -16,8 +16,10 @@ import aiohttp
 import numpy as np
 import pytest
 import soundfile
+from aiohttp import web
 
 from stream_ser.app import load_specialist, open_runtime
+from stream_ser.arrivals import Arrivals
 from stream_ser.hub import ResultHub
 from stream_ser.pipeline import run_streams
 from stream_ser.settings import ModelSettings, OutputSettings, Settings
@@ -426,3 +428,43 @@ async def test_many_concurrent_clients_each_get_their_own_results(
             check_message(message)
         assert {m["stream_id"] for m in messages if m["type"] != "status"} == {f"c{n}"}
         assert [f[1:] for f in finals_of(messages, f"c{n}")] == reference
+
+
+async def test_a_client_that_sends_nothing_is_closed_when_idle(tiny_model: Path) -> None:
+    async with asyncio.timeout(60), served(tiny_model) as s, aiohttp.ClientSession() as http:
+        s.server.idle_timeout_s = 0.3
+        async with http.ws_connect(s.ws_url("/v1/stream", stream_id="quiet")) as ws:
+            messages, code, reason = await read_all(ws)
+    assert (code, reason) == (Close.IDLE, "no message for 0.3 s")
+    assert all(m["type"] == "status" for m in messages)
+
+
+class BrokenRuntime:
+    """A runtime with a bug: starting a stream fails."""
+
+    arrivals = Arrivals()
+
+    def start(self, *args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("a bug in start")
+
+
+async def test_a_fault_in_the_server_closes_with_1011_and_is_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    port = free_port()
+    broken: Any = BrokenRuntime()
+    server = WebServer(broken, ResultHub(), HttpSettings(f"127.0.0.1:{port}"))
+    runner = web.AppRunner(server.application())
+    async with asyncio.timeout(30):
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, "127.0.0.1", port).start()
+            async with aiohttp.ClientSession() as http:
+                async with http.ws_connect(f"ws://127.0.0.1:{port}/v1/stream") as ws:
+                    _, code, reason = await read_all(ws)
+                async with http.get(f"http://127.0.0.1:{port}/healthz") as response:
+                    assert response.status == 200  # the server goes on
+        finally:
+            await runner.cleanup()
+    assert (code, reason) == (Close.INTERNAL, "internal error (see the server's log)")
+    assert "a bug in start" in caplog.text

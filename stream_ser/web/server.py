@@ -116,6 +116,7 @@ class WebServer:
         self.token = token
         self.static = static if static is not None else static_dir()
         self.stats = WebStats()
+        self.idle_timeout_s = IDLE_TIMEOUT_S
         self.stopping = False
         self._sockets: set[web.WebSocketResponse] = set()
         self._no_sockets = asyncio.Event()  # set while no connection is open
@@ -202,6 +203,9 @@ class WebServer:
         except Refusal as refusal:
             self.stats.ws_bad_input += 1
             outcome = refusal.code, refusal.reason
+        except Exception:  # the top of this connection's task: the others go on
+            log.exception("a WebSocket stream failed")
+            outcome = Close.INTERNAL, "internal error (see the server's log)"
         finally:
             self._release(socket)
         await _close(socket, *outcome)
@@ -259,7 +263,8 @@ class WebServer:
         try:
             try:
                 refused = await _until_finished(
-                    _receive_audio(socket, source, params.mode == "lossless"), pipeline
+                    _receive_audio(socket, source, params.mode == "lossless", self.idle_timeout_s),
+                    pipeline,
                 )
             finally:
                 source.end()  # also when the client vanished: the last utterance is flushed
@@ -314,15 +319,15 @@ class WebServer:
 
 
 async def _receive_audio(
-    socket: _Socket, source: PushSource, lossless: bool
+    socket: _Socket, source: PushSource, lossless: bool, idle_timeout_s: float
 ) -> tuple[int, str] | None:
     """Push the client's audio until it ends the stream or goes; a close code and reason
     for bad input (None: ended or gone)."""
     while not source.ended:
         try:
-            message = await socket.receive(timeout=IDLE_TIMEOUT_S)
+            message = await socket.receive(timeout=idle_timeout_s)
         except TimeoutError:
-            return Close.IDLE, f"no message for {IDLE_TIMEOUT_S:.0f} s"
+            return Close.IDLE, f"no message for {idle_timeout_s:g} s"
         if message.type != WSMsgType.BINARY:
             return _not_audio(message)
         if source.ended:  # the server began shutting down meanwhile
