@@ -20,6 +20,7 @@ from stream_ser.asr_options import AsrSettings, SpeakerSettings
 from stream_ser.errors import ConfigError
 from stream_ser.kinds import FusionRule, values
 from stream_ser.options import ALM_HELP, AlmOptions
+from stream_ser.web.options import HttpSettings
 
 FRAME_MS_CHOICES = (10, 20, 30)
 VAD_BACKENDS = ("webrtc", "silero")
@@ -364,6 +365,7 @@ class Settings:
     output: OutputSettings = field(default_factory=OutputSettings)
     asr: AsrSettings = field(default_factory=AsrSettings)
     speakers: SpeakerSettings = field(default_factory=SpeakerSettings)
+    http: HttpSettings = field(default_factory=HttpSettings)
 
     def __post_init__(self) -> None:
         _require(
@@ -383,6 +385,7 @@ SECTIONS: dict[str, type[Any]] = {
     "output": OutputSettings,
     "asr": AsrSettings,
     "speakers": SpeakerSettings,
+    "http": HttpSettings,
 }
 
 TOML_ONLY = {("alm", "api_key")}  # secrets never go on the command line

@@ -162,7 +162,7 @@ class WorkerStats:
     """What the audio worker saw, for the status topic."""
 
     streams_claimed: int = 0
-    streams_refused: int = 0  # hellos beyond max_streams
+    streams_refused: int = 0  # hellos beyond max_streams, or for an id in use here
     messages_rejected: int = 0  # malformed hello, owner or status messages (ignored)
 
 
@@ -185,6 +185,8 @@ class AudioWorker:
         group: str,
         make_pipeline: Callable[[RemoteStream], StreamPipeline],
         max_streams: int = DEFAULT_MAX_STREAMS,
+        *,
+        taken: Callable[[str], bool] | None = None,
     ) -> None:
         self.settings = settings
         self.address = address
@@ -192,6 +194,7 @@ class AudioWorker:
         self.group = group
         self.make_pipeline = make_pipeline
         self.max_streams = max_streams
+        self.taken = taken  # a stream id another stream of this process has (a WebSocket's)
         self.prefix = settings.topic_prefix
         self.mine: dict[str, RemoteStream] = {}
         self.owners: dict[str, Claim] = {}
@@ -332,6 +335,9 @@ class AudioWorker:
                             " %d refused so far", stream_id, len(self.mine),
                             self.stats.streams_refused)  # fmt: skip
             return
+        if self.taken is not None and self.taken(stream_id):
+            self._refuse_taken(stream_id)
+            return
         await self._claim(stream_id)
         stream = RemoteStream(stream_id, SourceStats())
         self.mine[stream_id] = stream
@@ -340,6 +346,14 @@ class AudioWorker:
         pipeline = self.make_pipeline(stream)
         self._arrivals.put_nowait(pipeline)
         asyncio.get_running_loop().create_task(self._release_when_done(stream, pipeline))
+
+    def _refuse_taken(self, stream_id: str) -> None:
+        """Count a hello for an id another stream of this process has; warn once per id."""
+        self.stats.streams_refused += 1
+        why = f"stream {stream_id}: a live stream of this process has its id"
+        level = logging.DEBUG if why in self._rejections_logged else logging.WARNING
+        self._rejections_logged.add(why)
+        log.log(level, "refused %s", why)
 
     def _live_owner(self, stream_id: str) -> str | None:
         """Another worker that owns the stream: alive, and its claim not expired."""
