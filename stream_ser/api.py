@@ -107,7 +107,11 @@ async def listen(  # noqa: PLR0913  (one keyword per documented option)
 ) -> AsyncIterator[Result]:
     """The results of one source as they are published (`stages`: which of window,
     provisional and final), until the source ends or `stop` is set (the utterance in flight
-    still gets its final). Leaving the loop early stops the pipeline at once."""
+    still gets its final). Leaving the loop early stops the pipeline at once.
+
+    `live`: the audio of an array source or a PushSource arrives in real time (a capture, a
+    call): the pipeline never makes it wait and finals go out by the fusion deadline; by
+    default it is a recording, read as fast as the pipeline takes it, nothing dropped."""
     wanted = _check_stages(stages)
     settings = _settings(settings, model, descriptors, windows="window" in wanted)
     feed = _open(source, settings, _Audio(sample_rate, channels, live, realtime), stream_id)
@@ -170,7 +174,7 @@ def _open(source: Source, settings: Settings, audio: _Audio, stream_id: str | No
     name = stream_id or "stream"
     check_name("stream_id", name, MAX_STREAM_ID_BYTES)
     if isinstance(source, PushSource):
-        return _Feed(name, source.chunks(), source.stats, False, damage)
+        return _Feed(name, source.chunks(), source.stats, not audio.live, damage)
     if audio.sample_rate is None:
         raise ConfigError("listen(arrays): give the arrays' sample_rate")
     pushed = PushSource(audio.sample_rate, audio.channels, "f32le")
