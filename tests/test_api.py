@@ -8,14 +8,17 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pytest
 import soundfile
 
 import stream_ser
-from stream_ser.errors import AudioInputError, ConfigError
+from stream_ser.api import _results as results_of
+from stream_ser.errors import AudioInputError, ConfigError, StreamSerError
+from stream_ser.hub import ResultHub
+from stream_ser.messages import ResultMessage
 from stream_ser.results import Descriptor, Result
 from tests.conftest import LABELS, run_cli
 from tests.test_tail import result as message
@@ -182,3 +185,42 @@ async def test_errors_are_raised_from_the_loop(tiny_model: Path, tmp_path: Path)
 
     with pytest.raises(ConfigError, match="sample_rate"):
         await asyncio.to_thread(array_without_rate)  # no loop runs in that thread
+
+
+@pytest.mark.slow
+async def test_listen_to_a_live_push_source(
+    tiny_model: Path, speech_with_pauses: tuple[Path, int]
+) -> None:
+    """The voice-agent shape: a producer pushes captured audio (never waiting) while `listen`
+    reads the results."""
+    path, clips = speech_with_pauses
+    source = stream_ser.PushSource(44100, 2, "s16le")
+
+    async def produce() -> None:
+        async for block in captured(path, 44100, 0.02, speed=8.0):
+            source.push(block.tobytes())  # interleaved little-endian PCM, as a socket gives
+        source.end()
+
+    async with asyncio.timeout(60):
+        producer = asyncio.create_task(produce())
+        results = [r async for r in stream_ser.listen(
+            source, live=True, stream_id="call", model=tiny_model, descriptors=False,
+        )]  # fmt: skip
+        await producer
+    assert [r.utterance_id for r in results if r.final] == list(range(1, clips + 1))
+    assert any(r.stage == "window" for r in results)  # every stage by default
+    assert source.stats.blocks_dropped == 0
+
+
+async def test_a_consumer_too_slow_for_a_final_gets_an_error() -> None:
+    hub = ResultHub()
+    subscription = hub.subscribe("mic", max_queued=1)
+    first, second = message("mic", 1, 0, 900), message("mic", 2, 1000, 1900)
+    for final in (first, second):  # the second does not fit: the hub closes the subscription
+        await hub.result("mic", cast(ResultMessage, final))
+    seen = []
+    async with asyncio.timeout(5):
+        with pytest.raises(StreamSerError, match="results were lost: subscriber too slow"):
+            async for result in results_of(subscription, frozenset({"final"})):
+                seen.append(result.utterance_id)
+    assert seen == [1]
