@@ -38,6 +38,7 @@ from typing import Any, TextIO
 import aiomqtt
 
 from stream_ser.errors import ConfigError, PublishError
+from stream_ser.logs import configure_logging
 from stream_ser.mqtt import (
     Backoff,
     CheckedClient,
@@ -316,6 +317,7 @@ def _input_path(args: argparse.Namespace) -> str | None:
 def tail_command(args: argparse.Namespace) -> int:
     """Run `stream-ser tail`; Ctrl-C (or SIGTERM) ends it with exit code 0."""
     _validate(args)
+    configure_logging("warning")  # skipped lines, lost links: `stream-ser: WARNING: ...`
     options = TailOptions(
         topic_prefix=args.mqtt_topic_prefix,
         stream=args.stream,
