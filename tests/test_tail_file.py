@@ -71,6 +71,7 @@ def test_filters_and_count_apply_as_on_a_broker() -> None:
     ]
 
 
+@pytest.mark.slow
 def test_tail_reads_a_file_and_stdin(tmp_path: Path) -> None:
     path = tmp_path / "out.jsonl"
     path.write_bytes(jsonl(GOOD[1], BAD[0], GOOD[3]))
@@ -83,6 +84,7 @@ def test_tail_reads_a_file_and_stdin(tmp_path: Path) -> None:
             "room1", "kitchen"]  # fmt: skip
 
 
+@pytest.mark.slow
 def test_tail_needs_exactly_one_input(tmp_path: Path) -> None:
     for args in ((), ("-", "--mqtt", "mqtt://127.0.0.1:1"), ("-", "--file", "x")):
         done = run_cli("tail", *args, timeout_s=60)
