@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import sys
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -51,6 +52,7 @@ from stream_ser.stages import (
     UtteranceStages,
 )
 from stream_ser.stopping import install_stop_handlers
+from stream_ser.terminal import TerminalSink
 from stream_ser.vad import Segmenter
 from stream_ser.worker import AudioWorker, RemoteStream
 
@@ -159,10 +161,15 @@ def speaker_stage(settings: Settings) -> UtteranceStage:
 # --------------------------------------------------------------------------- sink
 
 
-def make_sink(settings: Settings, client_id: str, stream_ids: list[str]) -> Sink:
-    """MQTT through the spool (with JSON Lines too if asked), or JSON Lines on stdout."""
+def make_sink(
+    settings: Settings, client_id: str, stream_ids: list[str], terminal: bool | None = None
+) -> Sink:
+    """MQTT through the spool and/or stdout: JSON Lines, or readable lines when stdout is a
+    terminal (`terminal`, default: stdout is a TTY) and --jsonl is not given."""
+    readable = sys.stdout.isatty() if terminal is None else terminal
+    local: Sink = TerminalSink() if readable and not settings.output.jsonl else JsonlSink()
     if settings.mqtt.url is None:
-        return JsonlSink()
+        return local
     spool_path = (
         Path(settings.mqtt.spool_dir) / f"{client_id}.sqlite3"
         if settings.mqtt.spool_dir
@@ -172,7 +179,7 @@ def make_sink(settings: Settings, client_id: str, stream_ids: list[str]) -> Sink
     max_bytes = round(mqtt.spool_max_mb * 2**20)
     spool = Spool(spool_path, mqtt.spool_max_messages, mqtt.spool_hard_limit, max_bytes)
     sink = MqttSink(settings.mqtt, client_id, stream_ids, spool)
-    return TeeSink(sink, JsonlSink()) if settings.output.jsonl else sink
+    return TeeSink(sink, local) if settings.output.jsonl or readable else sink
 
 
 # --------------------------------------------------------------------------- runtime

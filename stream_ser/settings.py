@@ -333,7 +333,10 @@ class OutputSettings:
     """Local output and logging."""
 
     jsonl: bool = setting(
-        False, "write results as JSON Lines on stdout (even with --mqtt)", "--jsonl"
+        False,
+        "write results as JSON Lines on stdout, also on a terminal (readable lines by "
+        "default there) and with --mqtt",
+        "--jsonl",
     )
     log_level: str = setting("info", "debug, info, warning or error", "--log-level")
     log_json: bool = setting(False, "log JSON lines on stderr (for log collectors)", "--log-json")

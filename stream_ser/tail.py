@@ -1,4 +1,4 @@
-"""`stream-ser tail`: a live, readable view of the results on a broker.
+"""`stream-ser tail`: a live, readable view of the results on a broker, in a file or on stdin.
 
 One line per result (duplicates, by message `id`, are shown once), one per change of a
 process's status and of a stream's `speaking` state:
@@ -9,9 +9,13 @@ process's status and of a stream's `speaking` state:
 
 (stage: `final`, `prov` for a provisional utterance result or `win` for a sliding window
 (`--windows`); top label and probability, bars of the top three, arousal/valence when the
-result has them, the stream time judged).
+result has them, the stream time judged; under a final, its speaker/transcript and notable
+descriptors: see stream_ser/render.py).
 
 `--json` prints each result as received instead (JSON Lines, e.g. for `stream-ser plot`).
+`stream-ser tail FILE` (or `--file FILE`; `-` is stdin) reads saved or piped JSON Lines
+(`stream-ser run ... | stream-ser tail -`): every message type the broker carries is shown the
+same way; a line that is not a valid message is reported on stderr with its number and skipped.
 """
 
 from __future__ import annotations
@@ -21,20 +25,20 @@ import asyncio
 import contextlib
 import json
 import logging
-import math
 import os
 import secrets
 import signal
+import stat
 import sys
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from datetime import datetime
-from typing import Any, TextIO, TypeGuard
+from typing import Any, TextIO
 
 import aiomqtt
 
 from stream_ser.errors import ConfigError, PublishError
+from stream_ser.logs import configure_logging
 from stream_ser.mqtt import (
     Backoff,
     CheckedClient,
@@ -44,16 +48,20 @@ from stream_ser.mqtt import (
     keep_connected,
     parse_broker_url,
 )
-from stream_ser.plot import read_affect
+from stream_ser.render import (
+    clock,
+    format_details,
+    format_result,
+    format_status,
+    result_problem,
+    status_problem,
+)
 from stream_ser.settings import MqttSettings
 
 log = logging.getLogger(__name__)
 
 DEDUP_IDS = 10_000  # message ids remembered for de-duplication
-BAR_WIDTH = 8  # characters for probability 1.0
-TOP_K = 3
 CONNECT_TIMEOUT_S = 10.0
-_EIGHTHS = " ▏▎▍▌▋▊▉"
 
 
 @dataclass(frozen=True)
@@ -80,73 +88,6 @@ def subscriptions(options: TailOptions) -> list[tuple[str, int]]:
     return topics
 
 
-def _is_number(value: Any) -> TypeGuard[int | float]:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-def bar(probability: float, width: int = BAR_WIDTH, unicode: bool = True) -> str:
-    """A horizontal bar `width` characters wide at probability 1, padded to `width`."""
-    probability = min(1.0, max(0.0, probability))
-    if not unicode:
-        return ("#" * round(probability * width)).ljust(width)
-    eighths = round(probability * width * 8)
-    text = "█" * (eighths // 8) + (_EIGHTHS[eighths % 8] if eighths % 8 else "")
-    return text.ljust(width)
-
-
-def clock(wall_time: Any) -> str:
-    """HH:MM:SS.mmm in local time of an ISO 8601 time (now if missing or invalid)."""
-    moment = datetime.now().astimezone()
-    if isinstance(wall_time, str):
-        with contextlib.suppress(ValueError):
-            moment = datetime.fromisoformat(wall_time.replace("Z", "+00:00")).astimezone()
-    return moment.strftime("%H:%M:%S.") + f"{moment.microsecond // 1000:03d}"
-
-
-def format_result(message: Mapping[str, Any], unicode: bool = True) -> str:
-    """One readable line for a window or utterance result."""
-    distribution = message.get("distribution") or {}
-    ranked = sorted(distribution.items(), key=lambda item: -item[1])[:TOP_K]
-    width = max((len(label) for label, _ in ranked), default=0)
-    top = " ".join(f"{label:<{width}} {bar(p, unicode=unicode)}" for label, p in ranked)
-    parts = [
-        clock(message.get("wall_time")),
-        f"{message.get('stream_id', '?'):<7}",
-        f"#{message.get('utterance_id', '?'):<3}",
-        stage_tag(message),
-        f"{message.get('top_label', '?'):<{max(width, 7)}}",
-        f"{float(message.get('top_probability', 0.0)):4.0%} ",
-        top,
-    ]
-    if (affect := read_affect(message)) is not None:
-        parts.append(f"A {affect[0]:+.2f} V {affect[1]:+.2f}")
-    start, end = message.get("start_ms"), message.get("end_ms")
-    if _is_number(start) and _is_number(end):
-        parts.append(f"{start / 1000:.2f}-{end / 1000:.2f} s")
-    return "  ".join(parts)
-
-
-def stage_tag(message: Mapping[str, Any]) -> str:
-    """`final`, `prov ` (a provisional utterance result) or `win  ` (a sliding window)."""
-    kind = message.get("type")
-    if message.get("final", kind == "utterance") is True:
-        return "final"
-    return "win  " if kind == "window" else "prov "
-
-
-def format_status(client_id: str, message: Mapping[str, Any]) -> str:
-    """One line for a process's status."""
-    counters = message.get("counters") or {}
-    shown = " ".join(
-        f"{name}={counters[name]}"
-        for name in ("utterances", "windows", "windows_dropped", "spool_waiting")
-        if name in counters
-    )
-    streams = ",".join(str(s) for s in message.get("streams") or [])
-    line = f"{clock(message.get('wall_time'))}  status  {client_id}  {message.get('state', '?')}"
-    return f"{line}  ({streams})  {shown}".rstrip()
-
-
 class TailView:
     """Turns received messages into lines: de-duplicated results, status and speaking changes.
 
@@ -168,16 +109,30 @@ class TailView:
             return []
         match topic[len(prefix) :].split("/"):
             case ["status", client]:
-                return self._status(client, payload)
+                return self._status(client, _json_object(payload))
             case [stream, "speaking"]:
-                return self._speaking(stream, payload)
+                return self._speaking(stream, _json_object(payload))
             case [_, "utterance" | "window"]:
-                return self._result(payload)
+                return self._result(_json_object(payload))
             case _:
                 return []
 
-    def _result(self, payload: bytes) -> list[str]:
-        message = _json_object(payload)
+    def handle_message(self, message: Mapping[str, Any]) -> list[str]:
+        """Lines for one message read from JSON Lines (a file, stdin), routed by its `type`;
+        the options' stream and windows filters apply as to a broker's topics."""
+        kind = message.get("type")
+        stream = message.get("stream_id")
+        if self.options.stream is not None and kind != "status" and stream != self.options.stream:
+            return []
+        if kind == "utterance" or (kind == "window" and self.options.windows):
+            return self._result(message)
+        if kind == "speaking":
+            return self._speaking(str(stream), message)
+        if kind == "status":
+            return self._status(str(message.get("client_id", "-")), message)
+        return []
+
+    def _result(self, message: Mapping[str, Any] | None) -> list[str]:
         if message is not None and (problem := result_problem(message)) is not None:
             log.warning("ignored a result: %s", problem)
             return []
@@ -186,7 +141,8 @@ class TailView:
         self.results += 1
         if self.options.json:
             return [json.dumps(message, separators=(",", ":"))]
-        return [format_result(message, self.unicode)]
+        details = format_details(message) if message.get("final") is True else []
+        return [format_result(message, self.unicode), *details]
 
     def _first_time(self, message_id: str) -> bool:
         if not message_id:
@@ -199,8 +155,7 @@ class TailView:
             self._seen.discard(self._order.popleft())
         return True
 
-    def _status(self, client_id: str, payload: bytes) -> list[str]:
-        message = _json_object(payload)
+    def _status(self, client_id: str, message: Mapping[str, Any] | None) -> list[str]:
         if message is None or self.options.json:
             return []
         if (problem := status_problem(message)) is not None:
@@ -212,70 +167,15 @@ class TailView:
         self._states[f"status/{client_id}"] = state
         return [format_status(client_id, message)]
 
-    def _speaking(self, stream_id: str, payload: bytes) -> list[str]:
+    def _speaking(self, stream_id: str, message: Mapping[str, Any] | None) -> list[str]:
         """A change of the retained voice activity (messages.speaking_message)."""
-        message = None if self.options.json else _json_object(payload)
-        if message is None or not isinstance(message.get("speaking"), bool):
+        if message is None or self.options.json or not isinstance(message.get("speaking"), bool):
             return []
         word = "speaking" if message["speaking"] else "quiet"
         if self._states.get(stream_id) == word:
             return []
         self._states[stream_id] = word
         return [f"{clock(message.get('wall_time'))}  {stream_id:<7}  {word}"]
-
-
-# the fields `tail` shows and the types they must have (absent ones are shown as '?')
-RESULT_FIELDS: dict[str, tuple[type, ...]] = {
-    "id": (str,),
-    "stream_id": (str,),
-    "utterance_id": (int,),
-    "top_label": (str,),
-    "top_probability": (int, float),
-    "final": (bool,),
-    "distribution": (dict,),
-}
-
-
-def _wrong_types(message: Mapping[str, Any], fields: Mapping[str, tuple[type, ...]]) -> str | None:
-    for name, types in fields.items():
-        value = message.get(name)
-        if value is None:
-            continue
-        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
-            return f"field {name!r} is not of type {'/'.join(t.__name__ for t in types)}"
-    return None
-
-
-def result_problem(message: Mapping[str, Any]) -> str | None:
-    """Why a result cannot be shown (a field of the wrong type), or None."""
-    if (problem := _wrong_types(message, RESULT_FIELDS)) is not None:
-        return problem
-    distribution = message.get("distribution") or {}
-    if not all(isinstance(k, str) and _is_number(v) for k, v in distribution.items()):
-        return "field 'distribution' is not an object of label: probability"
-    affect = message.get("arousal_valence")
-    numbers = [message.get(name) for name in ("top_probability", "start_ms", "end_ms")]
-    numbers += [message.get("arousal"), message.get("valence"), *distribution.values()]
-    numbers += list(affect.values()) if isinstance(affect, dict) else []
-    if not all(_fits_float(value) for value in numbers if _is_number(value)):
-        return "a number is too large"
-    return None
-
-
-MAX_ABS_FLOAT = 1e15  # larger values are shown as they came, not formatted
-
-
-def _fits_float(value: float) -> bool:
-    try:
-        return math.isfinite(float(value)) and abs(float(value)) < MAX_ABS_FLOAT
-    except OverflowError:
-        return False
-
-
-def status_problem(message: Mapping[str, Any]) -> str | None:
-    """Why a status cannot be shown (a field of the wrong type), or None."""
-    problem = _wrong_types(message, {"state": (str,), "streams": (list,), "counters": (dict,)})
-    return problem
 
 
 def _json_object(payload: bytes) -> dict[str, Any] | None:
@@ -370,8 +270,14 @@ async def _print_messages(
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the `tail` subcommand."""
-    parser = commands.add_parser("tail", help="print the results on a broker as they arrive")
-    parser.add_argument("--mqtt", required=True, metavar="URL", help="broker URL mqtt(s)://...")
+    parser = commands.add_parser(
+        "tail", help="print results as they arrive: from a broker, a JSON Lines file or stdin"
+    )
+    parser.add_argument(
+        "path", nargs="?", metavar="FILE", help="read JSON Lines from FILE ('-': stdin)"
+    )
+    parser.add_argument("--file", metavar="FILE", help="the same as the FILE argument")
+    parser.add_argument("--mqtt", metavar="URL", help="broker URL mqtt(s)://...")
     parser.add_argument("--mqtt-topic-prefix", default="stream-ser", metavar="PREFIX")
     parser.add_argument("--mqtt-username", help="broker username (default: the URL's)")
     parser.add_argument(
@@ -389,6 +295,10 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 
 
 def _validate(args: argparse.Namespace) -> None:
+    if (args.mqtt is None) == (_input_path(args) is None):
+        raise ConfigError("tail reads from one place: give --mqtt URL, or a FILE ('-': stdin)")
+    if args.path is not None and args.file is not None:
+        raise ConfigError("give the file once: FILE or --file FILE")
     if not args.mqtt_topic_prefix or any(c in args.mqtt_topic_prefix for c in "#+"):
         raise ConfigError("--mqtt-topic-prefix must be non-empty and contain no '#' or '+'")
     if args.stream is not None and (not args.stream or any(c in args.stream for c in "/#+")):
@@ -396,14 +306,18 @@ def _validate(args: argparse.Namespace) -> None:
     if args.count is not None and args.count < 1:
         raise ConfigError("--count must be >= 1")
     tls_files = (args.mqtt_ca_file, args.mqtt_cert_file, args.mqtt_key_file)
-    if not args.mqtt.startswith("mqtts://") and tls_files != (None,) * 3:
+    if not (args.mqtt or "").startswith("mqtts://") and tls_files != (None,) * 3:
         raise ConfigError("--mqtt-ca-file/--mqtt-cert-file/--mqtt-key-file need mqtts://")
+
+
+def _input_path(args: argparse.Namespace) -> str | None:
+    return args.path if args.path is not None else args.file  # type: ignore[no-any-return]
 
 
 def tail_command(args: argparse.Namespace) -> int:
     """Run `stream-ser tail`; Ctrl-C (or SIGTERM) ends it with exit code 0."""
     _validate(args)
-    address = parse_broker_url(args.mqtt, args.mqtt_password_file, args.mqtt_username)
+    configure_logging("warning")  # skipped lines, lost links: `stream-ser: WARNING: ...`
     options = TailOptions(
         topic_prefix=args.mqtt_topic_prefix,
         stream=args.stream,
@@ -413,16 +327,80 @@ def tail_command(args: argparse.Namespace) -> int:
     )
     unicode = (sys.stdout.encoding or "").lower().replace("-", "") == "utf8"
     view = TailView(options, unicode=unicode)
-    settings = tail_settings(args)
     try:
-        asyncio.run(
-            _tail_until_signal(
-                lambda: broker_client(settings, address, _client_id()), view, str(address)
-            )
-        )
+        if (path := _input_path(args)) is not None:
+            _tail_file(path, view)
+        else:
+            _tail_broker(args, view)
     except BrokenPipeError:  # `stream-ser tail ... | head`: the reader has gone
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
+
+
+def _tail_broker(args: argparse.Namespace, view: TailView) -> None:
+    address = parse_broker_url(args.mqtt, args.mqtt_password_file, args.mqtt_username)
+    settings = tail_settings(args)
+    asyncio.run(
+        _tail_until_signal(
+            lambda: broker_client(settings, address, _client_id()), view, str(address)
+        )
+    )
+
+
+def _tail_file(path: str, view: TailView) -> None:
+    """JSON Lines from a file or stdin, to their end. Reading a pipe, Ctrl-C is left to the
+    writer (the same signal reaches it): its last results still arrive before the pipe ends."""
+    try:
+        if path == "-":
+            if stat.S_ISFIFO(os.fstat(sys.stdin.fileno()).st_mode):
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
+            read_jsonl(sys.stdin.buffer, view, sys.stdout)
+            return
+        try:
+            lines = open(path, "rb")  # noqa: SIM115  (closed below; OSError only from open)
+        except OSError as err:
+            raise ConfigError(f"cannot read {path}: {err.strerror}") from err
+        with lines:
+            read_jsonl(lines, view, sys.stdout)
+    except KeyboardInterrupt:
+        pass  # Ctrl-C ends a tail of a file or a terminal at once, exit code 0
+
+
+def read_jsonl(lines: Iterable[bytes], view: TailView, out: TextIO) -> int:
+    """Print each line's message as `view` renders it until the input ends or `count` results;
+    a line that is not a JSON object or not a valid message is reported and skipped.
+    Returns the number of lines skipped."""
+    skipped = 0
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        problem, message = _parse_line(line)
+        if message is not None and message.get("type") in ("utterance", "window"):
+            problem = result_problem(message)
+        if problem is not None or message is None:
+            skipped += 1
+            log.warning("line %d: %s; skipped", number, problem)
+            continue
+        for text in view.handle_message(message):
+            out.write(text + "\n")
+        out.flush()
+        if view.options.count is not None and view.results >= view.options.count:
+            break
+    if skipped:
+        log.warning("%d line(s) skipped", skipped)
+    return skipped
+
+
+def _parse_line(line: bytes) -> tuple[str | None, dict[str, Any] | None]:
+    try:
+        message = json.loads(line)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return "not JSON", None
+    if not isinstance(message, dict):
+        return "not a JSON object", None
+    if not isinstance(message.get("type"), str):
+        return "no message type", None
+    return None, message
 
 
 def _client_id() -> str:

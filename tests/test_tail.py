@@ -15,7 +15,8 @@ import aiomqtt
 import pytest
 
 from stream_ser.messages import StreamInfo, speaking_message
-from stream_ser.tail import TailOptions, TailView, bar, format_result
+from stream_ser.render import bar, format_result
+from stream_ser.tail import TailOptions, TailView
 from tests.conftest import LABELS, REPO, Broker, free_port, run_cli
 from tests.schema import check_result
 
