@@ -17,13 +17,14 @@ import contextlib
 import logging
 import socket
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from stream_ser import backpressure
 from stream_ser.alm.base import AlmBackend
 from stream_ser.alm.batcher import AlmBatcher
+from stream_ser.arrivals import Arrivals, merge
 from stream_ser.discovery import discovery_messages
 from stream_ser.errors import ConfigError
 from stream_ser.events import AudioChunk
@@ -35,7 +36,7 @@ from stream_ser.mqtt import parse_broker_url
 from stream_ser.pipeline import StreamPipeline, new_session_id, run_streams
 from stream_ser.publish import JsonlSink, MqttSink, Sink, TeeSink, default_spool_path
 from stream_ser.recognizer import Recognizer
-from stream_ser.settings import Settings, SourceSettings
+from stream_ser.settings import MAX_STREAM_ID_BYTES, Settings, SourceSettings, check_name
 from stream_ser.source import Damage, SourceStats, is_recording, open_source
 from stream_ser.specialist import Specialist, bundled_model_dir
 from stream_ser.spool import Spool
@@ -159,6 +160,20 @@ class Runtime:
     sink: Sink
     session_id: str
     observer: Metrics | None = None
+    arrivals: Arrivals = field(default_factory=Arrivals)
+    """Streams started while it runs (`start`); `run_streams(..., arriving=...)` runs them."""
+
+    def start(self, stream_id: str, source: AsyncIterator[AudioChunk],
+              stats: SourceStats, lossless: bool = False) -> StreamPipeline:  # fmt: skip
+        """Start a new stream on the running runtime (a WebSocket client, a Pipecat pipeline,
+        Python code): its pipeline, already handed to the runtime; await `.finished` for its
+        end. ConfigError for an invalid id, StreamIdInUse if a live stream has it,
+        RuntimeClosed while shutting down. Each gets its own session nonce (message ids)."""
+        check_name("stream_id", stream_id, MAX_STREAM_ID_BYTES)
+        self.arrivals.check_free(stream_id)
+        pipeline = self.pipeline(stream_id, source, stats, lossless, new_session_id())
+        self.arrivals.add(pipeline)
+        return pipeline
 
     def pipeline(self, stream_id: str, source: AsyncIterator[AudioChunk],
                  stats: SourceStats, lossless: bool = False,
@@ -171,7 +186,7 @@ class Runtime:
         policy = backpressure.for_stream(
             lossless, self.stages.fusion.deadline_ms, self.recognizer.max_pending_windows
         )
-        return StreamPipeline(
+        pipeline = StreamPipeline(
             stream=StreamInfo(stream_id, session, card.model_id, card.labels),
             source=source,
             segmenter=Segmenter(self.settings.vad),
@@ -185,6 +200,8 @@ class Runtime:
             observer=self.observer,
             backpressure=policy,
         )
+        self.arrivals.track(pipeline)  # its id is live until it has run (see `start`)
+        return pipeline
 
 
 @contextlib.asynccontextmanager
@@ -232,6 +249,7 @@ async def run(
             announcer = Announcer(settings, sink, client_id)
             for stream_id in stream_ids:
                 await announcer.announce(stream_id, socket.gethostname())
+            runtime.arrivals.close()  # nothing else starts streams: the run ends with its sources
             await run_all(runtime, streams, stop, client_id, announcer)
     for stream in streams:
         counters = stream.counters
@@ -253,7 +271,8 @@ async def run_all(
     settings = runtime.settings
     interval = settings.mqtt.status_interval_s
     if not settings.source.mqtt_audio:
-        await run_streams(streams, runtime.sink, stop, interval, runtime.observer)
+        arriving = announcer.remote(aiter(runtime.arrivals))
+        await run_streams(streams, runtime.sink, stop, interval, runtime.observer, arriving)
         return
     assert settings.mqtt.url is not None
 
@@ -273,7 +292,7 @@ async def run_all(
         remote_pipeline,
         settings.source.mqtt_audio_max_streams,
     )
-    arriving = announcer.remote(worker.streams())
+    arriving = announcer.remote(merge([worker.streams(), aiter(runtime.arrivals)]))
     async with asyncio.TaskGroup() as group:
         group.create_task(worker.run(stop), name="audio-worker")
         remote = run_streams(
