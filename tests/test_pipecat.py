@@ -23,6 +23,7 @@ with warnings.catch_warnings():  # Pipecat imports the stdlib's deprecated audio
     warnings.simplefilter("ignore", DeprecationWarning)
     pytest.importorskip("pipecat", reason="needs the pipecat extra: pip install '.[pipecat]'")
     from pipecat.frames.frames import (
+        CancelFrame,
         EndFrame,
         ErrorFrame,
         Frame,
@@ -31,12 +32,15 @@ with warnings.catch_warnings():  # Pipecat imports the stdlib's deprecated audio
     )
     from pipecat.tests.utils import SleepFrame, run_test
 
+from stream_ser.app import load_specialist, open_runtime
+from stream_ser.hub import ResultHub
 from stream_ser.integrations.pipecat import (
     EmotionFrame,
     EmotionParams,
     EmotionProcessor,
     TranscriptionEmotionFrame,
 )
+from stream_ser.pipeline import run_streams
 from stream_ser.settings import Settings
 from tests.conftest import SAMPLE, run_cli
 from tests.schema import check_result
@@ -213,3 +217,49 @@ async def test_an_unreadable_model_is_reported_upstream(tmp_path: Path) -> None:
     assert len(errors) == 1 and "no such model directory" in errors[0].error
     assert_passed_through(frames, down)
     assert emotion_frames(down) == []
+
+
+async def test_two_calls_share_one_runtime(ravdess_clips: list[Path]) -> None:
+    """Two Pipecat pipelines, one runtime and hub (one model): each gets its stream's finals."""
+    audio, rate = soundfile.read(SAMPLE, dtype="float32")
+    clip, _ = soundfile.read(ravdess_clips[1], dtype="float32")
+    clip = np.concatenate([clip, np.zeros(rate, np.float32)])
+    hub, stop = ResultHub(), asyncio.Event()
+    specialist = load_specialist(None)
+    async with hub, open_runtime(Settings(), specialist, hub) as runtime:
+        serve = asyncio.create_task(run_streams([], hub, stop, arriving=aiter(runtime.arrivals)))
+        params = [EmotionParams(stream_id=f"call-{i}", lossless=True) for i in (1, 2)]
+        first, second = (EmotionProcessor(params=p, runtime=runtime, hub=hub) for p in params)
+        downs = await asyncio.gather(
+            run_processor(first, pcm_frames(audio, rate)),
+            run_processor(second, pcm_frames(clip, rate)),
+        )
+        runtime.arrivals.close()
+        async with asyncio.timeout(RUN_TIMEOUT_S):
+            await serve
+    one, two = (emotion_frames(down) for down in downs)
+    assert {f.message["stream_id"] for f in one} == {"call-1"}
+    assert {f.message["stream_id"] for f in two} == {"call-2"}
+    assert len(one) == len(cli_finals(SAMPLE)) and len(two) == 1
+
+
+async def test_cancel_frame_flushes_and_closes(ravdess_clips: list[Path]) -> None:
+    """CancelFrame mid-utterance: the last utterance is still recognised (on_emotion sees its
+    final), and the processor's runtime is shut down."""
+    audio, rate = soundfile.read(ravdess_clips[2], dtype="float32")
+    frames = pcm_frames(audio[: len(audio) * 3 // 4], rate)  # cut inside the speech
+    processor = lossless()
+    seen: list[EmotionFrame] = []
+
+    async def on_emotion(_: EmotionProcessor, frame: EmotionFrame) -> None:
+        seen.append(frame)
+
+    processor.add_event_handler("on_emotion", on_emotion)
+    async with asyncio.timeout(RUN_TIMEOUT_S):
+        down, _ = await run_test(
+            processor, frames_to_send=[*frames, SleepFrame(0.5), CancelFrame()],
+            send_end_frame=False,
+        )  # fmt: skip
+    assert_passed_through(frames, down)
+    assert [f.message["end_reason"] for f in seen if f.final] == ["stream_end"]
+    assert processor.closed

@@ -57,7 +57,7 @@ except ModuleNotFoundError as err:  # pragma: no cover - depends on the install
     ) from err
 
 from stream_ser.app import Runtime, load_specialist, open_runtime
-from stream_ser.errors import AudioInputError
+from stream_ser.errors import AudioInputError, StreamSerError
 from stream_ser.hub import ResultHub, Subscription
 from stream_ser.pipeline import StreamPipeline, run_streams
 from stream_ser.push import PushSource
@@ -167,7 +167,12 @@ class EmotionParams:
 class EmotionProcessor(FrameProcessor):
     """Speech emotion of the user's input audio, pushed downstream as EmotionFrames.
 
-    Event handlers: `on_emotion(processor, frame: EmotionFrame)` for each result pushed.
+    By default the processor owns a runtime (the model of `settings`, the bundled one by
+    default), started at set-up and shut down at the end. Give `runtime` and `hub` instead to
+    run its stream on a runtime the caller runs (one model for many calls; stream ids must
+    then differ): the runtime's sink must publish to `hub`, and its `run_streams` must read
+    `runtime.arrivals`. Event handlers: `on_emotion(processor, frame: EmotionFrame)` for each
+    result pushed.
     """
 
     def __init__(
@@ -175,20 +180,26 @@ class EmotionProcessor(FrameProcessor):
         *,
         settings: Settings | None = None,
         params: EmotionParams | None = None,
+        runtime: Runtime | None = None,
+        hub: ResultHub | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        if (runtime is None) != (hub is None):
+            raise ValueError("EmotionProcessor: give both `runtime` and `hub`, or neither")
         self._params = params or EmotionParams()
         base = settings or Settings()
         self._settings = replace(base, model=replace(base.model, windows=self._params.windows))
-        self._stack: contextlib.AsyncExitStack | None = None
-        self._runtime: Runtime | None = None
+        self._shared = runtime is not None
+        self._runtime = runtime
+        self._hub = hub
+        self._stack: contextlib.AsyncExitStack | None = None  # an owned runtime's
+        self._serve_task: asyncio.Task[None] | None = None  # an owned runtime's run_streams
         self._subscription: Subscription | None = None
         self._forwarder: asyncio.Task[None] | None = None
         self._source: PushSource | None = None
         self._stream: StreamPipeline | None = None
-        self._stream_task: asyncio.Task[None] | None = None
-        self._stop = asyncio.Event()
+        self._stop = asyncio.Event()  # stops an owned runtime's streams at once
         self._changed = asyncio.Event()  # a message came from the hub
         self._input_ended = False  # EndFrame/CancelFrame seen, or the audio cannot be taken
         self._closing = asyncio.Lock()
@@ -204,19 +215,48 @@ class EmotionProcessor(FrameProcessor):
     async def setup(self, setup: FrameProcessorSetup) -> None:  # type: ignore[override]
         """Load the model and start the runtime (Pipecat sets processors up concurrently)."""
         await super().setup(setup)
+        if self._hub is None:
+            self._hub = await self._open_runtime()
+        self._subscription = self._hub.subscribe(self._params.stream_id)
+        self._forwarder = self.create_task(self._forward(self._subscription), "emotion-results")
+
+    async def _open_runtime(self) -> ResultHub:
+        """The processor's own runtime, publishing to its own hub, serving arriving streams."""
         settings = self._settings
         specialist = await asyncio.to_thread(load_specialist, settings.model.path, 1, settings)
         async with contextlib.AsyncExitStack() as stack:
             hub = await stack.enter_async_context(ResultHub(history_s=0.0))
-            self._runtime = await stack.enter_async_context(open_runtime(settings, specialist, hub))
-            self._subscription = hub.subscribe(self._params.stream_id)
+            runtime = await stack.enter_async_context(open_runtime(settings, specialist, hub))
             self._stack = stack.pop_all()
-        self._forwarder = self.create_task(self._forward(self._subscription), "emotion-results")
+        self._runtime = runtime
+        self._serve_task = self.create_task(self._serve(runtime), "emotion-runtime")
+        return hub
+
+    async def _serve(self, runtime: Runtime) -> None:
+        """Run the streams started on the runtime until its arrivals close; report a fault."""
+        interval_s = runtime.settings.mqtt.status_interval_s
+        try:
+            await run_streams([], runtime.sink, self._stop, interval_s,
+                              arriving=aiter(runtime.arrivals))  # fmt: skip
+        except Exception as err:  # the top of the task: the audio goes on passing through
+            log.exception("%s: the stream-ser runtime failed", self)
+            await self.push_error(
+                f"stream-ser stopped: {err}", exception=err, force_treat_as_permanent=True
+            )
+        finally:
+            if self._source is not None:
+                self._source.end()  # a lossless feed waiting for room goes on
 
     async def cleanup(self) -> None:
         """Stop the stream and the runtime if no EndFrame did."""
         await self._finish(self._params.cancel_timeout_s, stop=True)
         await super().cleanup()  # type: ignore[no-untyped-call]
+
+    @property
+    def closed(self) -> bool:
+        """True once the stream has ended and its results were pushed (and an owned runtime
+        shut down)."""
+        return self._closed
 
     def counters(self) -> dict[str, int]:
         """The stream's counters (as on the status topic) and `frames_ignored`."""
@@ -276,33 +316,21 @@ class EmotionProcessor(FrameProcessor):
                 frame.sample_rate, frame.num_channels, "s16le",
                 max_queued_s=self._params.max_queued_s,
             )  # fmt: skip
-        except AudioInputError as err:
+            stream = self._runtime.start(
+                self._params.stream_id, source.chunks(), source.stats, self._params.lossless
+            )
+        except StreamSerError as err:  # the format, the stream id, a runtime shutting down
             self._input_ended = True
-            await self.push_error(f"stream-ser cannot take this audio: {err}", exception=err)
+            await self.push_error(f"stream-ser cannot start the stream: {err}", exception=err)
             return None
-        self._source = source
-        stream_id = self._params.stream_id
-        self._stream = self._runtime.pipeline(
-            stream_id, source.chunks(), source.stats, self._params.lossless
-        )
-        self._stream_task = self.create_task(self._run(self._stream, source), "emotion-stream")
+        self._source, self._stream = source, stream
+        self.create_task(self._watch(stream, source), "emotion-stream-end")
         return source
 
-    async def _run(self, stream: StreamPipeline, source: PushSource) -> None:
-        """The stream to its end; a fault ends it and is reported upstream."""
-        assert self._runtime is not None
-        runtime = self._runtime
-        try:
-            await run_streams(
-                [stream], runtime.sink, self._stop, runtime.settings.mqtt.status_interval_s
-            )
-        except Exception as err:  # the top of the task: the audio goes on passing through
-            log.exception("%s: the stream-ser stream failed", self)
-            await self.push_error(
-                f"stream-ser stopped: {err}", exception=err, force_treat_as_permanent=True
-            )
-        finally:
-            source.end()  # a lossless feed waiting for room goes on
+    async def _watch(self, stream: StreamPipeline, source: PushSource) -> None:
+        """When the stream ends (a fault too), a lossless feed waiting for room goes on."""
+        await stream.finished.wait()
+        source.end()
 
     # ------------------------------------------------------------------ results out
 
@@ -354,7 +382,7 @@ class EmotionProcessor(FrameProcessor):
     def _settled(self, heard_ms: int) -> bool:
         """True when every utterance that started before `heard_ms` has its final."""
         source = self._source
-        if source is None or self._stream_task is None or self._stream_task.done():
+        if source is None or self._stream is None or self._stream.finished.is_set():
             return True
         caught_up = source.queued_ms == 0
         return caught_up and all(start >= heard_ms for start in self._open.values())
@@ -364,35 +392,38 @@ class EmotionProcessor(FrameProcessor):
     async def _finish(self, timeout_s: float, stop: bool) -> None:
         """End the stream (flushing its last utterance), deliver its results, close; once."""
         self._input_ended = True
-        if stop:
+        if stop and not self._shared:
             self._stop.set()
         async with self._closing:
             if self._closed:
                 return
             if self._source is not None:
                 self._source.end()
-            if self._stream_task is not None:
-                await self._await_stream(self._stream_task, timeout_s)
+            if self._stream is not None:
+                await self._await_stream(self._stream, timeout_s)
+            if self._runtime is not None and not self._shared:
+                self._runtime.arrivals.close()  # its run_streams ends with our stream
+            await self._await_task(self._serve_task)
             if self._subscription is not None:
                 self._subscription.close()  # what it holds is still delivered
-            if self._forwarder is not None:
-                await self._await_forwarder(self._forwarder)
+            await self._await_task(self._forwarder)
             if self._stack is not None:
                 await self._stack.aclose()
             self._closed = True
 
-    async def _await_forwarder(self, task: asyncio.Task[None]) -> None:
-        await asyncio.wait({task}, timeout=self._params.cancel_timeout_s)
-        if not task.done():
-            await self.cancel_task(task)
-
-    async def _await_stream(self, task: asyncio.Task[None], timeout_s: float) -> None:
-        """The stream's end within `timeout_s`; then stopped, then cancelled."""
-        await asyncio.wait({task}, timeout=timeout_s)
-        if task.done():
+    async def _await_stream(self, stream: StreamPipeline, timeout_s: float) -> None:
+        """The stream's end within `timeout_s`; an owned runtime's is then stopped."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stream.finished.wait(), timeout_s)
+        if stream.finished.is_set():
             return
         log.warning("%s: the last utterance took over %.1f s: stopping", self, timeout_s)
         self._stop.set()
+
+    async def _await_task(self, task: asyncio.Task[None] | None) -> None:
+        """The task's end within `cancel_timeout_s`, else cancelled."""
+        if task is None:
+            return
         await asyncio.wait({task}, timeout=self._params.cancel_timeout_s)
         if not task.done():
             await self.cancel_task(task)
