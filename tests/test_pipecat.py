@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 import warnings
 from collections.abc import Sequence
 from dataclasses import replace
@@ -42,7 +44,7 @@ from stream_ser.integrations.pipecat import (
 )
 from stream_ser.pipeline import run_streams
 from stream_ser.settings import Settings
-from tests.conftest import SAMPLE, run_cli
+from tests.conftest import REPO, SAMPLE, run_cli
 from tests.schema import check_result
 
 FRAME_MS = 20
@@ -106,6 +108,7 @@ def lossless() -> EmotionProcessor:
     return EmotionProcessor(params=EmotionParams(lossless=True))
 
 
+@pytest.mark.slow  # over 2 s: real speech through the bundled model
 async def test_16k_mono_passes_audio_and_gives_the_cli_finals() -> None:
     audio, rate = soundfile.read(SAMPLE, dtype="float32")
     assert rate == 16000
@@ -119,6 +122,7 @@ async def test_16k_mono_passes_audio_and_gives_the_cli_finals() -> None:
     assert processor.counters()["blocks_dropped"] == 0
 
 
+@pytest.mark.slow  # over 2 s: real speech through the bundled model
 async def test_48k_stereo_is_converted_and_gives_the_cli_finals(tmp_path: Path) -> None:
     mono, rate = soundfile.read(SAMPLE, dtype="float32")
     resampled = soxr.resample(mono, rate, 48000).astype(np.float32)
@@ -138,6 +142,7 @@ async def test_48k_stereo_is_converted_and_gives_the_cli_finals(tmp_path: Path) 
         assert abs(frame.message["end_ms"] - expected["end_ms"]) <= FRAME_MS
 
 
+@pytest.mark.slow  # over 2 s: real speech through the bundled model
 async def test_end_frame_flushes_the_utterance_in_progress(tmp_path: Path) -> None:
     audio, rate = soundfile.read(SAMPLE, dtype="float32")
     whole = cli_finals(SAMPLE)
@@ -179,6 +184,7 @@ def transcription(text: str) -> TranscriptionFrame:
     return TranscriptionFrame(text=text, user_id="user", timestamp="2026-12-03T00:00:00Z")
 
 
+@pytest.mark.slow  # over 2 s: real speech through the bundled model
 async def test_each_transcription_gets_the_finals_of_its_utterances(
     speech_with_pauses: tuple[Path, int],
 ) -> None:
@@ -219,6 +225,7 @@ async def test_an_unreadable_model_is_reported_upstream(tmp_path: Path) -> None:
     assert emotion_frames(down) == []
 
 
+@pytest.mark.slow  # over 2 s: real speech through the bundled model
 async def test_two_calls_share_one_runtime(ravdess_clips: list[Path]) -> None:
     """Two Pipecat pipelines, one runtime and hub (one model): each gets its stream's finals."""
     audio, rate = soundfile.read(SAMPLE, dtype="float32")
@@ -263,3 +270,50 @@ async def test_cancel_frame_flushes_and_closes(ravdess_clips: list[Path]) -> Non
     assert_passed_through(frames, down)
     assert [f.message["end_reason"] for f in seen if f.final] == ["stream_end"]
     assert processor.closed
+
+
+@pytest.mark.slow  # over 2 s: real speech through the bundled model
+async def test_a_second_stream_with_a_live_id_is_refused() -> None:
+    """Two calls on one runtime with the same stream id: the second gets an ErrorFrame
+    upstream and passes its audio on unrecognised; the first is not disturbed."""
+    audio, rate = soundfile.read(SAMPLE, dtype="float32")
+    hub, stop = ResultHub(), asyncio.Event()
+    async with hub, open_runtime(Settings(), load_specialist(None), hub) as runtime:
+        serve = asyncio.create_task(run_streams([], hub, stop, arriving=aiter(runtime.arrivals)))
+        processors = [
+            EmotionProcessor(params=EmotionParams(stream_id="same", lossless=True),
+                             runtime=runtime, hub=hub)
+            for _ in range(2)
+        ]  # fmt: skip
+        frames = [pcm_frames(audio, rate) for _ in processors]
+        async with asyncio.timeout(RUN_TIMEOUT_S):
+            results = await asyncio.gather(
+                *(run_test(p, frames_to_send=f) for p, f in zip(processors, frames, strict=True))
+            )
+            runtime.arrivals.close()
+            await serve
+    errors = [[f for f in up if isinstance(f, ErrorFrame)] for _, up in results]
+    assert sorted(len(e) for e in errors) == [0, 1]
+    refused = next(i for i, e in enumerate(errors) if e)
+    assert "in use" in errors[refused][0].error
+    for (down, _), sent in zip(results, frames, strict=True):
+        assert_passed_through(sent, down)
+    assert processors[refused].counters() == {"frames_ignored": 0}  # it never had a stream
+    assert len(emotion_frames(results[1 - refused][0])) == len(cli_finals(SAMPLE))
+
+
+@pytest.mark.slow  # over 2 s: real speech through the bundled model
+def test_the_docs_example_runs_and_prints_the_cli_finals() -> None:
+    """docs/pipecat.md's first example, run as written from the repository root."""
+    text = (REPO / "docs" / "pipecat.md").read_text(encoding="utf-8")
+    example = text.split("```python\n", 1)[1].split("```", 1)[0]
+    done = subprocess.run(
+        [sys.executable, "-W", "ignore::DeprecationWarning", "-c", example],
+        capture_output=True, text=True, cwd=REPO, timeout=RUN_TIMEOUT_S, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    want = [
+        f"{m['utterance_id']} {m['top_label']} {m['top_probability']:.2f}"
+        for m in cli_finals(SAMPLE)
+    ]
+    assert done.stdout.splitlines() == want

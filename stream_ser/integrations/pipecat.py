@@ -199,6 +199,7 @@ class EmotionProcessor(FrameProcessor):
         self._forwarder: asyncio.Task[None] | None = None
         self._source: PushSource | None = None
         self._stream: StreamPipeline | None = None
+        self._watcher: asyncio.Task[None] | None = None  # ends the source when the stream ends
         self._stop = asyncio.Event()  # stops an owned runtime's streams at once
         self._changed = asyncio.Event()  # a message came from the hub
         self._input_ended = False  # EndFrame/CancelFrame seen, or the audio cannot be taken
@@ -324,7 +325,7 @@ class EmotionProcessor(FrameProcessor):
             await self.push_error(f"stream-ser cannot start the stream: {err}", exception=err)
             return None
         self._source, self._stream = source, stream
-        self.create_task(self._watch(stream, source), "emotion-stream-end")
+        self._watcher = self.create_task(self._watch(stream, source), "emotion-stream-end")
         return source
 
     async def _watch(self, stream: StreamPipeline, source: PushSource) -> None:
@@ -404,6 +405,7 @@ class EmotionProcessor(FrameProcessor):
             if self._runtime is not None and not self._shared:
                 self._runtime.arrivals.close()  # its run_streams ends with our stream
             await self._await_task(self._serve_task)
+            await self._await_task(self._watcher)
             if self._subscription is not None:
                 self._subscription.close()  # what it holds is still delivered
             await self._await_task(self._forwarder)
