@@ -317,3 +317,25 @@ def test_the_docs_example_runs_and_prints_the_cli_finals() -> None:
         for m in cli_finals(SAMPLE)
     ]
     assert done.stdout.splitlines() == want
+
+
+@pytest.mark.slow  # over 2 s: real speech through the bundled model
+@pytest.mark.parametrize("attach_timeout_s", [1.0, 0.0])
+async def test_a_transcription_waits_for_the_utterance_still_open(
+    ravdess_clips: list[Path], attach_timeout_s: float
+) -> None:
+    """The transcription comes while the VAD still waits for the hang-over silence: it waits
+    for that utterance's final (at most attach_timeout_s); with 0 the final goes with the next."""
+    audio, rate = soundfile.read(ravdess_clips[3], dtype="float32")
+    (final,) = cli_finals(ravdess_clips[3])
+    audio = audio[: rate * (final["end_ms"] + 100) // 1000]  # less silence than the hang-over
+    silence = np.zeros(rate, np.float32)
+    frames: list[Frame] = [*pcm_frames(audio, rate), SleepFrame(0.3), transcription("one")]
+    frames += [SleepFrame(0.1), *pcm_frames(silence, rate), SleepFrame(0.5), transcription("two")]
+    params = EmotionParams(attach_timeout_s=attach_timeout_s)
+    down = await run_processor(EmotionProcessor(params=params), frames)
+    finals = emotion_frames(down)
+    assert len(finals) == 1
+    attached = [f for f in down if isinstance(f, TranscriptionEmotionFrame)]
+    got = [[m["utterance_id"] for m in f.finals] for f in attached]
+    assert got == ([[1], []] if attach_timeout_s else [[], [1]])
