@@ -14,7 +14,7 @@ The published messages come back through a stream_ser.hub.ResultHub and go downs
                                 version 1): every final, windows and provisional results
                                 when EmotionParams asks for them
     TranscriptionEmotionFrame   right after each TranscriptionFrame: the finals of the
-                                utterances that transcription covers (see `_attach`)
+                                utterances that transcription covers (docs/pipecat.md)
 
 Queues and overflow: audio waits in the PushSource (at most `max_queued_s` seconds); live (the
 default) drops the oldest queued audio when recognition falls behind (counted in the counters'
@@ -344,6 +344,8 @@ class EmotionProcessor(FrameProcessor):
                 self._open[int(message["utterance_id"])] = int(message["at_ms"])
             elif kind in ("window", "utterance"):
                 await self._result(EmotionFrame(message=message))
+        if subscription.close_reason is not None:  # the hub gave up on us: no more results
+            await self.push_error(f"stream-ser results stopped: {subscription.close_reason}")
 
     async def _result(self, frame: EmotionFrame) -> None:
         if frame.final:
