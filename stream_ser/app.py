@@ -30,6 +30,7 @@ from stream_ser.errors import ConfigError
 from stream_ser.events import AudioChunk
 from stream_ser.fusion import FusionConfig, load_fusion
 from stream_ser.fusion_eval import Recognizers
+from stream_ser.hub import ResultHub
 from stream_ser.messages import StreamInfo
 from stream_ser.metrics import Metrics
 from stream_ser.mqtt import parse_broker_url
@@ -234,6 +235,8 @@ async def run(
     (`damage` collects a damaged file's error; the caller raises it afterwards)."""
     stop = asyncio.Event()
     install_stop_handlers(stop)
+    hub = ResultHub() if settings.http.address else None  # what the WebSocket clients read
+    sink = TeeSink(sink, hub) if hub is not None else sink
     async with contextlib.AsyncExitStack() as stack:
         metrics = serve_metrics(settings, stack)
         runtime = await stack.enter_async_context(open_runtime(settings, specialist, sink, metrics))
@@ -249,8 +252,8 @@ async def run(
             announcer = Announcer(settings, sink, client_id)
             for stream_id in stream_ids:
                 await announcer.announce(stream_id, socket.gethostname())
-            runtime.arrivals.close()  # nothing else starts streams: the run ends with its sources
-            await run_all(runtime, streams, stop, client_id, announcer)
+            async with accept_streams(runtime, hub, stop):
+                await run_all(runtime, streams, stop, client_id, announcer)
     for stream in streams:
         counters = stream.counters
         log.info(
@@ -299,6 +302,22 @@ async def run_all(
             streams, runtime.sink, stop, interval, runtime.observer, arriving, worker.counters
         )
         group.create_task(remote, name="streams")
+
+
+@contextlib.asynccontextmanager
+async def accept_streams(
+    runtime: Runtime, hub: ResultHub | None, stop: asyncio.Event
+) -> AsyncIterator[None]:
+    """With --http (`hub`): the web server starts streams on the runtime until `stop` (the
+    run lasts until then). Without: nothing else starts streams; the run ends with its sources."""
+    if hub is None:
+        runtime.arrivals.close()
+        yield
+        return
+    from stream_ser.web.server import serve
+
+    async with serve(runtime.settings.http, runtime, hub, stop):
+        yield
 
 
 def serve_metrics(settings: Settings, stack: contextlib.AsyncExitStack) -> Metrics | None:

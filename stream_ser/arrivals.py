@@ -48,6 +48,11 @@ class Arrivals:
         self._forget_finished()
         return list(self._live)
 
+    def live(self, stream_id: str) -> StreamPipeline | None:
+        """The live stream with this id (await its `.finished` for its end), or None."""
+        self._forget_finished()
+        return self._live.get(stream_id)
+
     def check_free(self, stream_id: str) -> None:
         """StreamIdInUse if a live stream has the id; RuntimeClosed after `close`."""
         if self._closed:

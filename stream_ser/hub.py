@@ -28,7 +28,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Self
 
 from stream_ser.messages import ResultMessage, SpeakingMessage, StatusMessage
@@ -145,6 +145,7 @@ class ResultHub:
         self.max_queued = max_queued
         self.dropped = 0  # messages subscribers lost, all together
         self.closed_slow = 0  # subscriptions closed because a final did not fit
+        self.more_counters: list[Callable[[], dict[str, int]]] = []  # e.g. the web server's
         self._subscriptions: list[Subscription] = []
         self._history: deque[tuple[float, Message]] = deque()  # (monotonic s, message)
         self._status: Message | None = None
@@ -232,9 +233,13 @@ class ResultHub:
         """Discovery configs are for MQTT only."""
 
     def counters(self) -> dict[str, int]:
-        """Subscribers now, messages they lost, subscriptions closed for being too slow."""
-        return {
+        """Subscribers now, messages they lost, subscriptions closed for being too slow
+        (and `more_counters`' counters)."""
+        counters = {
             "hub_subscribers": len(self._subscriptions),
             "hub_messages_dropped": self.dropped,
             "hub_subscribers_too_slow": self.closed_slow,
         }
+        for more in self.more_counters:
+            counters |= more()
+        return counters
