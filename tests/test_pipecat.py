@@ -339,3 +339,23 @@ async def test_a_transcription_waits_for_the_utterance_still_open(
     attached = [f for f in down if isinstance(f, TranscriptionEmotionFrame)]
     got = [[m["utterance_id"] for m in f.finals] for f in attached]
     assert got == ([[1], []] if attach_timeout_s else [[], [1]])
+
+
+async def test_audio_in_another_format_passes_but_is_not_recognised() -> None:
+    """The first frame fixes the stream's format; later frames in another one are counted."""
+    first = pcm_frames(np.zeros(3200, np.float32), 16000)  # 200 ms at 16 kHz mono
+    other = pcm_frames(np.zeros((9600, 2), np.float32), 48000)  # 200 ms at 48 kHz stereo
+    processor = EmotionProcessor()
+    down = await run_processor(processor, [*first, *other])
+    assert_passed_through([*first, *other], down)
+    assert processor.counters()["frames_ignored"] == len(other)
+
+
+async def test_a_rate_stream_ser_does_not_take_is_reported_upstream() -> None:
+    frames = pcm_frames(np.zeros(9600, np.float32), 96000)
+    processor = EmotionProcessor()
+    async with asyncio.timeout(RUN_TIMEOUT_S):
+        down, up = await run_test(processor, frames_to_send=frames)
+    errors = [f.error for f in up if isinstance(f, ErrorFrame)]
+    assert len(errors) == 1 and "96000 Hz" in errors[0]
+    assert_passed_through(frames, down)
