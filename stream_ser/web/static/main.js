@@ -1,0 +1,65 @@
+// The dashboard page: /v1/events feeds the state, the view draws it, the button adds a microphone.
+
+import { ReconnectingSocket, socketUrl } from "./connection.js";
+import { Microphone, microphoneAvailable } from "./microphone.js";
+import { DEFAULT_MINUTES, Dashboard } from "./state.js";
+import { View } from "./view.js";
+
+const params = new URLSearchParams(location.search);
+const token = params.get("token"); // passed on to the WebSockets (browsers cannot set their headers)
+const byId = (id) => document.getElementById(id);
+
+const dashboard = new Dashboard({ minutes: Number(params.get("minutes")) || DEFAULT_MINUTES });
+new View(dashboard, { streams: byId("streams"), legend: byId("legend"), process: byId("process"), empty: byId("empty") });
+
+const events = new ReconnectingSocket(socketUrl("v1/events", { token }), {
+  onMessage: (message) => dashboard.apply(message),
+  onState: (change) => showConnection(byId("connection"), change),
+});
+events.start();
+
+function showConnection(element, { state, attempt, delayMs, reason }) {
+  element.dataset.state = state;
+  element.textContent = state === "reconnecting"
+    ? `reconnecting (attempt ${attempt}, next in ${(delayMs / 1000).toFixed(1)} s)`
+    : state;
+  element.title = reason ?? "";
+}
+
+const button = byId("mic");
+const micState = byId("mic-state");
+let microphone = null;
+
+if (!microphoneAvailable()) {
+  button.disabled = true;
+  micState.textContent = "the microphone needs https or localhost";
+}
+
+button.addEventListener("click", async () => {
+  if (microphone !== null) {
+    microphone.stop();
+    return;
+  }
+  microphone = new Microphone({ token, onMessage: (m) => dashboard.apply(m), onState: showMicrophone });
+  try {
+    await microphone.start();
+  } catch (error) {
+    microphone.stop(error.message);
+  }
+});
+
+function showMicrophone({ state, streamId, level, dropped, reason }) {
+  micState.dataset.state = state;
+  if (state === "stopped") {
+    microphone = null;
+    button.textContent = "Use this browser's microphone";
+    micState.textContent = reason === "stopped" ? "" : reason;
+    return;
+  }
+  button.textContent = "Stop the microphone";
+  const meter = state === "live" ? ` · level ${"▮".repeat(Math.min(10, Math.round(level * 40)))}` : "";
+  const drops = dropped > 0 ? ` · ${dropped} block(s) dropped` : "";
+  micState.textContent = `${state} as stream ${streamId}${meter}${drops}`;
+}
+
+window.streamSer = { dashboard, events }; // for the tests and the browser console
