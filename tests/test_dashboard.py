@@ -1,0 +1,257 @@
+"""The live dashboard page in a real headless Chromium (Debian's, driven by Playwright).
+
+Each test starts a real `stream-ser run --http 127.0.0.1:PORT` and a real browser; audio is real
+speech, fed over /v1/stream or read from a file, or captured by Chromium's fake microphone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import numpy as np
+import pytest
+import soundfile
+from playwright.async_api import ConsoleMessage, Page
+
+from tools.dashboard_screenshot import (
+    CHROMIUM,
+    DashboardServer,
+    chromium,
+    fake_microphone_flags,
+    wait_for_finals,
+)
+
+pytestmark = [
+    pytest.mark.skipif(
+        not CHROMIUM.is_file(),
+        reason=f"Debian's Chromium is not installed at {CHROMIUM} (apt-get install chromium; "
+        ".ci/run installs it)",
+    ),
+    pytest.mark.slow,  # each starts a stream-ser process and a browser (several seconds)
+]
+
+DEADLINE_S = 90.0  # each test as a whole
+WAIT_MS = 60_000  # one wait in the page
+FEED_SPEED = 4.0  # audio fed over /v1/stream at four times real time
+CHUNK_S = 0.1
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[DashboardServer]:
+    """`stream-ser run --http` alone: serves the page and the API, waits for streams."""
+    process = DashboardServer(log_dir=tmp_path)
+    process.start()
+    yield process
+    process.stop()
+
+
+@pytest.fixture
+async def page() -> AsyncIterator[Page]:
+    """A fresh page in headless Chromium."""
+    async with chromium() as browser:
+        tab = await browser.new_page(viewport={"width": 1100, "height": 700})
+        tab.set_default_timeout(WAIT_MS)
+        yield tab
+
+
+async def feed(
+    server: DashboardServer, path: Path, stream_id: str, finals: int
+) -> list[dict[str, Any]]:
+    """Send a speech file as s16le over /v1/stream; its messages, once `finals` finals came."""
+    audio, rate = soundfile.read(path, dtype="float32")
+    pcm = (np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes()
+    step = int(rate * CHUNK_S) * 2
+    query = f"rate={rate}&channels=1&format=s16le&stream_id={stream_id}"
+    messages: list[dict[str, Any]] = []
+    async with (
+        aiohttp.ClientSession() as session,
+        session.ws_connect(f"{server.url.replace('http', 'ws')}/v1/stream?{query}") as socket,
+    ):
+
+        async def send() -> None:
+            for start in range(0, len(pcm), step):
+                await socket.send_bytes(pcm[start : start + step])
+                await asyncio.sleep(CHUNK_S / FEED_SPEED)
+
+        sender = asyncio.create_task(send())
+        async for frame in socket:
+            assert frame.type == aiohttp.WSMsgType.TEXT, frame
+            messages.append(json.loads(frame.data))
+            if sum(1 for m in messages if m.get("final")) >= finals:
+                break
+        await sender
+    return messages
+
+
+def finals_of(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [m for m in messages if m.get("type") == "utterance" and m["final"]]
+
+
+async def card_finals(page: Page, stream_id: str) -> int:
+    """How many final utterance results the stream's timeline draws."""
+    selector = f'section.stream[data-stream="{stream_id}"] .timeline rect.final'
+    return int(await page.locator(selector).count())
+
+
+async def test_the_page_loads_with_no_console_errors(server: DashboardServer, page: Page) -> None:
+    problems: list[str] = []
+    page.on("console", lambda m: _note_error(problems, m))
+    page.on("pageerror", lambda error: problems.append(f"page error: {error}"))
+    async with asyncio.timeout(DEADLINE_S):
+        response = await page.goto(server.url)
+        assert response is not None and response.ok
+        await page.wait_for_selector('#connection[data-state="connected"]')
+        assert await page.is_visible("#empty")
+        assert await page.is_enabled("#mic")  # 127.0.0.1 is a secure context
+        await page.wait_for_timeout(500)  # late errors (a module failing after load)
+    assert problems == []
+
+
+def _note_error(problems: list[str], message: ConsoleMessage) -> None:
+    if message.type in ("error", "warning"):
+        problems.append(f"console {message.type}: {message.text}")
+
+
+async def test_a_stream_fed_over_websocket_shows_every_final(
+    server: DashboardServer, page: Page, speech_with_pauses: tuple[Path, int]
+) -> None:
+    """Bars, descriptors and a timeline with exactly the finals the server published."""
+    path, clip_count = speech_with_pauses
+    async with asyncio.timeout(DEADLINE_S):
+        await page.goto(server.url)
+        await page.wait_for_selector('#connection[data-state="connected"]')
+        messages = await feed(server, path, "fed", clip_count)
+        published = finals_of(messages)
+        assert [m["utterance_id"] for m in published] == list(range(1, clip_count + 1))
+        await wait_for_finals(page, len(published), "fed", WAIT_MS)
+        await page.wait_for_timeout(300)  # nothing more may be drawn
+        assert await card_finals(page, "fed") == len(published)
+        card = page.locator('section.stream[data-stream="fed"]')
+        last = published[-1]
+        words = await card.locator(".final-label").text_content()
+        assert words is not None and f"utterance {last['utterance_id']}" in words
+        assert last["top_label"] in words
+        bars = card.locator(".bar")
+        assert await bars.count() == len(last["distribution"])
+        top_width = await card.locator(".bar.top .fill").evaluate(
+            "e => e.getBoundingClientRect().width"
+        )
+        assert top_width > 10  # a drawn bar, not an empty track
+        assert await card.locator(".timeline rect.window").count() > 0
+        assert await card.locator(".word").count() > 0  # descriptors in words
+
+
+async def test_the_screenshot_shows_drawn_bars_and_timeline(
+    server: DashboardServer, page: Page, speech_with_pauses: tuple[Path, int]
+) -> None:
+    from PIL import Image
+
+    path, clip_count = speech_with_pauses
+    async with asyncio.timeout(DEADLINE_S):
+        await page.goto(server.url)
+        await page.wait_for_selector('#connection[data-state="connected"]')
+        messages = await feed(server, path, "shot", clip_count)
+        await wait_for_finals(page, clip_count, "shot", WAIT_MS)
+        png = await page.locator('section.stream[data-stream="shot"]').screenshot()
+    image = Image.open(io.BytesIO(png)).convert("RGB")
+    pixels = np.asarray(image).reshape(-1, 3)
+    assert len(np.unique(pixels, axis=0)) > 50, "the card is (nearly) a single colour"
+    top = finals_of(messages)[-1]["top_label"]
+    colour = await page.evaluate(
+        "label => import('./static/colors.js').then(m => m.labelColor(label))", top
+    )
+    rgb = np.array([int(colour[i : i + 2], 16) for i in (1, 3, 5)])
+    drawn = np.all(np.abs(pixels.astype(int) - rgb) <= 3, axis=1).sum()
+    assert drawn > 500, f"few pixels ({drawn}) in the colour of {top}: no bar or band drawn"
+
+
+async def test_the_page_reconnects_when_the_server_restarts(
+    server: DashboardServer, page: Page
+) -> None:
+    async with asyncio.timeout(DEADLINE_S):
+        await page.goto(server.url)
+        connection = page.locator("#connection")
+        await page.wait_for_selector('#connection[data-state="connected"]')
+        await asyncio.to_thread(server.stop)
+        await page.wait_for_selector('#connection[data-state="reconnecting"]')
+        assert "reconnecting" in (await connection.text_content() or "")
+        await asyncio.to_thread(server.start)  # the same port
+        await page.wait_for_selector('#connection[data-state="connected"]')
+
+
+async def test_memory_is_bounded_to_the_last_minutes(server: DashboardServer, page: Page) -> None:
+    """With ?minutes=1, a 10-minute stream keeps one minute; replayed ids are applied once."""
+    async with asyncio.timeout(DEADLINE_S):
+        await page.goto(f"{server.url}/?minutes=1")
+        kept = await page.evaluate(APPLY_TEN_MINUTES)
+    assert kept["applied_twice"] is False
+    assert kept["span_ms"] <= 60_000 + 2_000
+    assert kept["windows"] <= 60 * 2 + 4  # two windows a second
+    assert kept["finals"] == kept["drawn_finals"] <= 13
+    assert kept["session_reset_windows"] == 1
+
+
+# 10 minutes of one stream: 2 windows a second, a 4 s utterance every 5 s with its final; then
+# one message replayed (must be ignored) and a message of a new session (starts the stream anew).
+APPLY_TEN_MINUTES = """async () => {
+  const dashboard = window.streamSer.dashboard;
+  const base = {schema_version: 1, stream_id: "long", distribution: {happy: 0.7, sad: 0.3},
+                top_label: "happy", top_probability: 0.7, entropy: 0.88, model_id: "m",
+                latency_ms: 1, arousal: 0.1, valence: 0.2, wall_time: "2026-12-03T00:00:00.000Z"};
+  let last = null;
+  for (let t = 0; t < 600_000; t += 500) {
+    const u = Math.floor(t / 5000) + 1;
+    last = {...base, type: "window", final: false, id: `s1:long:${u}:w${t + 2000}`,
+            utterance_id: u, start_ms: t, end_ms: t + 2000};
+    dashboard.apply(last);
+    if (t % 5000 === 4500) {
+      dashboard.apply({...base, type: "utterance", final: true, id: `s1:long:${u}:f`,
+                       utterance_id: u, start_ms: t - 4500, end_ms: t - 500});
+    }
+  }
+  const stream = dashboard.streams.get("long");
+  const windows = stream.windows.length;
+  const applied_twice = dashboard.apply(last);
+  await new Promise((resolve) => requestAnimationFrame(() => requestAnimationFrame(resolve)));
+  const result = {applied_twice, windows, span_ms: stream.endMs - stream.startMs,
+    finals: stream.finals().length,
+    drawn_finals: document.querySelectorAll('[data-stream="long"] .timeline rect.final').length};
+  dashboard.apply({...base, type: "window", final: false, id: "s2:long:1:w2000",
+                   utterance_id: 1, start_ms: 0, end_ms: 2000});
+  result.session_reset_windows = dashboard.streams.get("long").windows.length;
+  return result;
+}"""
+
+
+async def test_the_browser_microphone_becomes_a_stream_with_a_final(
+    tmp_path: Path, server: DashboardServer, ravdess_clips: list[Path]
+) -> None:
+    """Chromium's fake capture plays real speech (then silence) into getUserMedia."""
+    speech, rate = soundfile.read(ravdess_clips[0], dtype="float32")
+    wav = tmp_path / "speech.wav"
+    soundfile.write(
+        wav, np.concatenate([speech, np.zeros(2 * rate, np.float32)]), rate, subtype="PCM_16"
+    )
+    async with asyncio.timeout(DEADLINE_S), chromium(*fake_microphone_flags(wav)) as browser:
+        tab = await browser.new_page()
+        tab.set_default_timeout(WAIT_MS)
+        await tab.goto(server.url)
+        await tab.wait_for_selector('#connection[data-state="connected"]')
+        await tab.click("#mic")
+        await tab.wait_for_selector('#mic-state[data-state="live"]')
+        state = await tab.text_content("#mic-state") or ""
+        stream_id = state.split("stream ")[1].split(" ")[0]
+        assert stream_id.startswith("browser-")
+        await wait_for_finals(tab, 1, stream_id, WAIT_MS)
+        await tab.click("#mic")
+        await tab.wait_for_selector('#mic-state[data-state="stopped"]')
+        label = await tab.locator(
+            f'section.stream[data-stream="{stream_id}"] .final-label'
+        ).text_content()
+        assert label is not None and label.startswith("utterance 1")
