@@ -1,7 +1,7 @@
 // The drawn parts of a stream card: distribution bars, the timeline and the arousal/valence plane.
 
 import { labelColor } from "./colors.js";
-import { formatMs, html, percent, svg } from "./dom.js";
+import { formatMs, html, percent, svg, topOf } from "./dom.js";
 import { stageOf } from "./state.js";
 
 const WIDTH = 1000; // timeline viewBox units
@@ -18,8 +18,9 @@ export function drawBars(container, result) {
     fill.style.background = labelColor(label);
     const row = html("div", { class: "bar", "data-label": label });
     if (label === result.top_label) row.classList.add("top");
-    row.append(html("span", { class: "name" }, label), html("span", { class: "track" }), html("span", { class: "p" }, percent(p)));
-    row.children[1].append(fill);
+    const track = html("span", { class: "track" });
+    track.append(fill);
+    row.append(html("span", { class: "name" }, label), track, html("span", { class: "p" }, percent(p)));
     container.append(row);
   }
 }
@@ -56,7 +57,7 @@ function windowColumns(windows, x) {
       width: Math.max(x(centre + hop / 2) - x(centre - hop / 2), 1), height,
       fill: labelColor(w.top_label),
     });
-    column.append(svg("title", {}, `window ${formatMs(w.end_ms)}: ${w.top_label} ${percent(w.top_probability)}`));
+    column.append(svg("title", {}, `window ${formatMs(w.end_ms)}: ${topOf(w)}`));
     return column;
   });
 }
@@ -72,8 +73,7 @@ function utteranceBands(utterances, x) {
         x: x(result.start_ms), y, width: Math.max(x(result.end_ms) - x(result.start_ms), 2), height,
         fill: labelColor(result.top_label), stroke: labelColor(result.top_label),
       });
-      const title = `utterance ${u.utteranceId} (${stage}): ${result.top_label} ${percent(result.top_probability)}`;
-      band.append(svg("title", {}, title));
+      band.append(svg("title", {}, `utterance ${u.utteranceId} (${stage}): ${topOf(result)}`));
       shapes.push(band);
     }
   }

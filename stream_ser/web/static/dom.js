@@ -32,6 +32,16 @@ export function signed(value) {
   return (value >= 0 ? "+" : "−") + Math.abs(value).toFixed(2);
 }
 
+/** A result's top label and its probability, e.g. "happy 31 %". */
+export function topOf(result) {
+  return `${result.top_label} ${percent(result.top_probability)}`;
+}
+
+/** A counter or field name in words. */
+export function words(name) {
+  return name.replaceAll("_", " ");
+}
+
 /** A probability as a whole percentage. */
 export function percent(p) {
   return `${Math.round(p * 100)} %`;

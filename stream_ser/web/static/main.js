@@ -10,7 +10,9 @@ const token = params.get("token"); // passed on to the WebSockets (browsers cann
 const byId = (id) => document.getElementById(id);
 
 const dashboard = new Dashboard({ minutes: Number(params.get("minutes")) || DEFAULT_MINUTES });
-new View(dashboard, { streams: byId("streams"), legend: byId("legend"), process: byId("process"), empty: byId("empty") });
+new View(dashboard, {
+  streams: byId("streams"), legend: byId("legend"), process: byId("process"), empty: byId("empty"),
+});
 
 const events = new ReconnectingSocket(socketUrl("v1/events", { token }), {
   onMessage: (message) => dashboard.apply(message),

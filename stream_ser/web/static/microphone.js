@@ -31,7 +31,8 @@ export class Microphone {
     await this.context.audioWorklet.addModule(new URL("./pcm-worklet.js", import.meta.url));
     this.socket = await this.#open(this.context.sampleRate);
     const frames = Math.round(this.context.sampleRate * BLOCK_S);
-    this.node = new AudioWorkletNode(this.context, "pcm-capture", { numberOfOutputs: 0, processorOptions: { frames } });
+    const options = { numberOfOutputs: 0, processorOptions: { frames } };
+    this.node = new AudioWorkletNode(this.context, "pcm-capture", options);
     this.node.port.onmessage = (event) => this.#send(event.data);
     this.context.createMediaStreamSource(this.media).connect(this.node);
     this.onState({ state: "live", streamId: this.streamId, level: 0, dropped: 0 });
@@ -59,7 +60,9 @@ export class Microphone {
         socket.onclose = (event) => this.#closed(event);
         resolve(socket);
       };
-      socket.onclose = (event) => reject(new Error(event.reason || `the server refused the stream (code ${event.code})`));
+      socket.onclose = (event) => {
+        reject(new Error(event.reason || `the server refused the stream (code ${event.code})`));
+      };
     });
   }
 

@@ -2,7 +2,8 @@
 
 import { describeResult, drawAffect, drawBars, drawTimeline } from "./charts.js";
 import { labelColor } from "./colors.js";
-import { formatMs, html, percent, signed, svg } from "./dom.js";
+import { formatMs, html, signed, svg, topOf, words } from "./dom.js";
+import { stageOf } from "./state.js";
 
 const BASELINE_WORDS = { population: "relative to the population", speaker: "relative to this speaker" };
 
@@ -20,12 +21,17 @@ class StreamCard {
     this.descriptors = html("div", { class: "descriptors" });
     this.timeline = svg("svg", { class: "timeline", viewBox: "0 0 1000 64", preserveAspectRatio: "none" });
     this.axis = html("div", { class: "time-axis" });
-    this.axis.append(html("span"), html("span", {}, "windows faint · provisional dashed · final solid"), html("span"));
+    const key = html("span", {}, "windows faint · provisional dashed · final solid");
+    this.axis.append(html("span"), key, html("span"));
     this.counters = html("dl", { class: "counters" });
     const header = html("header");
     header.append(title, this.speaking, this.top);
     const now = html("div", { class: "now" });
-    now.append(column("distribution", this.caption, this.bars), column("arousal / valence", this.affect, this.affectText), column("latest final", this.descriptors));
+    now.append(
+      column("distribution", this.caption, this.bars),
+      column("arousal / valence", this.affect, this.affectText),
+      column("latest final", this.descriptors),
+    );
     this.root.append(header, now, this.timeline, this.axis, this.counters);
   }
 
@@ -33,13 +39,14 @@ class StreamCard {
     this.speaking.dataset.speaking = String(stream.speaking);
     this.speaking.textContent = stream.speaking ? "speaking" : "silent";
     const current = stream.current;
-    this.top.textContent = current === null ? "" : `${current.top_label} ${percent(current.top_probability)}`;
+    this.top.textContent = current === null ? "" : topOf(current);
     this.top.style.color = current === null ? "" : labelColor(current.top_label);
     this.caption.textContent = describeResult(current);
-    this.caption.dataset.stage = current === null ? "" : (current.type === "window" ? "window" : current.final ? "final" : "provisional");
+    this.caption.dataset.stage = current === null ? "" : stageOf(current);
     drawBars(this.bars, current);
     drawAffect(this.affect, current, stream.latestFinal);
-    this.affectText.textContent = current === null ? "" : `arousal ${signed(current.arousal)} · valence ${signed(current.valence)}`;
+    this.affectText.textContent = current === null
+      ? "" : `arousal ${signed(current.arousal)} · valence ${signed(current.valence)}`;
     drawDescriptors(this.descriptors, stream.latestFinal);
     const { startMs, endMs } = drawTimeline(this.timeline, stream);
     this.axis.children[0].textContent = formatMs(startMs);
@@ -61,32 +68,34 @@ function drawDescriptors(container, final) {
     container.append(html("p", { class: "muted" }, "no final result yet"));
     return;
   }
-  const heading = `utterance ${final.utterance_id} (${formatMs(final.start_ms)}–${formatMs(final.end_ms)}): ${final.top_label} ${percent(final.top_probability)}`;
+  const span = `${formatMs(final.start_ms)}–${formatMs(final.end_ms)}`;
+  const heading = `utterance ${final.utterance_id} (${span}): ${topOf(final)}`;
   container.append(html("p", { class: "final-label" }, heading));
   const descriptors = final.descriptors;
   if (descriptors === undefined) container.append(html("p", { class: "muted" }, "no descriptors"));
   else if (descriptors.voiced === false) container.append(html("p", { class: "muted" }, "no voiced speech"));
   else container.append(descriptorWords(descriptors));
-  for (const flag of final.flags ?? []) container.append(html("span", { class: "flag" }, flag.replaceAll("_", " ")));
+  for (const flag of final.flags ?? []) container.append(html("span", { class: "flag" }, words(flag)));
 }
 
 function descriptorWords(descriptors) {
-  const words = html("p", { class: "words" });
+  const list = html("p", { class: "words" });
   for (const [name, d] of Object.entries(descriptors)) {
     if (typeof d !== "object" || d === null) continue;
-    const word = html("span", { class: "word", title: `z ${signed(d.z)}, value ${d.value}` }, `${name} ${d.level}`);
+    const title = `z ${signed(d.z)}, value ${d.value}`;
+    const word = html("span", { class: "word", title }, `${name} ${d.level}`);
     if (Math.abs(d.z) >= 1) word.classList.add("marked");
-    words.append(word);
+    list.append(word);
   }
-  words.append(html("span", { class: "muted" }, BASELINE_WORDS[descriptors.baseline] ?? ""));
-  return words;
+  list.append(html("span", { class: "muted" }, BASELINE_WORDS[descriptors.baseline] ?? ""));
+  return list;
 }
 
 function drawCounters(container, counters) {
   container.replaceChildren();
   for (const [name, value] of Object.entries(counters)) {
     const item = html("div", { "data-counter": name });
-    item.append(html("dt", {}, name.replaceAll("_", " ")), html("dd", {}, formatCount(value)));
+    item.append(html("dt", {}, words(name)), html("dd", {}, formatCount(value)));
     container.append(item);
   }
 }
@@ -123,7 +132,9 @@ export class View {
     for (const streamId of this.dirty) this.#renderStream(streamId);
     this.dirty.clear();
     for (const [streamId, card] of this.cards) {
-      if (!this.dashboard.streams.has(streamId)) { card.root.remove(); this.cards.delete(streamId); }
+      if (this.dashboard.streams.has(streamId)) continue;
+      card.root.remove();
+      this.cards.delete(streamId);
     }
     if (this.processDirty) this.#renderProcess();
     this.processDirty = false;
@@ -159,7 +170,7 @@ export class View {
     const status = this.dashboard.process;
     const element = this.elements.process;
     element.dataset.state = status.state;
-    const counters = Object.entries(status.counters).map(([k, v]) => `${k.replaceAll("_", " ")} ${formatCount(v)}`);
+    const counters = Object.entries(status.counters).map(([k, v]) => `${words(k)} ${formatCount(v)}`);
     element.textContent = `server ${status.state} · ${status.streams.length} stream(s)`;
     element.title = counters.join("\n");
   }
