@@ -38,8 +38,7 @@ pytestmark = [
 
 DEADLINE_S = 90.0  # each test as a whole
 WAIT_MS = 60_000  # one wait in the page
-FEED_SPEED = 4.0  # audio fed over /v1/stream at four times real time
-CHUNK_S = 0.1
+CHUNK_S = 0.1  # audio per WebSocket message
 
 
 @pytest.fixture
@@ -60,32 +59,19 @@ async def page() -> AsyncIterator[Page]:
         yield tab
 
 
-async def feed(
-    server: DashboardServer, path: Path, stream_id: str, finals: int
-) -> list[dict[str, Any]]:
-    """Send a speech file as s16le over /v1/stream; its messages, once `finals` finals came."""
+async def feed(server: DashboardServer, path: Path, stream_id: str) -> list[dict[str, Any]]:
+    """Send a speech file as s16le over /v1/stream, then the end frame; every message back."""
     audio, rate = soundfile.read(path, dtype="float32")
     pcm = (np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes()
     step = int(rate * CHUNK_S) * 2
-    query = f"rate={rate}&channels=1&format=s16le&stream_id={stream_id}"
-    messages: list[dict[str, Any]] = []
-    async with (
-        aiohttp.ClientSession() as session,
-        session.ws_connect(f"{server.url.replace('http', 'ws')}/v1/stream?{query}") as socket,
-    ):
-
-        async def send() -> None:
-            for start in range(0, len(pcm), step):
-                await socket.send_bytes(pcm[start : start + step])
-                await asyncio.sleep(CHUNK_S / FEED_SPEED)
-
-        sender = asyncio.create_task(send())
-        async for frame in socket:
-            assert frame.type == aiohttp.WSMsgType.TEXT, frame
-            messages.append(json.loads(frame.data))
-            if sum(1 for m in messages if m.get("final")) >= finals:
-                break
-        await sender
+    query = f"rate={rate}&channels=1&format=s16le&mode=lossless&stream_id={stream_id}"
+    url = f"{server.url.replace('http', 'ws', 1)}/v1/stream?{query}"
+    async with aiohttp.ClientSession() as session, session.ws_connect(url) as socket:
+        for start in range(0, len(pcm), step):
+            await socket.send_bytes(pcm[start : start + step])
+        await socket.send_str(json.dumps({"type": "end"}))
+        messages = [json.loads(frame.data) async for frame in socket]  # until the server closes
+        assert socket.close_code == 1000, (socket.close_code, server.stderr())
     return messages
 
 
@@ -126,7 +112,7 @@ async def test_a_stream_fed_over_websocket_shows_every_final(
     async with asyncio.timeout(DEADLINE_S):
         await page.goto(server.url)
         await page.wait_for_selector('#connection[data-state="connected"]')
-        messages = await feed(server, path, "fed", clip_count)
+        messages = await feed(server, path, "fed")
         published = finals_of(messages)
         assert [m["utterance_id"] for m in published] == list(range(1, clip_count + 1))
         await wait_for_finals(page, len(published), "fed", WAIT_MS)
@@ -147,6 +133,35 @@ async def test_a_stream_fed_over_websocket_shows_every_final(
         assert await card.locator(".word").count() > 0  # descriptors in words
 
 
+async def test_a_file_run_shows_its_finals_from_the_history(
+    tmp_path: Path, page: Page, speech_with_pauses: tuple[Path, int]
+) -> None:
+    """`run --input FILE --http`: a page opened after the file was read draws every final."""
+    path, clip_count = speech_with_pauses
+    server = DashboardServer("--input", str(path), log_dir=tmp_path)
+    server.start()
+    try:
+        async with asyncio.timeout(DEADLINE_S):
+            published = await wait_for_stdout_finals(server, clip_count)
+            await page.goto(server.url)
+            await wait_for_finals(page, clip_count, path.stem, WAIT_MS)
+            await page.wait_for_timeout(300)  # nothing more may be drawn
+            assert await card_finals(page, path.stem) == len(published) == clip_count
+    finally:
+        server.stop()
+
+
+async def wait_for_stdout_finals(server: DashboardServer, count: int) -> list[dict[str, Any]]:
+    """The final results the process printed (JSON Lines), once there are `count`."""
+    while True:
+        text = server.stdout()
+        complete = text[: text.rfind("\n") + 1].splitlines()  # not a line being written
+        published = finals_of([json.loads(line) for line in complete if line.startswith("{")])
+        if len(published) >= count:
+            return published
+        await asyncio.sleep(0.2)
+
+
 async def test_the_screenshot_shows_drawn_bars_and_timeline(
     server: DashboardServer, page: Page, speech_with_pauses: tuple[Path, int]
 ) -> None:
@@ -156,7 +171,7 @@ async def test_the_screenshot_shows_drawn_bars_and_timeline(
     async with asyncio.timeout(DEADLINE_S):
         await page.goto(server.url)
         await page.wait_for_selector('#connection[data-state="connected"]')
-        messages = await feed(server, path, "shot", clip_count)
+        messages = await feed(server, path, "shot")
         await wait_for_finals(page, clip_count, "shot", WAIT_MS)
         png = await page.locator('section.stream[data-stream="shot"]').screenshot()
     image = Image.open(io.BytesIO(png)).convert("RGB")

@@ -38,13 +38,16 @@ export class Microphone {
     this.onState({ state: "live", streamId: this.streamId, level: 0, dropped: 0 });
   }
 
-  /** Stop capturing; closing the socket ends the stream (the server flushes the last utterance). */
+  /**
+   * Stop capturing and end the stream: the server flushes the last utterance, sends the
+   * remaining results on this socket, then closes it.
+   */
   stop(reason = "stopped") {
     this.stopping = true;
     for (const track of this.media?.getTracks() ?? []) track.stop();
     this.node?.disconnect();
-    if (this.context?.state !== "closed") this.context?.close();
-    if (this.socket?.readyState === WebSocket.OPEN) this.socket.close(1000, "end of stream");
+    if (this.context !== undefined && this.context.state !== "closed") this.context.close();
+    if (this.socket?.readyState === WebSocket.OPEN) this.socket.send(JSON.stringify({ type: "end" }));
     this.onState({ state: "stopped", streamId: this.streamId, reason });
   }
 

@@ -4,7 +4,7 @@
 // final), speaking and status. A message id seen twice (history replayed after a reconnect,
 // or the same result from /v1/events and /v1/stream) is applied once.
 
-export const DEFAULT_MINUTES = 5;
+export const DEFAULT_MINUTES = 10; // as long as the server's history (600 s)
 export const MAX_STREAMS = 16; // beyond this, the stream updated longest ago is forgotten
 const MAX_WINDOWS = 4000; // per stream, whatever the span (2 windows a second: 33 minutes)
 const STAGE_RANK = { window: 0, provisional: 1, final: 2 };
