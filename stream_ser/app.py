@@ -17,25 +17,27 @@ import contextlib
 import logging
 import socket
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from stream_ser import backpressure
 from stream_ser.alm.base import AlmBackend
 from stream_ser.alm.batcher import AlmBatcher
+from stream_ser.arrivals import Arrivals, merge
 from stream_ser.discovery import discovery_messages
 from stream_ser.errors import ConfigError
 from stream_ser.events import AudioChunk
 from stream_ser.fusion import FusionConfig, load_fusion
 from stream_ser.fusion_eval import Recognizers
+from stream_ser.hub import ResultHub
 from stream_ser.messages import StreamInfo
 from stream_ser.metrics import Metrics
 from stream_ser.mqtt import parse_broker_url
 from stream_ser.pipeline import StreamPipeline, new_session_id, run_streams
 from stream_ser.publish import JsonlSink, MqttSink, Sink, TeeSink, default_spool_path
 from stream_ser.recognizer import Recognizer
-from stream_ser.settings import Settings, SourceSettings
+from stream_ser.settings import MAX_STREAM_ID_BYTES, Settings, SourceSettings, check_name
 from stream_ser.source import Damage, SourceStats, is_recording, open_source
 from stream_ser.specialist import Specialist, bundled_model_dir
 from stream_ser.spool import Spool
@@ -159,6 +161,20 @@ class Runtime:
     sink: Sink
     session_id: str
     observer: Metrics | None = None
+    arrivals: Arrivals = field(default_factory=Arrivals)
+    """Streams started while it runs (`start`); `run_streams(..., arriving=...)` runs them."""
+
+    def start(self, stream_id: str, source: AsyncIterator[AudioChunk],
+              stats: SourceStats, lossless: bool = False) -> StreamPipeline:  # fmt: skip
+        """Start a new stream on the running runtime (a WebSocket client, a Pipecat pipeline,
+        Python code): its pipeline, already handed to the runtime; await `.finished` for its
+        end. ConfigError for an invalid id, StreamIdInUse if a live stream has it,
+        RuntimeClosed while shutting down. Each gets its own session nonce (message ids)."""
+        check_name("stream_id", stream_id, MAX_STREAM_ID_BYTES)
+        self.arrivals.check_free(stream_id)
+        pipeline = self.pipeline(stream_id, source, stats, lossless, new_session_id())
+        self.arrivals.add(pipeline)
+        return pipeline
 
     def pipeline(self, stream_id: str, source: AsyncIterator[AudioChunk],
                  stats: SourceStats, lossless: bool = False,
@@ -171,7 +187,7 @@ class Runtime:
         policy = backpressure.for_stream(
             lossless, self.stages.fusion.deadline_ms, self.recognizer.max_pending_windows
         )
-        return StreamPipeline(
+        pipeline = StreamPipeline(
             stream=StreamInfo(stream_id, session, card.model_id, card.labels),
             source=source,
             segmenter=Segmenter(self.settings.vad),
@@ -185,6 +201,8 @@ class Runtime:
             observer=self.observer,
             backpressure=policy,
         )
+        self.arrivals.track(pipeline)  # its id is live until it has run (see `start`)
+        return pipeline
 
 
 @contextlib.asynccontextmanager
@@ -217,6 +235,8 @@ async def run(
     (`damage` collects a damaged file's error; the caller raises it afterwards)."""
     stop = asyncio.Event()
     install_stop_handlers(stop)
+    hub = ResultHub() if settings.http.address else None  # what the WebSocket clients read
+    sink = TeeSink(sink, hub) if hub is not None else sink
     async with contextlib.AsyncExitStack() as stack:
         metrics = serve_metrics(settings, stack)
         runtime = await stack.enter_async_context(open_runtime(settings, specialist, sink, metrics))
@@ -232,7 +252,8 @@ async def run(
             announcer = Announcer(settings, sink, client_id)
             for stream_id in stream_ids:
                 await announcer.announce(stream_id, socket.gethostname())
-            await run_all(runtime, streams, stop, client_id, announcer)
+            async with accept_streams(runtime, hub, stop):
+                await run_all(runtime, streams, stop, client_id, announcer)
     for stream in streams:
         counters = stream.counters
         log.info(
@@ -253,7 +274,8 @@ async def run_all(
     settings = runtime.settings
     interval = settings.mqtt.status_interval_s
     if not settings.source.mqtt_audio:
-        await run_streams(streams, runtime.sink, stop, interval, runtime.observer)
+        arriving = announcer.remote(aiter(runtime.arrivals))
+        await run_streams(streams, runtime.sink, stop, interval, runtime.observer, arriving)
         return
     assert settings.mqtt.url is not None
 
@@ -273,13 +295,29 @@ async def run_all(
         remote_pipeline,
         settings.source.mqtt_audio_max_streams,
     )
-    arriving = announcer.remote(worker.streams())
+    arriving = announcer.remote(merge([worker.streams(), aiter(runtime.arrivals)]))
     async with asyncio.TaskGroup() as group:
         group.create_task(worker.run(stop), name="audio-worker")
         remote = run_streams(
             streams, runtime.sink, stop, interval, runtime.observer, arriving, worker.counters
         )
         group.create_task(remote, name="streams")
+
+
+@contextlib.asynccontextmanager
+async def accept_streams(
+    runtime: Runtime, hub: ResultHub | None, stop: asyncio.Event
+) -> AsyncIterator[None]:
+    """With --http (`hub`): the web server starts streams on the runtime until `stop` (the
+    run lasts until then). Without: nothing else starts streams; the run ends with its sources."""
+    if hub is None:
+        runtime.arrivals.close()
+        yield
+        return
+    from stream_ser.web.server import serve
+
+    async with serve(runtime.settings.http, runtime, hub, stop):
+        yield
 
 
 def serve_metrics(settings: Settings, stack: contextlib.AsyncExitStack) -> Metrics | None:

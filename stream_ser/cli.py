@@ -28,6 +28,7 @@ from stream_ser.settings import (
     split_sources,
 )
 from stream_ser.source import Damage, default_stream_id, list_input_devices
+from stream_ser.web import require_aiohttp
 
 log = logging.getLogger("stream_ser")
 
@@ -95,10 +96,13 @@ def _run_command(args: argparse.Namespace) -> int:
     for note in dict.fromkeys(n for s in per_source for n in ineffective_settings(s)):
         log.warning("%s", note)
     sources = [s.source for s in per_source if s.source.input or s.source.mic]
-    if not sources and not settings.source.mqtt_audio:
+    if not sources and not settings.source.mqtt_audio and not settings.http.address:
         raise ConfigError(
-            "no audio source: give --input FILE, --input -, --mic [DEVICE] or --mqtt-audio"
+            "no audio source: give --input FILE, --input -, --mic [DEVICE], --mqtt-audio"
+            " or --http ADDRESS"
         )
+    if settings.http.address:
+        require_aiohttp()
     if any(source.input is not None and source.mic is not None for source in sources):
         raise ConfigError("a source is either --input or --mic, not both")
     if [source.input for source in sources].count("-") > 1:

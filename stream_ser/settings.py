@@ -19,6 +19,7 @@ from typing import Any
 from stream_ser.errors import ConfigError
 from stream_ser.kinds import FusionRule, values
 from stream_ser.options import ALM_HELP, AlmOptions
+from stream_ser.web.options import HttpSettings
 
 FRAME_MS_CHOICES = (10, 20, 30)
 VAD_BACKENDS = ("webrtc", "silero")
@@ -361,6 +362,7 @@ class Settings:
     ha: HomeAssistantSettings = field(default_factory=HomeAssistantSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     output: OutputSettings = field(default_factory=OutputSettings)
+    http: HttpSettings = field(default_factory=HttpSettings)
 
     def __post_init__(self) -> None:
         _require(
@@ -378,6 +380,7 @@ SECTIONS: dict[str, type[Any]] = {
     "ha": HomeAssistantSettings,
     "metrics": MetricsSettings,
     "output": OutputSettings,
+    "http": HttpSettings,
 }
 
 TOML_ONLY = {("alm", "api_key")}  # secrets never go on the command line

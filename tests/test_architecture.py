@@ -131,4 +131,5 @@ def test_importing_the_vad_loads_few_modules() -> None:
     assert loaded <= {
         "stream_ser", "stream_ser.errors", "stream_ser.events", "stream_ser.kinds",
         "stream_ser.options", "stream_ser.settings", "stream_ser.vad", "stream_ser.vad_backends",
+        "stream_ser.web", "stream_ser.web.options",  # the [http] settings: plain values
     }, loaded  # fmt: skip
