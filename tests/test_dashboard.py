@@ -265,7 +265,7 @@ async def test_the_browser_microphone_becomes_a_stream_with_a_final(
         assert stream_id.startswith("browser-")
         await wait_for_finals(tab, 1, stream_id, WAIT_MS)
         await tab.click("#mic")
-        await tab.wait_for_selector('#mic-state[data-state="stopped"]')
+        await tab.wait_for_selector('#mic-state[data-state="stopped"]', state="attached")
         label = await tab.locator(
             f'section.stream[data-stream="{stream_id}"] .final-label'
         ).text_content()

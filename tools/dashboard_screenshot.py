@@ -74,12 +74,10 @@ class DashboardServer:
         """Start the process and wait until it accepts connections."""
         self.starts += 1
         command = [sys.executable, "-m", "stream_ser", "run", "--http", f"127.0.0.1:{self.port}"]
-        self.process = subprocess.Popen(
-            [*command, *self.args],
-            cwd=REPO,
-            stdout=self._log("stdout"),
-            stderr=self._log("stderr"),
-        )
+        with self._log("stdout") as stdout, self._log("stderr") as stderr:  # the child's copies
+            self.process = subprocess.Popen(
+                [*command, *self.args], cwd=REPO, stdout=stdout, stderr=stderr
+            )
         deadline = time.monotonic() + timeout_s
         while not self._accepts():
             if self.process.poll() is not None:
