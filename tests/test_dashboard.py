@@ -147,6 +147,8 @@ async def test_a_file_run_shows_its_finals_from_the_history(
             await wait_for_finals(page, clip_count, path.stem, WAIT_MS)
             await page.wait_for_timeout(300)  # nothing more may be drawn
             assert await card_finals(page, path.stem) == len(published) == clip_count
+            counters = page.locator(f'section.stream[data-stream="{path.stem}"] [data-counter]')
+            await counters.first.wait_for()  # the status counters, from the replayed status
     finally:
         server.stop()
 

@@ -32,6 +32,7 @@ export class StreamState {
     this.latestFinal = null;
     this.speaking = false;
     this.counters = {};
+    this.countersAt = null; // wall_time of the status they came with
     this.touched = 0; // arrival order of the last message, to forget idle streams first
   }
 
@@ -167,7 +168,9 @@ export class Dashboard {
   #status(message) {
     this.process = message;
     for (const [streamId, counters] of Object.entries(message.per_stream ?? {})) {
-      this.#stream(streamId).counters = counters;
+      const stream = this.#stream(streamId);
+      stream.counters = counters;
+      stream.countersAt = message.wall_time;
     }
     return null;
   }

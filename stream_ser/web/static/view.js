@@ -23,7 +23,7 @@ class StreamCard {
     this.axis = html("div", { class: "time-axis" });
     const key = html("span", {}, "windows faint · provisional dashed · final solid");
     this.axis.append(html("span"), key, html("span"));
-    this.counters = html("dl", { class: "counters" });
+    this.counters = html("div", { class: "counters" });
     const header = html("header");
     header.append(title, this.speaking, this.top);
     const now = html("div", { class: "now" });
@@ -51,7 +51,7 @@ class StreamCard {
     const { startMs, endMs } = drawTimeline(this.timeline, stream);
     this.axis.children[0].textContent = formatMs(startMs);
     this.axis.children[2].textContent = formatMs(endMs);
-    drawCounters(this.counters, stream.counters);
+    drawCounters(this.counters, stream.counters, stream.countersAt);
   }
 }
 
@@ -91,11 +91,14 @@ function descriptorWords(descriptors) {
   return list;
 }
 
-function drawCounters(container, counters) {
+function drawCounters(container, counters, at) {
   container.replaceChildren();
+  if (at === null) return;
+  const time = new Date(at).toLocaleTimeString();
+  container.append(html("span", { class: "at" }, `status at ${time}:`));
   for (const [name, value] of Object.entries(counters)) {
-    const item = html("div", { "data-counter": name });
-    item.append(html("dt", {}, words(name)), html("dd", {}, formatCount(value)));
+    const item = html("span", { "data-counter": name }, `${words(name)} `);
+    item.append(html("b", {}, formatCount(value)));
     container.append(item);
   }
 }
