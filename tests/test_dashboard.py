@@ -202,8 +202,27 @@ async def test_the_page_reconnects_when_the_server_restarts(
         await page.wait_for_selector('#connection[data-state="connected"]')
 
 
+async def test_the_page_passes_its_token_on_to_the_websockets(tmp_path: Path, page: Page) -> None:
+    """With --http-token-file, /?token=T connects; without the token the page says it is refused."""
+    token_file = tmp_path / "token"
+    token_file.write_text("s3cret-token\n")
+    server = DashboardServer("--http-token-file", str(token_file), log_dir=tmp_path)
+    server.start()
+    try:
+        async with asyncio.timeout(DEADLINE_S):
+            await page.goto(f"{server.url}/?token=s3cret-token")
+            await page.wait_for_selector('#connection[data-state="connected"]')
+            await page.goto(server.url)
+            await page.wait_for_selector('#connection[data-state="reconnecting"]')
+            text = await page.text_content("#connection") or ""
+            assert "refused: missing or wrong token" in text
+    finally:
+        server.stop()
+
+
 async def test_memory_is_bounded_to_the_last_minutes(server: DashboardServer, page: Page) -> None:
-    """With ?minutes=1, a 10-minute stream keeps one minute; replayed ids are applied once."""
+    """With ?minutes=1, a 10-minute stream keeps one minute; replayed ids are applied once;
+    a new session starts the stream anew; the speaking indicator follows speaking messages."""
     async with asyncio.timeout(DEADLINE_S):
         await page.goto(f"{server.url}/?minutes=1")
         kept = await page.evaluate(APPLY_TEN_MINUTES)
@@ -212,10 +231,12 @@ async def test_memory_is_bounded_to_the_last_minutes(server: DashboardServer, pa
     assert kept["windows"] <= 60 * 2 + 4  # two windows a second
     assert kept["finals"] == kept["drawn_finals"] <= 13
     assert kept["session_reset_windows"] == 1
+    assert kept["speaking"] == ["true", "speaking", "false", "silent"]
 
 
 # 10 minutes of one stream: 2 windows a second, a 4 s utterance every 5 s with its final; then
-# one message replayed (must be ignored) and a message of a new session (starts the stream anew).
+# one message replayed (must be ignored), a message of a new session (starts the stream anew),
+# and the speaking indicator switched on and off.
 APPLY_TEN_MINUTES = """async () => {
   const dashboard = window.streamSer.dashboard;
   const base = {schema_version: 1, stream_id: "long", distribution: {happy: 0.7, sad: 0.3},
@@ -242,6 +263,14 @@ APPLY_TEN_MINUTES = """async () => {
   dashboard.apply({...base, type: "window", final: false, id: "s2:long:1:w2000",
                    utterance_id: 1, start_ms: 0, end_ms: 2000});
   result.session_reset_windows = dashboard.streams.get("long").windows.length;
+  const indicator = () => document.querySelector('[data-stream="long"] .speaking');
+  result.speaking = [];
+  for (const speaking of [true, false]) {
+    dashboard.apply({schema_version: 1, type: "speaking", stream_id: "long", speaking,
+                     utterance_id: 2, at_ms: 3000, wall_time: base.wall_time});
+    await new Promise((resolve) => requestAnimationFrame(() => requestAnimationFrame(resolve)));
+    result.speaking.push(indicator().dataset.speaking, indicator().textContent);
+  }
   return result;
 }"""
 

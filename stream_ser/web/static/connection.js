@@ -1,6 +1,7 @@
 // WebSocket URLs (with the page's token) and a socket that reconnects by itself with backoff.
 
 const MIN_DELAY_MS = 500;
+export const REFUSED = 1008; // the server's close code for a missing or wrong token
 const MAX_DELAY_MS = 10_000;
 
 /** ws(s):// URL of an API path relative to the page, with query parameters (null ones left out). */
@@ -21,8 +22,8 @@ export function backoffMs(attempt, random = Math.random) {
 }
 
 /**
- * Keeps one WebSocket open to `url`: JSON text frames go to onMessage(object); every change
- * goes to onState({state: "connecting" | "connected" | "reconnecting", attempt, delayMs, reason}).
+ * Keeps one WebSocket open to `url`: JSON text frames go to onMessage(object); every change goes
+ * to onState({state: "connecting" | "connected" | "reconnecting", attempt, delayMs, code, reason}).
  */
 export class ReconnectingSocket {
   constructor(url, { onMessage, onState }) {
@@ -48,13 +49,13 @@ export class ReconnectingSocket {
     socket.onmessage = (event) => {
       if (typeof event.data === "string") this.onMessage(JSON.parse(event.data));
     };
-    socket.onclose = (event) => this.#retry(event.reason || `code ${event.code}`);
+    socket.onclose = (event) => this.#retry(event.code, event.reason);
   }
 
-  #retry(reason) {
+  #retry(code, reason) {
     this.attempt += 1;
     const delayMs = backoffMs(this.attempt);
-    this.onState({ state: "reconnecting", attempt: this.attempt, delayMs, reason });
+    this.onState({ state: "reconnecting", attempt: this.attempt, delayMs, code, reason });
     setTimeout(() => this.#connect(), delayMs);
   }
 }

@@ -1,6 +1,6 @@
 // The dashboard page: /v1/events feeds the state, the view draws it, the button adds a microphone.
 
-import { ReconnectingSocket, socketUrl } from "./connection.js";
+import { REFUSED, ReconnectingSocket, socketUrl } from "./connection.js";
 import { Microphone, microphoneAvailable } from "./microphone.js";
 import { DEFAULT_MINUTES, Dashboard } from "./state.js";
 import { View } from "./view.js";
@@ -20,12 +20,15 @@ const events = new ReconnectingSocket(socketUrl("v1/events", { token }), {
 });
 events.start();
 
-function showConnection(element, { state, attempt, delayMs, reason }) {
+function showConnection(element, { state, attempt, delayMs, code, reason }) {
   element.dataset.state = state;
-  element.textContent = state === "reconnecting"
-    ? `reconnecting (attempt ${attempt}, next in ${(delayMs / 1000).toFixed(1)} s)`
-    : state;
-  element.title = reason ?? "";
+  element.textContent = state;
+  if (state === "reconnecting") {
+    const next = `attempt ${attempt}, next in ${(delayMs / 1000).toFixed(1)} s`;
+    const refused = code === REFUSED ? `refused: ${reason || "missing or wrong token"}; ` : "";
+    element.textContent = `reconnecting (${refused}${next})`;
+  }
+  element.title = reason || (code ? `closed with code ${code}` : "");
 }
 
 const button = byId("mic");
