@@ -33,6 +33,7 @@ function showConnection(element, { state, attempt, delayMs, code, reason }) {
 
 const button = byId("mic");
 const micState = byId("mic-state");
+const micLevel = byId("mic-level");
 let microphone = null;
 
 if (!microphoneAvailable()) {
@@ -56,15 +57,23 @@ button.addEventListener("click", async () => {
 function showMicrophone({ state, streamId, level, dropped, reason }) {
   micState.dataset.state = state;
   if (state === "stopped") {
+    micLevel.hidden = true;
     microphone = null;
     button.textContent = "Use this browser's microphone";
     micState.textContent = reason === "stopped" ? "" : reason;
     return;
   }
   button.textContent = "Stop the microphone";
-  const meter = state === "live" ? ` · level ${"▮".repeat(Math.min(10, Math.round(level * 40)))}` : "";
+  micLevel.hidden = state !== "live";
+  if (state === "live") micLevel.firstElementChild.style.width = `${levelPercent(level)}%`;
   const drops = dropped > 0 ? ` · ${dropped} block(s) dropped` : "";
-  micState.textContent = `${state} as stream ${streamId}${meter}${drops}`;
+  micState.textContent = `${state} as stream ${streamId}${drops}`;
+}
+
+/** An RMS level on a -60..0 dBFS scale, in percent. */
+function levelPercent(rms) {
+  const db = 20 * Math.log10(Math.max(rms, 1e-6));
+  return Math.max(0, Math.min(100, ((db + 60) / 60) * 100));
 }
 
 window.streamSer = { dashboard, events }; // for the tests and the browser console
