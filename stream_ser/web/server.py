@@ -276,6 +276,11 @@ class WebServer:
             source.end()  # also when the client vanished: the last utterance is flushed
             self._sources.discard(source)
         await pipeline.finished.wait()
+        counters = pipeline.counters
+        log.info("stream %s ended: %d utterance(s), %d window(s), %d audio block(s) dropped, "
+                 "%d message(s) the client did not read in time", params.stream_id,
+                 counters.utterances, counters.windows, stats.blocks_dropped,
+                 subscription.dropped)  # fmt: skip
         subscription.close()  # its queue is still sent
         try:
             async with asyncio.timeout(FLUSH_TIMEOUT_S):
