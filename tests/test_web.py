@@ -293,6 +293,10 @@ async def test_a_token_is_required_by_header_or_query(tiny_model: Path, tmp_path
                 await ws.send_str('{"type": "end"}')
                 assert (await read_all(ws))[1] == Close.NORMAL
         assert s.server.stats.ws_refused_token == 3
+    statuses = [m for m in await drained(s.everything) if m["type"] == "status"]
+    check_message(statuses[-1])
+    assert statuses[-1]["state"] == "offline"
+    assert statuses[-1]["counters"]["ws_refused_token"] == 3  # in the status totals
 
 
 async def test_a_page_of_another_origin_needs_the_token(tiny_model: Path) -> None:

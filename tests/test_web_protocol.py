@@ -123,3 +123,13 @@ def test_without_aiohttp_the_error_names_the_extra() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=60, check=True).stdout  # fmt: skip
     assert out.startswith("ConfigError") and "pip install 'stream-ser[web]'" in out
+
+
+def test_the_documented_python_client_is_the_tested_example() -> None:
+    repo = Path(__file__).resolve().parent.parent
+    doc = (repo / "docs" / "websocket.md").read_text(encoding="utf-8")
+    section = doc.split("## A Python client", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    example = (repo / "examples" / "ws_client.py").read_text(encoding="utf-8")
+    assert code == example  # tests/test_web_cli.py runs the example
+    assert len(code.splitlines()) <= 40
