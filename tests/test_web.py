@@ -373,3 +373,26 @@ async def _next_text(ws: aiohttp.ClientWebSocketResponse, timeout_s: float) -> A
     except TimeoutError:
         return None
     return json.loads(message.data) if message.type == aiohttp.WSMsgType.TEXT else None
+
+
+async def test_a_stop_flushes_open_streams_and_refuses_new_ones(
+    tiny_model: Path, speech_with_pauses: tuple[Path, int]
+) -> None:
+    path, _ = speech_with_pauses
+    pcm = speech_pcm(path)
+    async with asyncio.timeout(60), served(tiny_model) as s, aiohttp.ClientSession() as http:
+        ws = await http.ws_connect(s.ws_url("/v1/stream", stream_id="cut"))
+        for start in range(0, len(pcm), CHUNK_BYTES):  # until the first utterance has begun
+            await ws.send_bytes(pcm[start : start + CHUNK_BYTES])
+            message = await _next_text(ws, 0.02)
+            if message is not None and message["type"] == "speaking":
+                break
+        s.stop.set()  # Ctrl-C
+        messages, code, reason = await read_all(ws)
+        async with http.get(f"{s.url}/healthz") as response:
+            assert response.status == 503
+        async with http.ws_connect(s.ws_url("/v1/stream")) as late:
+            assert (await read_all(late))[1:] == (Close.GOING_AWAY, "the server is shutting down")
+    assert (code, reason) == (Close.GOING_AWAY, "the server is shutting down")
+    (final,) = utterances(messages)
+    assert final["utterance_id"] == 1 and final["end_reason"] == "stream_end"
