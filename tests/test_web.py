@@ -394,5 +394,34 @@ async def test_a_stop_flushes_open_streams_and_refuses_new_ones(
         async with http.ws_connect(s.ws_url("/v1/stream")) as late:
             assert (await read_all(late))[1:] == (Close.GOING_AWAY, "the server is shutting down")
     assert (code, reason) == (Close.GOING_AWAY, "the server is shutting down")
+    for message in messages:
+        check_message(message)
     (final,) = utterances(messages)
     assert final["utterance_id"] == 1 and final["end_reason"] == "stream_end"
+
+
+async def test_many_concurrent_clients_each_get_their_own_results(
+    tiny_model: Path, speech_with_pauses: tuple[Path, int]
+) -> None:
+    path, count = speech_with_pauses
+    pcm = speech_pcm(path)
+    clients = 12
+
+    async def client(http: aiohttp.ClientSession, n: int) -> list[dict[str, Any]]:
+        url = s.ws_url("/v1/stream", stream_id=f"c{n}", mode="lossless")
+        async with http.ws_connect(url) as ws:
+            await send_audio(ws, pcm)
+            await ws.send_str('{"type": "end"}')
+            messages, code, _ = await read_all(ws)
+        assert code == Close.NORMAL
+        return messages
+
+    async with asyncio.timeout(120), served(tiny_model) as s, aiohttp.ClientSession() as http:
+        got = await asyncio.gather(*(client(http, n) for n in range(clients)))
+    reference = [f[1:] for f in finals_of(got[0], "c0")]  # times, reason, distribution
+    assert len(reference) == count
+    for n, messages in enumerate(got):
+        for message in messages:
+            check_message(message)
+        assert {m["stream_id"] for m in messages if m["type"] != "status"} == {f"c{n}"}
+        assert [f[1:] for f in finals_of(messages, f"c{n}")] == reference
