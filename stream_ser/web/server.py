@@ -163,7 +163,7 @@ class WebServer:
         return web.FileResponse(page)
 
     async def healthz(self, request: web.Request) -> web.Response:
-        """ "ok" while serving; 503 while shutting down."""
+        """Plain "ok" while serving; 503 while shutting down."""
         if self.stopping:
             return web.Response(status=503, text="shutting down")
         return web.Response(text="ok")
