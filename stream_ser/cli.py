@@ -29,6 +29,7 @@ from stream_ser.settings import (
 )
 from stream_ser.source import Damage, default_stream_id, list_input_devices
 from stream_ser.web import require_aiohttp
+from stream_ser.web.options import HttpSettings
 
 log = logging.getLogger("stream_ser")
 
@@ -133,6 +134,8 @@ def ineffective_settings(settings: Settings) -> list[str]:
         notes.append("--mqtt-* settings do nothing without --mqtt URL: ignored")
     if settings.metrics.port is None and settings.metrics != MetricsSettings():
         notes.append("--metrics-host does nothing without --metrics-port: ignored")
+    if settings.http.address is None and settings.http != HttpSettings():
+        notes.append("--http-* settings do nothing without --http ADDRESS: ignored")
     return notes
 
 

@@ -46,7 +46,8 @@ log = logging.getLogger(__name__)
 INSTALL_HINT = "pip install 'stream-ser[metrics]'"
 NAMESPACE = "stream_ser"
 MAX_PORT = 65535
-GAUGE_COUNTERS = frozenset({"spool_waiting", "lag_ms"})  # levels, not running totals
+# levels, not running totals
+GAUGE_COUNTERS = frozenset({"spool_waiting", "lag_ms", "hub_subscribers", "ws_connections"})
 LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 LAG_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0)
 DURATION_BUCKETS_S = (0.5, 1.0, 2.0, 3.0, 5.0, 8.0, 12.0, 20.0, 30.0, 60.0)

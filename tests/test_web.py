@@ -293,6 +293,10 @@ async def test_a_token_is_required_by_header_or_query(tiny_model: Path, tmp_path
                 await ws.send_str('{"type": "end"}')
                 assert (await read_all(ws))[1] == Close.NORMAL
         assert s.server.stats.ws_refused_token == 3
+    statuses = [m for m in await drained(s.everything) if m["type"] == "status"]
+    check_message(statuses[-1])
+    assert statuses[-1]["state"] == "offline"
+    assert statuses[-1]["counters"]["ws_refused_token"] == 3  # in the status totals
 
 
 async def test_a_page_of_another_origin_needs_the_token(tiny_model: Path) -> None:
@@ -369,3 +373,55 @@ async def _next_text(ws: aiohttp.ClientWebSocketResponse, timeout_s: float) -> A
     except TimeoutError:
         return None
     return json.loads(message.data) if message.type == aiohttp.WSMsgType.TEXT else None
+
+
+async def test_a_stop_flushes_open_streams_and_refuses_new_ones(
+    tiny_model: Path, speech_with_pauses: tuple[Path, int]
+) -> None:
+    path, _ = speech_with_pauses
+    pcm = speech_pcm(path)
+    async with asyncio.timeout(60), served(tiny_model) as s, aiohttp.ClientSession() as http:
+        ws = await http.ws_connect(s.ws_url("/v1/stream", stream_id="cut"))
+        for start in range(0, len(pcm), CHUNK_BYTES):  # until the first utterance has begun
+            await ws.send_bytes(pcm[start : start + CHUNK_BYTES])
+            message = await _next_text(ws, 0.02)
+            if message is not None and message["type"] == "speaking":
+                break
+        s.stop.set()  # Ctrl-C
+        messages, code, reason = await read_all(ws)
+        async with http.get(f"{s.url}/healthz") as response:
+            assert response.status == 503
+        async with http.ws_connect(s.ws_url("/v1/stream")) as late:
+            assert (await read_all(late))[1:] == (Close.GOING_AWAY, "the server is shutting down")
+    assert (code, reason) == (Close.GOING_AWAY, "the server is shutting down")
+    for message in messages:
+        check_message(message)
+    (final,) = utterances(messages)
+    assert final["utterance_id"] == 1 and final["end_reason"] == "stream_end"
+
+
+async def test_many_concurrent_clients_each_get_their_own_results(
+    tiny_model: Path, speech_with_pauses: tuple[Path, int]
+) -> None:
+    path, count = speech_with_pauses
+    pcm = speech_pcm(path)
+    clients = 12
+
+    async def client(http: aiohttp.ClientSession, n: int) -> list[dict[str, Any]]:
+        url = s.ws_url("/v1/stream", stream_id=f"c{n}", mode="lossless")
+        async with http.ws_connect(url) as ws:
+            await send_audio(ws, pcm)
+            await ws.send_str('{"type": "end"}')
+            messages, code, _ = await read_all(ws)
+        assert code == Close.NORMAL
+        return messages
+
+    async with asyncio.timeout(120), served(tiny_model) as s, aiohttp.ClientSession() as http:
+        got = await asyncio.gather(*(client(http, n) for n in range(clients)))
+    reference = [f[1:] for f in finals_of(got[0], "c0")]  # times, reason, distribution
+    assert len(reference) == count
+    for n, messages in enumerate(got):
+        for message in messages:
+            check_message(message)
+        assert {m["stream_id"] for m in messages if m["type"] != "status"} == {f"c{n}"}
+        assert [f[1:] for f in finals_of(messages, f"c{n}")] == reference

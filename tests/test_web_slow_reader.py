@@ -21,6 +21,7 @@ import aiohttp
 from stream_ser.hub import ResultHub
 from stream_ser.settings import ModelSettings
 from stream_ser.web.protocol import Close
+from tests.schema import check_message
 from tests.test_web import (
     CHUNK_BYTES,
     drained,
@@ -119,6 +120,8 @@ async def test_a_slow_reader_loses_windows_not_finals_and_holds_up_no_one(
             await finished(s, "slow")
             slow_messages, slow_code, slow_reason = await slow.read_all()
     everything = await drained(s.everything)
+    for message in [*everything, *fast_messages, *slow_messages]:
+        check_message(message)
     published = {name: [m for m in everything if m.get("stream_id") == name]
                  for name in ("slow", "fast")}  # fmt: skip
     # the fast reader got everything of its stream, in time

@@ -20,11 +20,11 @@ import asyncio
 import contextlib
 import logging
 import socket as socket_module
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import asdict, dataclass
 from importlib.resources import files
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import WSMessage, WSMsgType, web
 
@@ -48,6 +48,7 @@ from stream_ser.web.protocol import (
 
 if TYPE_CHECKING:
     from stream_ser.app import Runtime
+    from stream_ser.pipeline import StreamPipeline
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +163,7 @@ class WebServer:
         return web.FileResponse(page)
 
     async def healthz(self, request: web.Request) -> web.Response:
-        """ "ok" while serving; 503 while shutting down."""
+        """Plain "ok" while serving; 503 while shutting down."""
         if self.stopping:
             return web.Response(status=503, text="shutting down")
         return web.Response(text="ok")
@@ -252,41 +253,45 @@ class WebServer:
         source = PushSource(params.rate, params.channels, params.sample_format, stats,
                             self.settings.max_queued_s)  # fmt: skip
         subscription = self.hub.subscribe(params.stream_id)  # before the stream starts
-        try:
-            lossless = params.mode == "lossless"
-            pipeline = self.runtime.start(params.stream_id, source.chunks(), stats, lossless)
-        except StreamIdInUse as err:
-            subscription.close()
-            raise Refusal(Close.STREAM_ID_IN_USE, str(err)) from err
-        except ConfigError as err:
-            subscription.close()
-            raise Refusal(Close.BAD_PARAMETERS, str(err)) from err
-        except RuntimeClosed as err:
-            subscription.close()
-            raise Refusal(Close.GOING_AWAY, str(err)) from err
-        pipeline.more_counters = lambda: {"ws_messages_dropped": subscription.dropped}
-        log.info("stream %s from a WebSocket client: %d Hz, %d channel(s), %s, %s",
-                 params.stream_id, params.rate, params.channels, params.sample_format,
-                 params.mode)  # fmt: skip
+        pipeline = self._start(params, source, subscription)
         self._sources.add(source)
         sending = asyncio.create_task(self._send_all(socket, subscription))
         try:
-            refused = await _receive_audio(socket, source, lossless)
+            try:
+                refused = await _until_finished(
+                    _receive_audio(socket, source, params.mode == "lossless"), pipeline
+                )
+            finally:
+                source.end()  # also when the client vanished: the last utterance is flushed
+                self._sources.discard(source)
+            await pipeline.finished.wait()
+            _log_end(params.stream_id, pipeline, subscription)
+            subscription.close()  # what is queued is still sent
+            sent = await _flushed(sending)
         finally:
-            source.end()  # also when the client vanished: the last utterance is flushed
-            self._sources.discard(source)
-        await pipeline.finished.wait()
-        subscription.close()  # its queue is still sent
-        try:
-            async with asyncio.timeout(FLUSH_TIMEOUT_S):
-                sent = await sending
-        except TimeoutError:
             sending.cancel()
-            sent = Close.TOO_SLOW, "the last results were not read in time"
         if refused is not None:
             self.stats.ws_bad_input += 1
             return refused
         return sent or (Close.NORMAL, "")
+
+    def _start(
+        self, params: StreamParams, source: PushSource, subscription: Subscription
+    ) -> StreamPipeline:
+        """The client's stream, started on the runtime; Refusal if it cannot be."""
+        refusals = {StreamIdInUse: Close.STREAM_ID_IN_USE, ConfigError: Close.BAD_PARAMETERS,
+                    RuntimeClosed: Close.GOING_AWAY}  # fmt: skip
+        lossless = params.mode == "lossless"
+        try:
+            pipeline = self.runtime.start(params.stream_id, source.chunks(), source.stats, lossless)
+        except (StreamIdInUse, ConfigError, RuntimeClosed) as err:
+            subscription.close()
+            raise Refusal(refusals[type(err)], str(err)) from err
+        pipeline.more_counters = lambda: {"ws_messages_dropped": subscription.dropped}
+        log.info("stream %s from a WebSocket client: %d Hz, %d channel(s), %s, %s",
+                 params.stream_id, params.rate, params.channels, params.sample_format,
+                 params.mode)  # fmt: skip
+        return pipeline
 
     async def _send_all(
         self, socket: _Socket, subscription: Subscription
@@ -337,6 +342,39 @@ def _not_audio(message: WSMessage) -> tuple[int, str] | None:
     if message.type == WSMsgType.TEXT and not is_end(message.data):
         return Close.UNSUPPORTED_DATA, 'the only text frame understood is {"type": "end"}'
     return None  # {"type": "end"}; or closed by the client, by aiohttp (too large) or lost
+
+
+async def _until_finished(
+    receiving: Coroutine[Any, Any, tuple[int, str] | None], pipeline: StreamPipeline
+) -> tuple[int, str] | None:
+    """What receiving returns, or None if the stream ends first (the server is stopping)."""
+    task = asyncio.create_task(receiving, name=f"ws-receive-{pipeline.stream_id}")
+    finished = asyncio.create_task(pipeline.finished.wait())
+    try:
+        await asyncio.wait({task, finished}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        task.cancel()
+        finished.cancel()
+        await asyncio.gather(task, finished, return_exceptions=True)
+    if task.cancelled():
+        return None
+    return task.result()
+
+
+async def _flushed(sending: asyncio.Task[tuple[int, str] | None]) -> tuple[int, str] | None:
+    """The sender's outcome once it has sent what was queued (TOO_SLOW if that takes long)."""
+    try:
+        async with asyncio.timeout(FLUSH_TIMEOUT_S):
+            return await sending
+    except TimeoutError:
+        return Close.TOO_SLOW, "the last results were not read in time"
+
+
+def _log_end(stream_id: str, pipeline: StreamPipeline, subscription: Subscription) -> None:
+    counters, stats = pipeline.counters, pipeline.source_stats
+    log.info("stream %s ended: %d utterance(s), %d window(s), %d audio block(s) dropped, "
+             "%d message(s) the client did not read in time", stream_id, counters.utterances,
+             counters.windows, stats.blocks_dropped, subscription.dropped)  # fmt: skip
 
 
 def _limit_send_buffer(request: web.Request) -> None:
