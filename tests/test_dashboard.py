@@ -195,11 +195,14 @@ async def test_the_page_reconnects_when_the_server_restarts(
         await page.goto(server.url)
         connection = page.locator("#connection")
         await page.wait_for_selector('#connection[data-state="connected"]')
+        await page.wait_for_selector("#process:text('server online')")  # the replayed status
         await asyncio.to_thread(server.stop)
         await page.wait_for_selector('#connection[data-state="reconnecting"]')
         assert "reconnecting" in (await connection.text_content() or "")
+        assert await page.text_content("#process") == ""  # no stale status shown
         await asyncio.to_thread(server.start)  # the same port
         await page.wait_for_selector('#connection[data-state="connected"]')
+        await page.wait_for_selector("#process:text('server online')")
 
 
 async def test_the_page_passes_its_token_on_to_the_websockets(tmp_path: Path, page: Page) -> None:

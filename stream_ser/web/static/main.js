@@ -16,7 +16,10 @@ new View(dashboard, {
 
 const events = new ReconnectingSocket(socketUrl("v1/events", { token }), {
   onMessage: (message) => dashboard.apply(message),
-  onState: (change) => showConnection(byId("connection"), change),
+  onState: (change) => {
+    showConnection(byId("connection"), change);
+    if (change.state === "reconnecting") dashboard.connectionLost();
+  },
 });
 events.start();
 

@@ -97,6 +97,13 @@ export class Dashboard {
     return applied !== undefined;
   }
 
+  /** The server is out of reach: nobody is known to be speaking, its status is unknown. */
+  connectionLost() {
+    for (const stream of this.streams.values()) stream.speaking = false;
+    this.process = null;
+    for (const listener of this.listeners) listener(null);
+  }
+
   #dispatch(message) {
     if (message?.schema_version !== 1) return undefined;
     if (message.type === "window" || message.type === "utterance") return this.#result(message);

@@ -172,6 +172,10 @@ export class View {
   #renderProcess() {
     const status = this.dashboard.process;
     const element = this.elements.process;
+    if (status === null) {
+      element.textContent = "";
+      return;
+    }
     element.dataset.state = status.state;
     const counters = Object.entries(status.counters).map(([k, v]) => `${words(k)} ${formatCount(v)}`);
     element.textContent = `server ${status.state} · ${status.streams.length} stream(s)`;
