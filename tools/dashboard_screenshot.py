@@ -155,6 +155,12 @@ async def screenshot(output: Path) -> None:
                 page = await browser.new_page(viewport={"width": 1100, "height": 520})
                 await page.goto(server.url)
                 await wait_for_finals(page, SAMPLE_FINALS)
+                # the status (every 10 s) that counts them all, so the counters agree
+                await page.wait_for_function(
+                    "n => document.querySelector('[data-counter=utterances] b')?.textContent == n",
+                    arg=str(SAMPLE_FINALS),
+                    timeout=30_000,
+                )
                 await page.screenshot(path=str(output), full_page=True)
         finally:
             server.stop()
