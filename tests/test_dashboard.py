@@ -129,7 +129,13 @@ async def test_a_stream_fed_over_websocket_shows_every_final(
             "e => e.getBoundingClientRect().width"
         )
         assert top_width > 10  # a drawn bar, not an empty track
-        assert await card.locator(".timeline rect.window").count() > 0
+        provisionals = [m for m in messages if m.get("type") == "utterance" and not m["final"]]
+        assert await card.locator(".timeline rect.provisional").count() == len(provisionals) > 0
+        windows = [m for m in messages if m.get("type") == "window"]
+        assert await card.locator(".timeline rect.window").count() == len(windows) > 0
+        looks = await card.locator(".timeline").evaluate(TIMELINE_LOOKS)
+        assert looks["window_opacity"] < 0.5 <= looks["final_opacity"]  # windows faint
+        assert looks["provisional_dashes"] not in ("", "none")  # provisional bands dashed
         assert await card.locator(".word").count() > 0  # descriptors in words
 
 
@@ -162,6 +168,15 @@ async def wait_for_stdout_finals(server: DashboardServer, count: int) -> list[di
         if len(published) >= count:
             return published
         await asyncio.sleep(0.2)
+
+
+TIMELINE_LOOKS = """timeline => {
+  const style = (selector) => getComputedStyle(timeline.querySelector(selector));
+  const final = style("rect.final");
+  return {window_opacity: Number(style("rect.window").opacity),
+          final_opacity: Number(final.opacity) * Number(final.fillOpacity),
+          provisional_dashes: style("rect.provisional").strokeDasharray};
+}"""
 
 
 async def test_the_screenshot_shows_drawn_bars_and_timeline(
