@@ -54,7 +54,8 @@ def server(tmp_path: Path) -> Iterator[DashboardServer]:
 async def page() -> AsyncIterator[Page]:
     """A fresh page in headless Chromium."""
     async with chromium() as browser:
-        tab = await browser.new_page(viewport={"width": 1100, "height": 700})
+        async with asyncio.timeout(DEADLINE_S):
+            tab = await browser.new_page(viewport={"width": 1100, "height": 700})
         tab.set_default_timeout(WAIT_MS)
         yield tab
 

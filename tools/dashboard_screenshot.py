@@ -122,7 +122,7 @@ async def chromium(*extra_flags: str) -> AsyncIterator[Browser]:
     """Debian's Chromium, headless, driven by Playwright."""
     async with async_playwright() as playwright:
         browser = await playwright.chromium.launch(
-            executable_path=str(CHROMIUM), args=[*CHROMIUM_FLAGS, *extra_flags]
+            executable_path=str(CHROMIUM), args=[*CHROMIUM_FLAGS, *extra_flags], timeout=60_000
         )
         try:
             yield browser
