@@ -320,3 +320,6 @@ async def test_the_browser_microphone_becomes_a_stream_with_a_final(
             f'section.stream[data-stream="{stream_id}"] .final-label'
         ).text_content()
         assert label is not None and label.startswith("utterance 1")
+        rate = await tab.evaluate("new AudioContext().sampleRate")  # the browser's capture rate
+    log = server.stderr(tail_chars=100_000)
+    assert f"stream {stream_id} from a WebSocket client: {rate} Hz, 1 channel(s), f32le" in log

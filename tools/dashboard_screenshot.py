@@ -101,10 +101,14 @@ class DashboardServer:
         self.process = None
 
     def stdout(self) -> str:
+        """What the latest start wrote on stdout."""
         return (self.log_dir / f"stdout-{self.starts}.log").read_text(errors="replace")
 
-    def stderr(self) -> str:
-        return (self.log_dir / f"stderr-{self.starts}.log").read_text(errors="replace")[-3000:]
+    def stderr(self, tail_chars: int = 3000) -> str:
+        """The end of what the latest start wrote on stderr."""
+        return (self.log_dir / f"stderr-{self.starts}.log").read_text(errors="replace")[
+            -tail_chars:
+        ]
 
     def _log(self, name: str) -> IO[bytes]:
         return (self.log_dir / f"{name}-{self.starts}.log").open("wb")
