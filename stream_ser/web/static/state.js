@@ -66,7 +66,7 @@ export class StreamState {
     return [...this.utterances.values()].filter((u) => u.final).map((u) => u.final);
   }
 
-  /** Message ids kept (for de-duplication). */
+  /** Whether a kept result has this message id (for de-duplication). */
   hasId(id) {
     if (this.windows.some((w) => w.id === id)) return true;
     for (const u of this.utterances.values()) {
