@@ -101,6 +101,7 @@ def assert_same_finals(got: list[EmotionFrame], want: list[dict[str, Any]]) -> N
         assert frame.final and frame.message["type"] == "utterance"
         for key in ("utterance_id", "start_ms", "end_ms", "end_reason", "top_label"):
             assert frame.message[key] == expected[key], key
+        assert (frame.result.stage, frame.result.top_label) == ("final", expected["top_label"])
 
 
 def lossless() -> EmotionProcessor:

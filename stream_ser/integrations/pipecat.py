@@ -61,6 +61,7 @@ from stream_ser.errors import AudioInputError, StreamSerError
 from stream_ser.hub import ResultHub, Subscription
 from stream_ser.pipeline import StreamPipeline, run_streams
 from stream_ser.push import PushSource
+from stream_ser.results import Result
 from stream_ser.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -77,43 +78,47 @@ SETTLE_POLL_S = 0.02  # how often _attach looks at the audio queue while it wait
 class EmotionFrame(DataFrame):
     """One stream-ser result for the user's speech; interruptions do not drop it.
 
-    `message`: the published JSON object (docs/schema/result.schema.json), read-only.
+    `message`: the published JSON object (docs/schema/result.schema.json), read-only;
+    `result`: its typed view (stream_ser.results.Result, as the Python API gives).
     """
 
     message: Message
     interruptible: bool = field(default=False, init=False)
+    result: Result = field(init=False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()  # type: ignore[no-untyped-call]  # pipecat is untyped
+        self.result = Result.from_message(self.message)
 
     @property
     def stage(self) -> str:
         """window, provisional or final."""
-        if self.message["type"] == "window":
-            return "window"
-        return "final" if self.message["final"] else "provisional"
+        return self.result.stage
 
     @property
     def final(self) -> bool:
         """True for the one final result of an utterance."""
-        return bool(self.message["final"])
+        return self.result.final
 
     @property
     def label(self) -> str:
         """The most probable label."""
-        return str(self.message["top_label"])
+        return self.result.top_label
 
     @property
     def probability(self) -> float:
         """The most probable label's probability."""
-        return float(self.message["top_probability"])
+        return self.result.top_probability
 
     @property
     def distribution(self) -> dict[str, float]:
         """Label -> probability."""
-        return dict(self.message["distribution"])
+        return dict(self.result.distribution)
 
     @property
     def utterance_id(self) -> int:
         """1, 2, ... within the stream."""
-        return int(self.message["utterance_id"])
+        return self.result.utterance_id
 
     def __str__(self) -> str:
         message = self.message
