@@ -19,10 +19,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
-from collections.abc import Hashable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from types import TracebackType
 from typing import Any, Protocol
 
 import numpy as np
@@ -30,8 +28,8 @@ import numpy as np
 from stream_ser import SAMPLE_RATE
 from stream_ser.asr import Transcript
 from stream_ser.errors import StreamSerError
-from stream_ser.inference import ModelWorker, Overflow
-from stream_ser.stages import FinalDraft, StageResult, Utterance
+from stream_ser.inference import ModelWorker, Overflow, by_deadline, past_deadline
+from stream_ser.stages import FinalDraft, StageResult, Utterance, WorkerStage
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +51,7 @@ class _TranscriptJob:
     deadline_s: float | None  # monotonic; None: never skipped
 
 
-class TranscriptStage:
+class TranscriptStage(WorkerStage):
     """Each utterance's transcript, on the transcriber's own thread; see the module docstring."""
 
     name = "transcript"
@@ -67,21 +65,11 @@ class TranscriptStage:
         self.worker: ModelWorker[_TranscriptJob, Transcript] = ModelWorker(
             "transcript",
             self._transcribe_batch,
-            overflow=Overflow(max_pending, "reject_new", _too_many, group=_with_deadline),
+            overflow=Overflow(max_pending, "reject_new", _too_many, group=by_deadline),
             on_close=_closing,
         )
         # the first call of a CTranslate2 model is slow: pay it while the pipeline starts
         self.worker.warm_up(lambda: transcriber.transcribe(np.zeros(SAMPLE_RATE, np.float32)))
-
-    async def __aenter__(self) -> TranscriptStage:
-        await self.worker.__aenter__()
-        return self
-
-    async def __aexit__(
-        self, kind: type[BaseException] | None, err: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        # every final result is out when the streams end: transcripts still queued are moot
-        await self.worker.close(drain=False)
 
     def start(
         self, utterance: Utterance, started: Mapping[str, asyncio.Future[Any]]
@@ -104,13 +92,9 @@ class TranscriptStage:
     def _transcribe_batch(self, batch: list[_TranscriptJob]) -> list[Transcript]:
         """Runs in the worker's thread."""
         (job,) = batch
-        if job.deadline_s is not None and time.monotonic() > job.deadline_s:
+        if past_deadline(job):
             raise TranscriptSkipped("its final result has already gone out")
         return [self.transcriber.transcribe(job.samples, words=self.words)]
-
-
-def _with_deadline(job: _TranscriptJob) -> Hashable | None:
-    return None if job.deadline_s is None else ()
 
 
 def _too_many(job: _TranscriptJob, waiting: int) -> BaseException:

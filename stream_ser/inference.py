@@ -10,7 +10,10 @@ every waiting item with the same batch key, up to `max_batch`) and runs it in th
     async with worker:
         result = await worker.submit(item)
 
-The Recognizer (specialist), AlmBatcher, Analyzer (acoustics) and SideSpecialists are its users.
+The Recognizer (specialist), AlmBatcher, Analyzer (acoustics), SideSpecialists and the transcript
+and speaker stages are its users. The last four group utterances with `by_deadline`: one with a
+deadline (a live stream's) counts against the overflow limit; one without (a lossless stream's,
+which bounds its own utterances in flight) is never refused.
 
 Failures: an exception raised by the batch function is set on every future of the batch; one
 that is not a StreamSerError is a bug and is logged with its traceback too. The worker survives
@@ -21,12 +24,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from collections.abc import Callable, Hashable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Generic, Literal, TypeVar
+from typing import Generic, Literal, Protocol, TypeVar
 
 from stream_ser.errors import StreamSerError
 
@@ -38,6 +42,24 @@ Res = TypeVar("Res")
 OverflowRule = Literal["drop_oldest", "reject_new"]
 """drop_oldest: the oldest waiting item of the group makes room (a live stream cares most about
 recent audio); reject_new: the item that does not fit is refused at once."""
+
+
+class HasDeadline(Protocol):
+    """An item that may carry a deadline."""
+
+    @property
+    def deadline_s(self) -> float | None:
+        """When its answer is no longer needed (monotonic seconds); None: it waits for it."""
+
+
+def by_deadline(item: HasDeadline) -> Hashable | None:
+    """`Overflow.group`: items with a deadline form one group; those without are never refused."""
+    return None if item.deadline_s is None else ()
+
+
+def past_deadline(item: HasDeadline) -> bool:
+    """Whether the item's deadline has passed (never for an item without one)."""
+    return item.deadline_s is not None and time.monotonic() > item.deadline_s
 
 
 def _alone(item: object) -> Hashable | None:

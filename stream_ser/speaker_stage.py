@@ -24,19 +24,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
-from collections.abc import Hashable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from types import TracebackType
 from typing import Any, Protocol
 
 import numpy as np
 
 from stream_ser import SAMPLE_RATE
 from stream_ser.errors import StreamSerError
-from stream_ser.inference import ModelWorker, Overflow
+from stream_ser.inference import ModelWorker, Overflow, by_deadline, past_deadline
 from stream_ser.speakers import Assignment, OnlineSpeakers
-from stream_ser.stages import SPEAKER_STAGE, FinalDraft, StageResult, Utterance
+from stream_ser.stages import SPEAKER_STAGE, FinalDraft, StageResult, Utterance, WorkerStage
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +57,7 @@ class _SpeakerJob:
     deadline_s: float | None
 
 
-class SpeakerStage:
+class SpeakerStage(WorkerStage):
     """Each utterance's speaker label; see the module docstring."""
 
     name = SPEAKER_STAGE
@@ -75,19 +73,10 @@ class SpeakerStage:
         self.worker: ModelWorker[_SpeakerJob, Assignment] = ModelWorker(
             "speakers",
             self._label_batch,
-            overflow=Overflow(max_pending, "reject_new", _too_many, group=_with_deadline),
+            overflow=Overflow(max_pending, "reject_new", _too_many, group=by_deadline),
             on_close=_closing,
         )
         self.worker.warm_up(lambda: embedder.embed(np.zeros(SAMPLE_RATE, np.float32)))
-
-    async def __aenter__(self) -> SpeakerStage:
-        await self.worker.__aenter__()
-        return self
-
-    async def __aexit__(
-        self, kind: type[BaseException] | None, err: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.worker.close(drain=False)
 
     def start(
         self, utterance: Utterance, started: Mapping[str, asyncio.Future[Any]]
@@ -113,13 +102,9 @@ class SpeakerStage:
     def _label_batch(self, batch: list[_SpeakerJob]) -> list[Assignment]:
         """Runs in the worker's thread: embed, then assign (in the stream's order)."""
         (job,) = batch
-        if job.deadline_s is not None and time.monotonic() > job.deadline_s:
+        if past_deadline(job):
             raise SpeakerSkipped("its final result has already gone out")
         return [job.speakers.assign(self.embedder.embed(job.samples))]
-
-
-def _with_deadline(job: _SpeakerJob) -> Hashable | None:
-    return None if job.deadline_s is None else ()
 
 
 def _too_many(job: _SpeakerJob, waiting: int) -> BaseException:

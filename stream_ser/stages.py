@@ -10,6 +10,9 @@ Stages of this module:
     DescriptorsStage  eGeMAPS descriptors (and cue tokens for the ALM), in the Analyzer's thread
     AlmStage          the audio-language model, through the AlmBatcher
     SideStage         further ONNX specialists (fusion sources specialist:<model id>)
+
+Each of them (and the stages of stream_ser.asr_stage and stream_ser.speaker_stage) runs on one
+worker and is a `WorkerStage`: its `async with` starts that worker and closes it.
 """
 
 from __future__ import annotations
@@ -17,11 +20,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Protocol, TypeVar, cast
+from typing import Any, Protocol, Self, TypeVar, cast
 
 import numpy as np
 
@@ -31,7 +33,7 @@ from stream_ser.alm.base import AlmResult
 from stream_ser.alm.batcher import AlmBatcher
 from stream_ser.errors import ModelError, StreamSerError
 from stream_ser.fusion import FusionConfig, fuse
-from stream_ser.inference import ModelWorker, Overflow
+from stream_ser.inference import ModelWorker, Overflow, by_deadline, past_deadline
 from stream_ser.kinds import Flag
 from stream_ser.messages import StreamInfo
 from stream_ser.recognizer import Job
@@ -101,6 +103,33 @@ class UtteranceStage(Protocol):
         self, kind: type[BaseException] | None, err: BaseException | None, tb: TracebackType | None
     ) -> None:
         """Stop its worker."""
+
+
+class Worker(Protocol):
+    """What a WorkerStage needs of its worker: a ModelWorker, or the AlmBatcher in front of one."""
+
+    async def __aenter__(self) -> object: ...
+
+    async def close(self, drain: bool = True) -> None:
+        """Stop; with `drain`, after every queued item has its result."""
+
+
+class WorkerStage:
+    """Base of a stage (or of the model wrapper behind one) whose work runs on one worker,
+    `worker`: `async with` starts it; leaving closes it without draining, since every final
+    result is out when the streams end and what is still queued is moot (queued items get the
+    worker's `on_close` answer)."""
+
+    worker: Worker
+
+    async def __aenter__(self) -> Self:
+        await self.worker.__aenter__()
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, err: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.worker.close(drain=False)
 
 
 @dataclass
@@ -211,7 +240,7 @@ class _AnalysisJob:
     deadline_s: float | None
 
 
-class Analyzer:
+class Analyzer(WorkerStage):
     """Per-utterance acoustics (eGeMAPS: descriptors and ALM cues) in its own thread.
 
     Overflow rule: at most `max_pending` analyses with a deadline wait; a further one, and one
@@ -227,18 +256,9 @@ class Analyzer:
         self.worker: ModelWorker[_AnalysisJob, Analysis] = ModelWorker(
             "acoustics",
             _analyse_batch,
-            overflow=Overflow(max_pending, "reject_new", _too_many, group=_with_deadline),
+            overflow=Overflow(max_pending, "reject_new", _too_many, group=by_deadline),
         )
         self.worker.warm_up(warm_up)  # opensmile loads while the pipeline starts
-
-    async def __aenter__(self) -> Analyzer:
-        await self.worker.__aenter__()
-        return self
-
-    async def __aexit__(
-        self, kind: type[BaseException] | None, err: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.worker.close(drain=False)
 
     async def analyse(
         self, acoustics: StreamAcoustics, samples: np.ndarray, deadline_s: float | None
@@ -254,20 +274,16 @@ class Analyzer:
 
 def _analyse_batch(batch: list[_AnalysisJob]) -> list[Analysis]:
     (job,) = batch
-    if job.deadline_s is not None and time.monotonic() > job.deadline_s:
+    if past_deadline(job):
         raise AnalysisSkipped("its final result has already gone out")
     return [job.acoustics.analyse(job.samples)]
-
-
-def _with_deadline(job: _AnalysisJob) -> Hashable | None:
-    return None if job.deadline_s is None else ()
 
 
 def _too_many(job: _AnalysisJob, waiting: int) -> BaseException:
     return AnalysisSkipped(f"{waiting} analyses already waiting")
 
 
-class DescriptorsStage:
+class DescriptorsStage(WorkerStage):
     """Descriptors of each utterance against its speaker's baseline (published, and the ALM's
     cue tokens); with the speaker stage, one baseline per speaker of the stream."""
 
@@ -276,17 +292,9 @@ class DescriptorsStage:
 
     def __init__(self, analyzer: Analyzer, publish: bool = True) -> None:
         self.analyzer = analyzer
+        self.worker = analyzer.worker  # started and closed with this stage
         self.publish = publish
         """False: the analysis runs only for the ALM's cue tokens (--no-descriptors)."""
-
-    async def __aenter__(self) -> DescriptorsStage:
-        await self.analyzer.__aenter__()
-        return self
-
-    async def __aexit__(
-        self, kind: type[BaseException] | None, err: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.analyzer.__aexit__(kind, err, tb)
 
     def start(
         self, utterance: Utterance, started: Mapping[str, asyncio.Future[Any]]
@@ -318,7 +326,7 @@ class DescriptorsStage:
 # --------------------------------------------------------------------------- ALM
 
 
-class AlmStage:
+class AlmStage(WorkerStage):
     """The audio-language model's distribution, with the descriptors' cue tokens when its cue
     mode uses them."""
 
@@ -327,16 +335,7 @@ class AlmStage:
 
     def __init__(self, batcher: AlmBatcher) -> None:
         self.batcher = batcher
-
-    async def __aenter__(self) -> AlmStage:
-        await self.batcher.__aenter__()
-        return self
-
-    async def __aexit__(
-        self, kind: type[BaseException] | None, err: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        # every final result is out when the streams end: answers still pending are moot
-        await self.batcher.close(drain=False)
+        self.worker = batcher  # closing it gives utterances still queued a "shutdown" result
 
     def start(
         self, utterance: Utterance, started: Mapping[str, asyncio.Future[Any]]
@@ -420,7 +419,7 @@ class SideSpecialists:
         self.worker: ModelWorker[_SideJob, dict[str, dict[str, float]]] = ModelWorker(
             "side-specialists",
             self._predict_batch,
-            overflow=Overflow(max_pending, "drop_oldest", self._dropped, group=_side_deadline),
+            overflow=Overflow(max_pending, "drop_oldest", self._dropped, group=by_deadline),
         )
 
     async def predict(
@@ -450,11 +449,7 @@ class SideSpecialists:
         return found
 
 
-def _side_deadline(job: _SideJob) -> Hashable | None:
-    return None if job.deadline_s is None else ()
-
-
-class SideStage:
+class SideStage(WorkerStage):
     """Further specialists' distributions, each a fusion source specialist:<model id>."""
 
     name = "side"
@@ -462,15 +457,7 @@ class SideStage:
 
     def __init__(self, side: SideSpecialists) -> None:
         self.side = side
-
-    async def __aenter__(self) -> SideStage:
-        await self.side.worker.__aenter__()
-        return self
-
-    async def __aexit__(
-        self, kind: type[BaseException] | None, err: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.side.worker.close(drain=False)
+        self.worker = side.worker  # started and closed with this stage
 
     def start(
         self, utterance: Utterance, started: Mapping[str, asyncio.Future[Any]]

@@ -21,24 +21,14 @@ from stream_ser import cli
 from stream_ser.asr import AsrUnavailableError, Transcript
 from stream_ser.asr_options import AsrSettings, SpeakerSettings
 from stream_ser.asr_stage import TranscriptSkipped, TranscriptStage
-from stream_ser.backpressure import for_stream
 from stream_ser.errors import ConfigError
 from stream_ser.fusion import FusionConfig
-from stream_ser.messages import StreamInfo
-from stream_ser.pipeline import StreamPipeline
 from stream_ser.recognizer import Recognizer
-from stream_ser.settings import (
-    Settings,
-    SourceSettings,
-    VadSettings,
-    add_arguments,
-    build_settings,
-)
-from stream_ser.source import SourceStats, open_source
+from stream_ser.settings import Settings, add_arguments, build_settings
 from stream_ser.specialist import Specialist
 from stream_ser.stages import FinalDraft, UtteranceStages
-from stream_ser.vad import Segmenter
 from tests.conftest import DATASETS, run_cli
+from tests.pipelines import file_pipeline
 from tests.schema import check_result, parse_lines
 
 RAVDESS = DATASETS / "ravdess" / "audio"
@@ -136,13 +126,9 @@ async def _run(
     stages = UtteranceStages(FusionConfig(specialist.labels, deadline_ms=deadline_ms), [stage])
     sink = Sink(transcriber)
     async with Recognizer(specialist) as recognizer, stage:
-        stream = StreamPipeline(
-            StreamInfo("s", "test", "tiny", specialist.labels),
-            open_source(SourceSettings(input=str(path)), SourceStats()),
-            Segmenter(VadSettings()), recognizer, sink,  # type: ignore[arg-type]
-            specialist.card.window_ms, specialist.card.hop_ms, stages, windows=False,
-            backpressure=for_stream(lossless, deadline_ms, recognizer.max_pending_windows),
-        )  # fmt: skip
+        stream = file_pipeline(
+            path, recognizer, sink, stages, lossless=lossless, deadline_ms=deadline_ms
+        )
         try:
             await asyncio.wait_for(stream.run(asyncio.Event()), 60)
         finally:

@@ -80,6 +80,12 @@ def finals_of(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [m for m in messages if m.get("type") == "utterance" and m["final"]]
 
 
+async def connect(page: Page, url: str) -> None:
+    """Open the dashboard at `url`; return once its WebSocket is connected."""
+    await page.goto(url)
+    await page.wait_for_selector('#connection[data-state="connected"]')
+
+
 async def card_finals(page: Page, stream_id: str) -> int:
     """How many final utterance results the stream's timeline draws."""
     selector = f'section.stream[data-stream="{stream_id}"] .timeline rect.final'
@@ -111,8 +117,7 @@ async def test_a_stream_fed_over_websocket_shows_every_final(
     """Bars, descriptors and a timeline with exactly the finals the server published."""
     path, clip_count = speech_with_pauses
     async with asyncio.timeout(DEADLINE_S):
-        await page.goto(server.url)
-        await page.wait_for_selector('#connection[data-state="connected"]')
+        await connect(page, server.url)
         messages = await feed(server, path, "fed")
         published = finals_of(messages)
         assert [m["utterance_id"] for m in published] == list(range(1, clip_count + 1))
@@ -187,8 +192,7 @@ async def test_the_screenshot_shows_drawn_bars_and_timeline(
 
     path, clip_count = speech_with_pauses
     async with asyncio.timeout(DEADLINE_S):
-        await page.goto(server.url)
-        await page.wait_for_selector('#connection[data-state="connected"]')
+        await connect(page, server.url)
         messages = await feed(server, path, "shot")
         await wait_for_finals(page, clip_count, "shot", WAIT_MS)
         png = await page.locator('section.stream[data-stream="shot"]').screenshot()
@@ -229,8 +233,7 @@ async def test_the_page_passes_its_token_on_to_the_websockets(tmp_path: Path, pa
     server.start()
     try:
         async with asyncio.timeout(DEADLINE_S):
-            await page.goto(f"{server.url}/?token=s3cret-token")
-            await page.wait_for_selector('#connection[data-state="connected"]')
+            await connect(page, f"{server.url}/?token=s3cret-token")
             await page.goto(server.url)
             await page.wait_for_selector('#connection[data-state="reconnecting"]')
             text = await page.text_content("#connection") or ""
@@ -306,8 +309,7 @@ async def test_the_browser_microphone_becomes_a_stream_with_a_final(
     async with asyncio.timeout(DEADLINE_S), chromium(*fake_microphone_flags(wav)) as browser:
         tab = await browser.new_page()
         tab.set_default_timeout(WAIT_MS)
-        await tab.goto(server.url)
-        await tab.wait_for_selector('#connection[data-state="connected"]')
+        await connect(tab, server.url)
         await tab.click("#mic")
         await tab.wait_for_selector('#mic-state[data-state="live"]')
         state = await tab.text_content("#mic-state") or ""

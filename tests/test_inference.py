@@ -7,24 +7,26 @@ import logging
 import threading
 import time
 from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
-from stream_ser.backpressure import for_stream
 from stream_ser.errors import ModelError
 from stream_ser.fusion import FusionConfig
-from stream_ser.inference import Batching, ModelWorker, Overflow
-from stream_ser.messages import StreamInfo
-from stream_ser.pipeline import StreamPipeline
+from stream_ser.inference import Batching, ModelWorker, Overflow, by_deadline, past_deadline
 from stream_ser.recognizer import Recognizer
-from stream_ser.settings import SourceSettings, VadSettings
-from stream_ser.source import SourceStats, open_source
 from stream_ser.specialist import Specialist
-from stream_ser.stages import FinalDraft, SideSpecialists, Utterance, UtteranceStages
-from stream_ser.vad import Segmenter
+from stream_ser.stages import (
+    FinalDraft,
+    SideSpecialists,
+    Utterance,
+    UtteranceStages,
+    WorkerStage,
+)
+from tests.pipelines import ResultSink, file_pipeline
 
 TIMEOUT_S = 10
 
@@ -153,6 +155,51 @@ async def test_close_answers_or_cancels_what_is_still_queued() -> None:
     assert waiting.cancelled()
 
 
+@dataclass(frozen=True)
+class Timed:
+    deadline_s: float | None
+
+
+class GatedStage(WorkerStage):
+    """A stage on one worker: at most one utterance with a deadline waits (reject_new)."""
+
+    def __init__(self, gate: threading.Event) -> None:
+        def run(batch: list[Timed]) -> list[str]:
+            gate.wait(TIMEOUT_S)
+            return ["done"] * len(batch)
+
+        self.worker: ModelWorker[Timed, str] = ModelWorker(
+            "stage",
+            run,
+            overflow=Overflow(1, "reject_new", lambda job, waiting: "refused", group=by_deadline),
+            on_close=lambda job: "closed",
+            wait_on_close=False,
+        )
+
+
+async def test_a_worker_stage_closes_without_draining_and_never_refuses_a_lossless_job() -> None:
+    gate = threading.Event()
+    stage = GatedStage(gate)
+    try:
+        async with stage as entered:
+            assert entered is stage and stage.worker.running
+            held = stage.worker.submit(Timed(None))
+            await asyncio.sleep(0.05)  # the thread holds it
+            live = [stage.worker.submit(Timed(time.monotonic() + 60)) for _ in "ab"]
+            lossless = [stage.worker.submit(Timed(None)) for _ in "abc"]
+        assert not stage.worker.running
+        got = await results([held, *live, *lossless])
+    finally:
+        gate.set()
+    assert got == ["closed", "closed", "refused", "closed", "closed", "closed"]
+
+
+def test_deadlines_group_and_expire_only_jobs_that_have_one() -> None:
+    now = time.monotonic()
+    assert [by_deadline(Timed(d)) for d in (None, now + 60)] == [None, ()]
+    assert [past_deadline(Timed(d)) for d in (None, now + 60, now - 1)] == [False, False, True]
+
+
 class Failing:
     """A specialist whose window call has a bug (not a ModelError)."""
 
@@ -219,32 +266,15 @@ class LengthStage:
         draft.fields["length_ms"] = result
 
 
-class Sink:
-    def __init__(self) -> None:
-        self.results: list[dict[str, Any]] = []
-
-    async def result(self, stream_id: str, message: dict[str, Any]) -> None:
-        self.results.append(message)
-
-    async def speaking(self, stream_id: str, message: dict[str, Any]) -> None:
-        pass
-
-
 async def test_a_new_stage_is_one_class_and_one_registration(
     tiny_model: Path, speech_with_pauses: tuple[Path, int]
 ) -> None:
     path, clip_count = speech_with_pauses
     specialist = Specialist(tiny_model)
     stages = UtteranceStages(FusionConfig(specialist.labels), [LengthStage()])  # ...one line
-    sink = Sink()
+    sink = ResultSink()
     async with Recognizer(specialist) as recognizer:
-        stream = StreamPipeline(
-            StreamInfo("s", "test", "tiny", specialist.labels),
-            open_source(SourceSettings(input=str(path)), SourceStats()),
-            Segmenter(VadSettings()), recognizer, sink,  # type: ignore[arg-type]
-            specialist.card.window_ms, specialist.card.hop_ms, stages, windows=False,
-            backpressure=for_stream(True, 3000, recognizer.max_pending_windows),
-        )  # fmt: skip
+        stream = file_pipeline(path, recognizer, sink, stages)
         await asyncio.wait_for(stream.run(asyncio.Event()), 60)
     finals = [m for m in sink.results if m["final"]]
     provisional = [m for m in sink.results if m["type"] == "utterance" and not m["final"]]

@@ -13,18 +13,11 @@ from typing import Any
 import numpy as np
 
 from stream_ser.adaptation import StreamBaseline
-from stream_ser.backpressure import for_stream
 from stream_ser.errors import ModelError
-from stream_ser.fusion import FusionConfig
 from stream_ser.kinds import JobKind
-from stream_ser.messages import StreamInfo
-from stream_ser.pipeline import StreamPipeline
 from stream_ser.recognizer import Job, Recognizer
-from stream_ser.settings import SourceSettings, VadSettings
-from stream_ser.source import SourceStats, open_source
 from stream_ser.specialist import Baseline, Specialist
-from stream_ser.stages import UtteranceStages
-from stream_ser.vad import Segmenter
+from tests.pipelines import ResultSink, file_pipeline
 from tests.test_evaluate import build_adaptive_model
 
 
@@ -115,19 +108,6 @@ class SlowWindows(Specialist):
         return super().predict_windows(*args, **kwargs)
 
 
-class Collected:
-    """A sink keeping every result."""
-
-    def __init__(self) -> None:
-        self.results: list[dict[str, Any]] = []
-
-    async def result(self, stream_id: str, message: dict[str, Any]) -> None:
-        self.results.append(message)
-
-    async def speaking(self, stream_id: str, message: dict[str, Any]) -> None:
-        pass
-
-
 async def test_a_file_read_as_fast_as_possible_loses_no_window(
     tiny_model: Path, speech_with_pauses: tuple[Path, int]
 ) -> None:
@@ -138,16 +118,9 @@ async def test_a_file_read_as_fast_as_possible_loses_no_window(
     counters = {}
     windows = {}
     for lossless in (False, True):
-        sink = Collected()
+        sink = ResultSink()
         async with Recognizer(specialist, max_pending_windows=2) as recognizer:
-            stream = StreamPipeline(
-                StreamInfo("s", "test", "tiny", specialist.labels),
-                open_source(SourceSettings(input=str(path)), SourceStats()),
-                Segmenter(VadSettings()), recognizer, sink,  # type: ignore[arg-type]
-                specialist.card.window_ms, specialist.card.hop_ms,
-                UtteranceStages(FusionConfig(specialist.labels)),
-                backpressure=for_stream(lossless, 3000, recognizer.max_pending_windows),
-            )  # fmt: skip
+            stream = file_pipeline(path, recognizer, sink, lossless=lossless, windows=True)
             await stream.run(asyncio.Event())
         counters[lossless] = stream.counters
         windows[lossless] = [(m["start_ms"], m["end_ms"]) for m in sink.results
@@ -187,16 +160,9 @@ async def test_a_file_read_as_fast_as_possible_adapts_to_every_earlier_utterance
     path, clip_count = speech_with_pauses
     specialist = SlowUtterances(build_adaptive_model(tmp_path / "adaptive"))
     assert specialist.card.adaptation is not None
-    sink = Collected()
+    sink = ResultSink()
     async with Recognizer(specialist) as recognizer:
-        stream = StreamPipeline(
-            StreamInfo("s", "test", "tiny", specialist.labels),
-            open_source(SourceSettings(input=str(path)), SourceStats()),
-            Segmenter(VadSettings()), recognizer, sink,  # type: ignore[arg-type]
-            specialist.card.window_ms, specialist.card.hop_ms,
-            UtteranceStages(FusionConfig(specialist.labels)), windows=False,
-            backpressure=for_stream(True, 3000, recognizer.max_pending_windows),
-        )  # fmt: skip
+        stream = file_pipeline(path, recognizer, sink)
         await stream.run(asyncio.Event())
     assert len([m for m in sink.results if m["type"] == "utterance"]) == clip_count
     expected = StreamBaseline(specialist.card.adaptation)

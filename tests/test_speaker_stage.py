@@ -16,20 +16,18 @@ import soundfile
 from stream_ser.adaptation import PerSpeaker, StreamBaseline
 from stream_ser.app import load_specialist, open_runtime
 from stream_ser.asr_options import SpeakerSettings
-from stream_ser.backpressure import for_stream
 from stream_ser.errors import ModelError
 from stream_ser.fusion import FusionConfig
-from stream_ser.messages import StreamInfo
 from stream_ser.pipeline import StreamPipeline
 from stream_ser.recognizer import Recognizer
-from stream_ser.settings import ModelSettings, Settings, SourceSettings, VadSettings
+from stream_ser.settings import ModelSettings, Settings, SourceSettings
 from stream_ser.source import SourceStats, open_source
 from stream_ser.speaker_stage import SpeakerSkipped, SpeakerStage
 from stream_ser.speakers import Assignment, SpeakersUnavailableError
 from stream_ser.specialist import Specialist
 from stream_ser.stages import FinalDraft, UtteranceStages
-from stream_ser.vad import Segmenter
 from tests.conftest import DATASETS
+from tests.pipelines import ResultSink, file_pipeline
 from tests.schema import check_result
 
 RAVDESS = DATASETS / "ravdess" / "audio"
@@ -56,17 +54,6 @@ def _stream(path: Path, clips: list[np.ndarray]) -> Path:
     return path
 
 
-class Sink:
-    def __init__(self) -> None:
-        self.results: list[dict[str, Any]] = []
-
-    async def result(self, stream_id: str, message: dict[str, Any]) -> None:
-        self.results.append(message)
-
-    async def speaking(self, stream_id: str, message: dict[str, Any]) -> None:
-        pass
-
-
 async def _run(
     path: Path, speakers: bool, live: bool = False
 ) -> tuple[list[dict[str, Any]], StreamPipeline]:
@@ -76,7 +63,7 @@ async def _run(
         model=ModelSettings(windows=False), speakers=SpeakerSettings(enabled=speakers)
     )
     specialist = load_specialist(None, settings=settings)
-    sink = Sink()
+    sink = ResultSink()
     async with open_runtime(settings, specialist, sink) as runtime:  # type: ignore[arg-type]
         stats = SourceStats()
         paced = SourceSettings(input=str(path), realtime=live, speed=4.0 if live else 1.0)
@@ -161,7 +148,7 @@ def test_without_the_speakers_extra_the_runtime_does_not_start(
 
 async def _open(settings: Settings) -> None:
     specialist = load_specialist(None, settings=settings)
-    async with open_runtime(settings, specialist, Sink()):  # type: ignore[arg-type]
+    async with open_runtime(settings, specialist, ResultSink()):  # type: ignore[arg-type]
         pass
 
 
@@ -188,15 +175,9 @@ async def test_a_failing_speaker_model_leaves_utterances_unlabelled_but_scored(
     specialist = Specialist(tiny_model)
     stage = SpeakerStage(Broken(), threshold=0.375, max_speakers=2)
     stages = UtteranceStages(FusionConfig(specialist.labels), [stage])
-    sink = Sink()
+    sink = ResultSink()
     async with Recognizer(specialist) as recognizer, stage:
-        stream = StreamPipeline(
-            StreamInfo("s", "test", "tiny", specialist.labels),
-            open_source(SourceSettings(input=str(path)), SourceStats()),
-            Segmenter(VadSettings()), recognizer, sink,  # type: ignore[arg-type]
-            specialist.card.window_ms, specialist.card.hop_ms, stages, windows=False,
-            backpressure=for_stream(True, 3000, recognizer.max_pending_windows),
-        )  # fmt: skip
+        stream = file_pipeline(path, recognizer, sink, stages)
         await asyncio.wait_for(stream.run(asyncio.Event()), 60)
     finals, provisional = _utterances(sink.results, True), _utterances(sink.results, False)
     assert len(finals) == len(provisional) == clip_count  # every utterance still scored
