@@ -5,6 +5,10 @@
     python -m tools.bench.bench_speakers test [--threshold T] [--max-speakers N] [--seeds S]
     .venv/bin/python -m tools.bench.bench_speakers check | speed  # head == specialist; embedder RTF
 
+Held-out speakers: the bundled model's test speakers of each corpus only
+(tools/bench/speaker_cache.py reads them from its training config); `tune` uses training
+speakers of RAVDESS and EmoDB.
+
 A conversation interleaves the clips of two speakers of one corpus (each speaker's clips in a
 seeded random order; turns of 1-3 utterances, seeded; until both run out). Every pair of the
 set's speakers is one conversation per seed. Each utterance is one clip.

@@ -3,18 +3,23 @@
 For each corpus set (below) a seeded subset of clips per speaker is decoded once; its speaker
 embedding (`stream_ser.speakers.SpeakerEmbedder`) and, for the held-out sets, the bundled
 specialist's pooled embedding (the `embedding` output of models/default/model.onnx, taken before
-the baseline normalisation) are saved to runs/speakers/cache/<set>.npz (gitignored).
+the baseline normalisation) are saved to runs/speakers/cache/<set>.npz (gitignored), with the id
+of the model that made them: a cache of another model is rebuilt, never read.
 
-Sets: `tune-*` are training speakers (RAVDESS actors 1-16, EmoDB speakers other than the
-test speakers 03 and 08): only they choose the clustering threshold. `test-*` are held out:
-RAVDESS actors 17-20 and EmoDB 03, 08 (the model's test speakers), and speakers of three
-corpora the model never saw (nEMO Polish, ASED Amharic, Korean).
+Sets: `tune-*` are training speakers (RAVDESS and EmoDB speakers other than the test speakers):
+only they chose the clustering threshold. `test-*` are the bundled model's test speakers and
+nothing else, read from the `[data.test_speakers]` table of its training config
+(tools/train/configs/multi.toml, whose `[export] model_id` must be the bundled model's id):
+RAVDESS Actor_17-20, EmoDB 03 08, nEMO KS0 MK0, ASED 01 02 04 05 13 20 48 50 58 59 and Korean
+ema emf nek (Korean is not in training, but its other speakers scored the recipe choice).
 """
 
 from __future__ import annotations
 
 import csv
 import random
+import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,13 +27,16 @@ import numpy as np
 
 from stream_ser.evaluate import load_audio
 from stream_ser.speakers import SpeakerEmbedder
-from stream_ser.specialist import Specialist, bundled_model_dir
+from stream_ser.specialist import Specialist, bundled_model_dir, load_card
 
 REPO = Path(__file__).resolve().parents[2]
 DATASETS = REPO.parent / "shared" / "datasets"
 CACHE = REPO / "runs" / "speakers" / "cache"
-RAVDESS_TEST = [f"Actor_{i:02d}" for i in range(17, 21)]
-EMODB_TEST = ["03", "08"]
+TRAIN_CONFIG = REPO / "tools" / "train" / "configs" / "multi.toml"
+TEST_CORPORA = ("ravdess", "emodb", "nemo", "ased", "korean")
+# seeded subset per test speaker; None: all clips. nEMO has 450-540 clips per speaker: 60 keeps
+# its streams as long as RAVDESS's (60 per actor) and ASED's (20-70 per speaker)
+TEST_PER_SPEAKER: dict[str, int | None] = {"nemo": 60}
 
 
 @dataclass(frozen=True)
@@ -43,15 +51,28 @@ class ClipSet:
     emotion: bool = True  # also the specialist's embeddings (held-out sets)
 
 
-SETS = (
-    ClipSet("tune-ravdess", "ravdess", None, tuple(RAVDESS_TEST), 12, emotion=False),
-    ClipSet("tune-emodb", "emodb", None, tuple(EMODB_TEST), 12, emotion=False),
-    ClipSet("test-ravdess", "ravdess", tuple(RAVDESS_TEST)),
-    ClipSet("test-emodb", "emodb", tuple(EMODB_TEST)),
-    ClipSet("test-nemo", "nemo", None, (), 24),
-    ClipSet("test-ased", "ased", ("02", "03", "04", "05", "06", "07")),
-    ClipSet("test-korean", "korean", None, (), 12),
-)
+def bundled_model_id() -> str:
+    """The id of the bundled specialist."""
+    return load_card(bundled_model_dir()).model_id
+
+
+def held_out_speakers(config: Path = TRAIN_CONFIG) -> dict[str, tuple[str, ...]]:
+    """The bundled model's test speakers per corpus, from its training config."""
+    raw = tomllib.loads(config.read_text(encoding="utf-8"))
+    trained = raw["export"]["model_id"]
+    if trained != bundled_model_id():
+        raise ValueError(f"{config} trains {trained}, the bundled model is {bundled_model_id()}: "
+                         "its test speakers are not the bundled model's")
+    return {corpus: tuple(speakers) for corpus, speakers in raw["data"]["test_speakers"].items()}
+
+
+def clip_sets(test: Mapping[str, tuple[str, ...]]) -> tuple[ClipSet, ...]:
+    """Training-speaker sets for tuning, then one set of test speakers per corpus."""
+    tune = tuple(ClipSet(f"tune-{corpus}", corpus, None, test[corpus], 12, emotion=False)
+                 for corpus in ("ravdess", "emodb"))
+    return tune + tuple(ClipSet(f"test-{corpus}", corpus, test[corpus],
+                                per_speaker=TEST_PER_SPEAKER.get(corpus))
+                        for corpus in TEST_CORPORA)
 
 
 @dataclass(frozen=True)
@@ -84,10 +105,24 @@ def select(clip_set: ClipSet, seed: int = 0) -> list[dict[str, str]]:
     return chosen
 
 
-def build(clip_set: ClipSet, embedder: SpeakerEmbedder, specialist: Specialist) -> Path:
-    """Compute and save one set's embeddings (skipped when its file exists)."""
-    target = CACHE / f"{clip_set.name}.npz"
-    if target.is_file():
+class StaleCache(ValueError):
+    """A cached set made by another model than the bundled one."""
+
+
+def cached_model(path: Path) -> str | None:
+    """The model id a cache file was made with (None: no file, or one from before ids)."""
+    if not path.is_file():
+        return None
+    data = np.load(path)
+    return str(data["model_id"]) if "model_id" in data.files else None
+
+
+def build(
+    clip_set: ClipSet, embedder: SpeakerEmbedder, specialist: Specialist, cache: Path = CACHE
+) -> Path:
+    """Compute and save one set's embeddings (skipped when this model's file exists)."""
+    target = cache / f"{clip_set.name}.npz"
+    if cached_model(target) == specialist.card.model_id:
         return target
     rows = select(clip_set)
     speaker_rows, model_rows = [], []
@@ -98,9 +133,10 @@ def build(clip_set: ClipSet, embedder: SpeakerEmbedder, specialist: Specialist) 
             model_rows.append(specialist.analyze([audio])[1][0])  # type: ignore[index]
         if index % 50 == 0:
             print(f"{clip_set.name}: {index}/{len(rows)}", flush=True)
-    CACHE.mkdir(parents=True, exist_ok=True)
+    cache.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(
         target,
+        model_id=np.array(specialist.card.model_id),
         paths=np.array([row["path"] for row in rows]),
         speakers=np.array([row["speaker"] for row in rows]),
         labels=np.array([row["label"] for row in rows]),
@@ -110,9 +146,16 @@ def build(clip_set: ClipSet, embedder: SpeakerEmbedder, specialist: Specialist) 
     return target
 
 
-def load(name: str) -> Cached:
-    """A cached set."""
-    data = np.load(CACHE / f"{name}.npz")
+def load(name: str, cache: Path = CACHE) -> Cached:
+    """A cached set; StaleCache when the bundled model did not make it."""
+    path = cache / f"{name}.npz"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: run python -m tools.bench.speaker_cache")
+    made_by, wanted = cached_model(path), bundled_model_id()
+    if made_by != wanted:
+        raise StaleCache(f"{path} was made by {made_by or 'a model before ids were stored'}, "
+                         f"not by the bundled {wanted}: rerun python -m tools.bench.speaker_cache")
+    data = np.load(path)
     model = data["model_embeddings"]
     return Cached(
         [str(p) for p in data["paths"]],
@@ -127,7 +170,7 @@ def main() -> None:
     """Fill the cache for every set."""
     embedder = SpeakerEmbedder()
     specialist = Specialist(bundled_model_dir())
-    for clip_set in SETS:
+    for clip_set in clip_sets(held_out_speakers()):
         print(f"{clip_set.name}: {build(clip_set, embedder, specialist)}", flush=True)
 
 
