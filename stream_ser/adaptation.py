@@ -18,7 +18,11 @@ baseline it is given before classifying. `StreamBaseline` keeps that baseline fo
 - with per-dimension `adapt_weights` w in the card (0..1), a dimension uses
   `w * adapted + (1 - w) * population` for both mean and variance: dimensions that carry the
   emotion more than the speaker (w = 0) keep the population's statistics, so a speaker who stays
-  in one mood is not normalised toward neutral there.
+  in one mood is not normalised toward neutral there;
+- with `emotion_offsets` in the card, an update takes away `offset_scale` x the embedding
+  offset the utterance's recognised label distribution p expects (`p @ offsets`, each label's
+  mean displacement from the speaker's centre on training speakers), so the statistics follow
+  the speaker rather than the mood they are in (a speaker angry for ten utterances in a row).
 
 A new stream (another speaker) needs a new `StreamBaseline`. Within a stream with several
 voices, `PerSpeaker` keeps one baseline (or any per-speaker state, such as the descriptors'
@@ -79,15 +83,26 @@ class StreamBaseline:
         std = np.maximum(np.sqrt(var), MIN_STD)
         return Baseline(mean.astype(np.float32), std.astype(np.float32))
 
-    def update(self, embedding: np.ndarray) -> None:
-        """Add one finished utterance's embedding (shape (dims,))."""
+    def update(self, embedding: np.ndarray, probabilities: np.ndarray | None = None) -> None:
+        """Add one finished utterance's embedding (shape (dims,)); `probabilities` (one per
+        model label) is what was recognised in it, used by cards with emotion offsets."""
         value = np.asarray(embedding, dtype=np.float64).reshape(-1)
         if value.shape[0] != self._card.dims or not np.isfinite(value).all():
             return  # a broken embedding must not poison the stream's statistics
+        value = value - self._expected_offset(probabilities)
         self._count += 1
         delta = value - self._mean
         self._mean += delta / self._count
         self._m2 += delta * (value - self._mean)
+
+    def _expected_offset(self, probabilities: np.ndarray | None) -> np.ndarray | float:
+        offsets = self._card.offsets
+        if offsets is None or probabilities is None:
+            return 0.0
+        p = np.asarray(probabilities, dtype=np.float64).reshape(-1)
+        if p.shape[0] != offsets.shape[0] or not np.isfinite(p).all():
+            return 0.0  # no usable label distribution: the plain update
+        return self._card.offset_scale * (p @ offsets)  # type: ignore[no-any-return]
 
 
 class PerSpeaker(Generic[T]):

@@ -302,7 +302,7 @@ def recognize(
                 stream = streams.setdefault((clip.corpus, clip.speaker), StreamBaseline(card))
                 probabilities, embeddings = specialist.analyze([audio], stream.current())
                 if embeddings is not None:
-                    stream.update(embeddings[0])
+                    stream.update(embeddings[0], probabilities[0])
             else:
                 probabilities = specialist.predict([audio])
         except (AudioInputError, ModelError) as err:

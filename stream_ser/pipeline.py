@@ -304,7 +304,7 @@ class StreamPipeline:
                 continue
             speaker = await speaker_of(item.stages)  # done: the specialist waited for it
             if scored is not None and self.baselines is not None and scored.embedding is not None:
-                self.baselines.get(speaker).update(scored.embedding)
+                self.baselines.get(speaker).update(scored.embedding, scored.probabilities)
             self._policy.baseline_current()
             if scored is not None and self.stages.final_waits:
                 fields: dict[str, Any] = {"model_ms": round(scored.model_ms, 3)}

@@ -34,6 +34,14 @@ before its classifier head. Cards without this section keep working unchanged.
     prior_weight = 10.0                 # pseudo-utterances of population statistics
     population_mean = [...]             # dims floats: the training population's statistics
     population_std = [...]
+    adapt_weights = [...]               # optional: dims numbers in 0..1 (see adaptation.py)
+    emotion_offsets = [[...], ...]      # optional: one dims-long row per label (see below)
+    offset_scale = 0.5                  # how much of the expected offset to take away
+
+With `emotion_offsets` (each label's mean displacement of the embedding from the speaker's
+centre, training speakers) a stream's statistics are updated with the embedding minus
+`offset_scale` x the offset its recognised label distribution expects, so that a speaker
+who stays in one mood does not pull the baseline toward that mood.
 
 The wrapper is synchronous (numpy in, numpy out) and knows nothing of asyncio.
 """
@@ -84,6 +92,9 @@ class AdaptationCard:
     # per dimension 0..1: how much of the stream's statistics to use (the rest: population's);
     # None: every dimension adapts fully
     weights: np.ndarray | None = field(default=None, repr=False, compare=False)
+    # (labels, dims): each label's mean offset from the speaker's centre; None: not used
+    offsets: np.ndarray | None = field(default=None, repr=False, compare=False)
+    offset_scale: float = 1.0  # share of the expected offset taken off an update
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str) -> AdaptationCard:
@@ -103,6 +114,12 @@ class AdaptationCard:
                     if "adapt_weights" in raw
                     else None
                 ),
+                offsets=(
+                    np.asarray(raw["emotion_offsets"], dtype=np.float64)
+                    if "emotion_offsets" in raw
+                    else None
+                ),
+                offset_scale=float(raw.get("offset_scale", 1.0)),
             )
         except (KeyError, TypeError, ValueError) as err:
             raise ModelError(f"{source}: invalid [adaptation] ({err!r})") from err
@@ -115,7 +132,16 @@ class AdaptationCard:
             raise ModelError(f"{source}: adapt_weights must be {len(mean)} numbers in 0..1")
         if card.warmup_utterances < 0 or card.prior_weight < 0:
             raise ModelError(f"{source}: adaptation warmup_utterances and prior_weight >= 0")
+        card._check_offsets(source)
         return card
+
+    def _check_offsets(self, source: str) -> None:
+        offsets = self.offsets
+        rows_of_dims = offsets is None or offsets.shape[1:] == (self.dims,)
+        if offsets is not None and not (rows_of_dims and np.isfinite(offsets).all()):
+            raise ModelError(f"{source}: emotion_offsets must be rows of {self.dims} finite values")
+        if not 0.0 <= self.offset_scale <= 1.0:
+            raise ModelError(f"{source}: offset_scale must be in 0..1")
 
     @property
     def dims(self) -> int:
@@ -189,8 +215,15 @@ class ModelCard:
             problems.append("window_model must be a file name in the model directory")
         if self.output_kind not in OUTPUT_KINDS:
             problems.append(f"output.kind must be one of {OUTPUT_KINDS}")
+        problems += self._adaptation_problems()
         if problems:
             raise ModelError(f"{source}: " + "; ".join(problems))
+
+    def _adaptation_problems(self) -> list[str]:
+        offsets = self.adaptation.offsets if self.adaptation else None
+        if offsets is not None and offsets.shape[0] != len(self.labels):
+            return ["adaptation.emotion_offsets needs one row per label"]
+        return []
 
 
 def bundled_model_dir() -> Path:

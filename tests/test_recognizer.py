@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
 from collections.abc import Sequence
@@ -11,6 +12,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
+import pytest
 
 from stream_ser.adaptation import StreamBaseline
 from stream_ser.errors import ModelError
@@ -140,6 +142,7 @@ class SlowUtterances(Specialist):
         super().__init__(directory)
         self.given: list[Baseline | None] = []
         self.embeddings: list[np.ndarray] = []
+        self.probabilities: list[np.ndarray] = []
 
     def analyze(
         self, batch: Sequence[np.ndarray], baseline: Baseline | None = None
@@ -149,16 +152,30 @@ class SlowUtterances(Specialist):
         probabilities, embeddings = super().analyze(batch, baseline)
         assert embeddings is not None
         self.embeddings += list(embeddings)
+        self.probabilities += list(probabilities)
         return probabilities, embeddings
 
 
+def adaptive_with_offsets(directory: Path) -> Path:
+    """The tiny adaptive model with emotion offsets in its card (adaptation.py)."""
+    build_adaptive_model(directory)
+    card = json.loads((directory / "card.json").read_text())
+    offsets = [[0.02 * (i + 1), -0.03 * (i % 2)] for i in range(len(card["labels"]))]
+    card["adaptation"] |= {"emotion_offsets": offsets, "offset_scale": 1.0}
+    (directory / "card.json").write_text(json.dumps(card))
+    return directory
+
+
+@pytest.mark.parametrize("offsets", [False, True])
 async def test_a_file_read_as_fast_as_possible_adapts_to_every_earlier_utterance(
-    tmp_path: Path, speech_with_pauses: tuple[Path, int]
+    tmp_path: Path, speech_with_pauses: tuple[Path, int], offsets: bool
 ) -> None:
     """Each utterance of a lossless stream is normalised with the baseline of all the ones
-    before it, however long the specialist takes: the output does not depend on timing."""
+    before it, however long the specialist takes: the output does not depend on timing. With
+    emotion offsets each update also takes the utterance's recognised distribution."""
     path, clip_count = speech_with_pauses
-    specialist = SlowUtterances(build_adaptive_model(tmp_path / "adaptive"))
+    build = adaptive_with_offsets if offsets else build_adaptive_model
+    specialist = SlowUtterances(build(tmp_path / "adaptive"))
     assert specialist.card.adaptation is not None
     sink = ResultSink()
     async with Recognizer(specialist) as recognizer:
@@ -167,7 +184,8 @@ async def test_a_file_read_as_fast_as_possible_adapts_to_every_earlier_utterance
     assert len([m for m in sink.results if m["type"] == "utterance"]) == clip_count
     expected = StreamBaseline(specialist.card.adaptation)
     assert len(specialist.given) == clip_count
-    for given, embedding in zip(specialist.given, specialist.embeddings, strict=True):
+    recorded = zip(specialist.given, specialist.embeddings, specialist.probabilities, strict=True)
+    for given, embedding, probabilities in recorded:
         wanted = expected.current()
         if wanted is None:  # warm-up: the population's statistics
             assert given is None
@@ -175,5 +193,5 @@ async def test_a_file_read_as_fast_as_possible_adapts_to_every_earlier_utterance
             assert given is not None
             np.testing.assert_allclose(given.mean, wanted.mean)
             np.testing.assert_allclose(given.std, wanted.std)
-        expected.update(embedding)
+        expected.update(embedding, probabilities)
     assert expected.current() is not None  # the replay did leave the warm-up
