@@ -93,6 +93,7 @@ def _manifest(path: Path, rows: list[tuple[str, str, str]]) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_eval_transcribe_reports_the_word_error_rate(tmp_path: Path) -> None:
     _clip(KIDS)
     _clip(DOGS)

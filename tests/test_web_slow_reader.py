@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 
 from stream_ser.hub import ResultHub
 from stream_ser.settings import ModelSettings
@@ -95,6 +96,7 @@ class RawWebSocket:
                 return messages, code, payload[2:].decode()
 
 
+@pytest.mark.slow
 async def test_a_slow_reader_loses_windows_not_finals_and_holds_up_no_one(
     tiny_model: Path, speech_with_pauses: tuple[Path, int]
 ) -> None:
