@@ -5,16 +5,16 @@ from __future__ import annotations
 import getpass
 import json
 import shutil
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile
+
+from tools.net import free_port, wait_for_port
 
 REPO = Path(__file__).resolve().parent.parent
 DATASETS = REPO.parent / "shared" / "datasets"
@@ -101,26 +101,6 @@ def speech_with_pauses(tmp_path: Path, ravdess_clips: list[Path]) -> tuple[Path,
     path = tmp_path / "three-utterances.wav"
     soundfile.write(path, np.concatenate(pieces), 16000)
     return path, 3
-
-
-def free_port() -> int:
-    """A TCP port free on the loopback interface right now."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def wait_for_port(port: int, timeout_s: float = 10.0) -> None:
-    """Block until something listens on 127.0.0.1:port."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-        except OSError:
-            time.sleep(0.05)
-        else:
-            return
-    raise TimeoutError(f"nothing listens on port {port}")
 
 
 class Broker:

@@ -13,8 +13,9 @@ from typing import Any
 import aiomqtt
 import pytest
 
-from tests.conftest import REPO, Broker, free_port, wait_for_port
+from tests.conftest import REPO, Broker
 from tests.schema import check_speaking
+from tools.net import free_port, wait_for_port
 
 PREFIX = "integ"
 

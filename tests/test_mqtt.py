@@ -14,8 +14,9 @@ from typing import Any
 import aiomqtt
 import pytest
 
-from tests.conftest import LABELS, REPO, Broker, free_port, run_cli
+from tests.conftest import LABELS, REPO, Broker, run_cli
 from tests.schema import check_message, check_result, check_status
+from tools.net import free_port
 
 PREFIX = "test-ser"
 

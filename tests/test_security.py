@@ -24,8 +24,9 @@ import pytest
 from stream_ser.errors import ConfigError
 from stream_ser.mqtt import PASSWORD_ENV, parse_broker_url
 from stream_ser.settings import MqttSettings
-from tests.conftest import LABELS, REPO, Broker, free_port, wait_for_port
+from tests.conftest import LABELS, REPO, Broker
 from tests.schema import check_result
+from tools.net import free_port, wait_for_port
 
 PREFIX = "stream-ser"
 PUBLISHER_PASSWORD = "pub-Secret-4711"

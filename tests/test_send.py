@@ -18,7 +18,8 @@ import soundfile
 from stream_ser.remote import Chunk, decode_chunk
 from stream_ser.send import chunk_pieces
 from stream_ser.uplink import Outbox, Outgoing
-from tests.conftest import REPO, Broker, free_port, run_cli
+from tests.conftest import REPO, Broker, run_cli
+from tools.net import free_port
 
 PREFIX = "send-test"
 MODEL_MODULES = ("onnxruntime", "opensmile")

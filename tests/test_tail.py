@@ -17,8 +17,9 @@ import pytest
 from stream_ser.messages import StreamInfo, speaking_message
 from stream_ser.render import bar, format_result
 from stream_ser.tail import TailOptions, TailView
-from tests.conftest import LABELS, REPO, Broker, free_port, run_cli
+from tests.conftest import LABELS, REPO, Broker, run_cli
 from tests.schema import check_result
+from tools.net import free_port
 
 PREFIX = "tail-test"
 STATUS = f"{PREFIX}/status/ser-host-room1"

@@ -27,8 +27,8 @@ from stream_ser.source import SourceStats, file_source, open_file
 from stream_ser.web.options import HttpSettings
 from stream_ser.web.protocol import Close
 from stream_ser.web.server import WebServer, serve
-from tests.conftest import free_port
 from tests.schema import check_message, utterances
+from tools.net import free_port
 
 CHUNK_BYTES = 3200  # 100 ms of 16 kHz mono s16le
 

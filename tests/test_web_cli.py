@@ -19,8 +19,9 @@ import pytest
 import soundfile
 
 from stream_ser.web.protocol import Close
-from tests.conftest import REPO, Broker, free_port, run_cli, wait_for_port
+from tests.conftest import REPO, Broker, run_cli
 from tests.schema import check_message, check_result, parse_lines, utterances
+from tools.net import free_port, wait_for_port
 
 TOKEN = "t0ken-for-tests"
 

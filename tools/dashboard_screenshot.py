@@ -23,6 +23,8 @@ from typing import IO
 
 from playwright.async_api import Browser, Page, async_playwright
 
+from tools.net import free_port
+
 REPO = Path(__file__).resolve().parent.parent
 CHROMIUM = Path("/usr/bin/chromium")
 # headless as root in a sandbox with no network: without the background-networking flags,
@@ -47,13 +49,6 @@ def fake_microphone_flags(wav: Path) -> list[str]:
         "--use-fake-ui-for-media-stream",
         f"--use-file-for-fake-audio-capture={wav}",
     ]
-
-
-def free_port() -> int:
-    """A TCP port free on the loopback interface right now."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 class DashboardServer:

@@ -25,15 +25,10 @@ import paho.mqtt.client as paho
 import soundfile
 from paho.mqtt.enums import CallbackAPIVersion
 
+from tools.net import free_port
+
 RATE = 16000
 REPO = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    """A TCP port free on the loopback interface right now."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def wait_until(condition: Callable[[], bool], timeout_s: float, step_s: float = 0.05) -> bool:

@@ -19,7 +19,6 @@ import asyncio
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,6 +30,8 @@ from typing import Any
 import aiomqtt
 import numpy as np
 import soundfile
+
+from tools.net import free_port, wait_for_port
 
 REPO = Path(__file__).resolve().parents[2]
 RAVDESS = REPO.parent / "shared" / "datasets" / "ravdess" / "audio"
@@ -96,13 +97,6 @@ def build_recording(path: Path, hours: float, seed: int = 0) -> float:
     return written / RATE / 3600
 
 
-def free_port() -> int:
-    """A free loopback TCP port."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 def start_broker(folder: Path) -> tuple[subprocess.Popen[bytes], int]:
     """mosquitto on a free loopback port."""
     port = free_port()
@@ -110,16 +104,12 @@ def start_broker(folder: Path) -> tuple[subprocess.Popen[bytes], int]:
     config.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
     broker = subprocess.Popen(["mosquitto", "-c", str(config)], stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)  # fmt: skip
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-        except OSError:
-            time.sleep(0.05)
-        else:
-            return broker, port
-    broker.kill()
-    raise SystemExit("mosquitto did not start")
+    try:
+        wait_for_port(port)
+    except TimeoutError:
+        broker.kill()
+        raise SystemExit("mosquitto did not start") from None
+    return broker, port
 
 
 def rss_mb(pid: int) -> float | None:
