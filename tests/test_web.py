@@ -170,6 +170,7 @@ async def test_results_over_the_websocket_equal_the_file_path(
     pcm = speech_pcm(path)
     async with asyncio.timeout(120), served(tiny_model) as s, aiohttp.ClientSession() as http:
         events = await http.ws_connect(s.ws_url("/v1/events"))
+        kitchen_only = await http.ws_connect(s.ws_url("/v1/events", stream_id="kitchen", history=0))
         stats = SourceStats()
         from_file = file_source(path, open_file(path), 100, None, stats)
         local = s.runtime.start("file", from_file, stats, lossless=True)
@@ -185,6 +186,13 @@ async def test_results_over_the_websocket_equal_the_file_path(
         while len(finals_of(seen_by_events, "kitchen")) < count:
             seen_by_events.append(json.loads((await events.receive(timeout=30)).data))
         await events.close()
+        seen_by_kitchen_only: list[dict[str, Any]] = []
+        while len(finals_of(seen_by_kitchen_only, "kitchen")) < count:
+            seen_by_kitchen_only.append(json.loads((await kitchen_only.receive(timeout=30)).data))
+        await kitchen_only.close()
+    assert {m.get("stream_id") for m in seen_by_events} >= {"file", "kitchen"}
+    assert {m.get("stream_id", "status") for m in seen_by_kitchen_only} <= {"kitchen", "status"}
+    assert finals_of(seen_by_kitchen_only, "kitchen") == finals_of(seen_by_events, "kitchen")
     for message in messages:
         check_message(message)
         assert message["type"] == "status" or message["stream_id"] == "kitchen"
@@ -231,6 +239,24 @@ async def test_bad_parameters_close_with_4400_and_the_reason(
         served(tiny_model) as s,
         aiohttp.ClientSession() as http,
         http.ws_connect(s.ws_url("/v1/stream", **query)) as ws,
+    ):
+        messages, code, reason = await read_all(ws)
+    assert (messages, code) == ([], Close.BAD_PARAMETERS)
+    assert words in reason
+
+
+@pytest.mark.parametrize(
+    ("query", "words"),
+    [({"history": "yes"}, "history 'yes'"), ({"rate": "16000"}, "unknown parameter(s): rate")],
+)
+async def test_bad_events_parameters_close_with_4400_and_the_reason(
+    tiny_model: Path, query: dict[str, str], words: str
+) -> None:
+    async with (
+        asyncio.timeout(60),
+        served(tiny_model) as s,
+        aiohttp.ClientSession() as http,
+        http.ws_connect(s.ws_url("/v1/events", **query)) as ws,
     ):
         messages, code, reason = await read_all(ws)
     assert (messages, code) == ([], Close.BAD_PARAMETERS)
@@ -331,6 +357,24 @@ async def test_connections_beyond_the_limit_are_refused(tiny_model: Path) -> Non
                 await fourth.send_str('{"type": "end"}')
                 assert (await read_all(fourth))[1] == Close.NORMAL
         assert s.server.stats.ws_refused_limit == 1
+
+
+async def test_one_client_address_may_not_take_every_connection(tiny_model: Path) -> None:
+    async with (
+        asyncio.timeout(60),
+        served(tiny_model, max_connections=8, max_connections_per_client=2) as s,
+        aiohttp.ClientSession() as http,
+    ):
+        first = await http.ws_connect(s.ws_url("/v1/events"))
+        second = await http.ws_connect(s.ws_url("/v1/events"))
+        async with http.ws_connect(s.ws_url("/v1/stream")) as third:
+            _, code, reason = await read_all(third)
+        assert code == Close.TRY_AGAIN_LATER
+        assert "from 127.0.0.1: 2 open (--http-max-connections-per-client)" in reason
+        assert s.server.counters()["ws_connections"] == 2
+        await first.close()
+        await second.close()
+    assert s.server.stats.ws_refused_limit == 1
 
 
 async def test_an_abrupt_disconnect_mid_utterance_still_publishes_its_final_once(

@@ -12,7 +12,16 @@ from stream_ser.cli import ineffective_settings
 from stream_ser.errors import ConfigError
 from stream_ser.settings import Settings
 from stream_ser.web.options import HttpSettings, is_loopback, parse_address
-from stream_ser.web.protocol import Close, Refusal, authorized, is_end, read_token, same_origin
+from stream_ser.web.protocol import (
+    Close,
+    EventsParams,
+    Refusal,
+    authorized,
+    events_params,
+    is_end,
+    read_token,
+    same_origin,
+)
 from stream_ser.web.protocol import stream_params as params
 from stream_ser.web.server import MAX_REASON_BYTES, _reason
 
@@ -73,6 +82,28 @@ def test_bad_stream_parameters_are_refused(query: dict[str, str]) -> None:
     with pytest.raises(Refusal) as refused:
         params(query)
     assert refused.value.code == Close.BAD_PARAMETERS
+
+
+def test_events_parameters_default_and_parse() -> None:
+    assert events_params({}) == EventsParams(None, True)
+    assert events_params({"stream_id": "kitchen", "history": "0", "token": "x"}) == EventsParams(
+        "kitchen", False
+    )
+
+
+@pytest.mark.parametrize(
+    ("query", "words"),
+    [
+        ({"history": "yes"}, "history 'yes' is not 0 or 1"),
+        ({"stream_id": "a#b"}, "stream_id"),
+        ({"rate": "16000"}, "unknown parameter(s): rate"),
+    ],
+)
+def test_bad_events_parameters_are_refused(query: dict[str, str], words: str) -> None:
+    with pytest.raises(Refusal) as refused:
+        events_params(query)
+    assert refused.value.code == Close.BAD_PARAMETERS
+    assert words in refused.value.reason
 
 
 def test_the_token_by_header_or_query() -> None:

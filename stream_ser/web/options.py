@@ -53,6 +53,10 @@ class HttpSettings:
     )  # fmt: skip
     token_file: str | None = _setting(None, "file whose first line is the bearer token")
     max_connections: int = _setting(32, "WebSocket connections at once; more are refused")
+    max_connections_per_client: int = _setting(
+        16, "WebSocket connections at once from one client address (behind a reverse proxy "
+        "every client has the proxy's address: raise it to --http-max-connections)",
+    )  # fmt: skip
     max_frame_bytes: int = _setting(1 << 20, "largest WebSocket message accepted (bytes)")
     max_queued_s: float = _setting(
         10.0, "audio of one WebSocket stream waiting for the model (s); older audio is dropped"
@@ -67,6 +71,8 @@ class HttpSettings:
             raise ConfigError("--http-token must not be empty")
         if not 1 <= self.max_connections <= 10_000:  # noqa: PLR2004
             raise ConfigError("--http-max-connections must be 1..10000")
+        if not 1 <= self.max_connections_per_client <= 10_000:  # noqa: PLR2004
+            raise ConfigError("--http-max-connections-per-client must be 1..10000")
         if not 1024 <= self.max_frame_bytes <= 64 << 20:  # noqa: PLR2004
             raise ConfigError("--http-max-frame-bytes must be 1024..67108864")
         if not 0.1 <= self.max_queued_s <= 600:  # noqa: PLR2004

@@ -81,6 +81,30 @@ def stream_params(query: Mapping[str, str]) -> StreamParams:
     )
 
 
+@dataclass(frozen=True)
+class EventsParams:
+    """The query parameters of /v1/events."""
+
+    stream_id: str | None  # one stream's messages (and the status); None: every stream's
+    history: bool  # the retained messages first
+
+
+def events_params(query: Mapping[str, str]) -> EventsParams:
+    """Parse and check /v1/events' query; Refusal(BAD_PARAMETERS) naming the problem."""
+    if unknown := sorted(set(query) - {"stream_id", "history", "token"}):
+        raise Refusal(Close.BAD_PARAMETERS, f"unknown parameter(s): {', '.join(unknown)}")
+    stream_id = query.get("stream_id") or None
+    if stream_id is not None:
+        try:
+            check_name("stream_id", stream_id, MAX_STREAM_ID_BYTES)
+        except ConfigError as err:
+            raise Refusal(Close.BAD_PARAMETERS, str(err)) from err
+    history = query.get("history", "1")
+    if history not in ("0", "1"):
+        raise Refusal(Close.BAD_PARAMETERS, f"history {history!r} is not 0 or 1")
+    return EventsParams(stream_id, history == "1")
+
+
 def _integer(query: Mapping[str, str], name: str, default: int) -> int:
     text = query.get(name)
     if text is None:

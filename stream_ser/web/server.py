@@ -3,7 +3,7 @@
     GET /            the dashboard (stream_ser/web/static/index.html)
     GET /static/...  its files
     GET /healthz     "ok" while serving
-    WS  /v1/events   every published message of every stream: the retained history, then live
+    WS  /v1/events   every published message of every stream (or of one): history, then live
     WS  /v1/stream   binary PCM in (one new stream per connection), that stream's messages out
 
 docs/websocket.md is the protocol for clients. Each connection's audio goes through a
@@ -37,9 +37,11 @@ from stream_ser.source import SourceStats
 from stream_ser.web.options import HttpSettings, is_loopback, parse_address
 from stream_ser.web.protocol import (
     Close,
+    EventsParams,
     Refusal,
     StreamParams,
     authorized,
+    events_params,
     is_end,
     read_token,
     same_origin,
@@ -79,9 +81,10 @@ class _Socket(web.WebSocketResponse):
     """aiohttp's WebSocket, whose close for an oversized message says why (aiohttp's has no
     reason)."""
 
-    def __init__(self, max_frame_bytes: int) -> None:
+    def __init__(self, max_frame_bytes: int, client: str) -> None:
         super().__init__(max_msg_size=max_frame_bytes, heartbeat=HEARTBEAT_S)
         self.max_frame_bytes = max_frame_bytes
+        self.client = client  # the peer's address: connections are counted per client
 
     async def close(self, *, code: int = 1000, message: bytes = b"", drain: bool = True) -> bool:
         """Close; a TOO_BIG close gets its reason."""
@@ -94,7 +97,7 @@ class _Socket(web.WebSocketResponse):
 class WebStats:
     """What the server refused, for the status counters."""
 
-    ws_refused_limit: int = 0  # connections beyond --http-max-connections
+    ws_refused_limit: int = 0  # connections beyond --http-max-connections[-per-client]
     ws_refused_token: int = 0  # missing or wrong token (or a cross-origin page)
     ws_bad_input: int = 0  # streams closed for bad parameters or audio
 
@@ -118,7 +121,7 @@ class WebServer:
         self.stats = WebStats()
         self.idle_timeout_s = IDLE_TIMEOUT_S
         self.stopping = False
-        self._sockets: set[web.WebSocketResponse] = set()
+        self._sockets: set[_Socket] = set()
         self._no_sockets = asyncio.Event()  # set while no connection is open
         self._no_sockets.set()
         self._sources: set[PushSource] = set()
@@ -172,26 +175,35 @@ class WebServer:
     # ------------------------------------------------------------------ WebSockets
 
     async def events(self, request: web.Request) -> web.StreamResponse:
-        """Every published message: the retained history, then live."""
+        """Every published message (or one stream's): the retained history, then live."""
         socket, admitted = await self._open(request)
         if not admitted:
             return socket
         try:
-            async with self.hub.subscribe(history=True) as subscription:
-                self._subscriptions.add(subscription)
-                listening = asyncio.create_task(_discard_incoming(socket), name="ws-events-in")
-                sending = asyncio.create_task(self._send_all(socket, subscription))
-                await asyncio.wait({listening, sending}, return_when=asyncio.FIRST_COMPLETED)
-                outcome = sending.result() if sending.done() else None
-                for task in (listening, sending):
-                    task.cancel()
-                await asyncio.gather(listening, sending, return_exceptions=True)
-                self._subscriptions.discard(subscription)
-            if outcome is not None:
-                await _close(socket, *outcome)
+            outcome = await self._follow(socket, events_params(request.query))
+        except Refusal as refusal:
+            self.stats.ws_bad_input += 1
+            outcome = refusal.code, refusal.reason
         finally:
             self._release(socket)
+        if outcome is not None:
+            await _close(socket, *outcome)
         return socket
+
+    async def _follow(self, socket: _Socket, params: EventsParams) -> tuple[int, str] | None:
+        """Send the subscription's messages until it or the client ends: the close code and
+        reason to send, or None when the client went away."""
+        async with self.hub.subscribe(params.stream_id, params.history) as subscription:
+            self._subscriptions.add(subscription)
+            listening = asyncio.create_task(_discard_incoming(socket), name="ws-events-in")
+            sending = asyncio.create_task(self._send_all(socket, subscription))
+            await asyncio.wait({listening, sending}, return_when=asyncio.FIRST_COMPLETED)
+            outcome = sending.result() if sending.done() else None
+            for task in (listening, sending):
+                task.cancel()
+            await asyncio.gather(listening, sending, return_exceptions=True)
+            self._subscriptions.discard(subscription)
+        return outcome
 
     async def stream(self, request: web.Request) -> web.StreamResponse:
         """One new stream: binary PCM in, its messages out."""
@@ -214,7 +226,7 @@ class WebServer:
     async def _open(self, request: web.Request) -> tuple[_Socket, bool]:
         """Accept the WebSocket and check the token and the limits: the socket, and False
         (the socket closed with the reason) if it is refused."""
-        socket = _Socket(self.settings.max_frame_bytes)
+        socket = _Socket(self.settings.max_frame_bytes, request.remote or "")
         if not socket.can_prepare(request).ok:
             raise web.HTTPBadRequest(text="expected a WebSocket upgrade")
         await socket.prepare(request)
@@ -229,7 +241,7 @@ class WebServer:
         self._no_sockets.clear()
         return socket, True
 
-    def _release(self, socket: web.WebSocketResponse) -> None:
+    def _release(self, socket: _Socket) -> None:
         self._sockets.discard(socket)
         if not self._sockets:
             self._no_sockets.set()
@@ -249,6 +261,16 @@ class WebServer:
             raise Refusal(
                 Close.TRY_AGAIN_LATER,
                 f"too many connections: {len(self._sockets)} open (--http-max-connections)",
+            )
+        client = request.remote or ""
+        if (mine := sum(s.client == client for s in self._sockets)) >= (
+            self.settings.max_connections_per_client
+        ):
+            self.stats.ws_refused_limit += 1
+            raise Refusal(
+                Close.TRY_AGAIN_LATER,
+                f"too many connections from {client}: {mine} open "
+                "(--http-max-connections-per-client)",
             )
 
     async def _ingest(self, socket: _Socket, params: StreamParams) -> tuple[int, str]:
