@@ -3,6 +3,8 @@ speaker-independent split of every corpus, adaptation weights and the blocked re
 
 from __future__ import annotations
 
+import csv
+import tomllib
 from pathlib import Path
 
 import numpy as np
@@ -12,9 +14,10 @@ pytest.importorskip("torch")
 
 import torch
 
+from tests.conftest import DATASETS, REPO
 from tools.train import train_multi as tm
 from tools.train import train_strong as ts
-from tools.train.strong_features import Row
+from tools.train.strong_features import Row, read_corpus
 
 LABELS = ["neutral", "calm", "happy", "sad", "angry", "boredom"]
 
@@ -110,6 +113,39 @@ def test_every_corpus_has_its_own_test_speakers(tmp_path: Path) -> None:
         "train",
     ]  # s1 differs per corpus
     assert ts.embedding(data, ts.feature_parts(ts.TINY_FEATURES)).shape == (5, 3312)
+
+
+def test_relabel_corrects_one_corpus_and_refuses_a_stale_fix() -> None:
+    rows = [Row("k", f"{i}.wav", label, "k:a") for i, label in enumerate(["sad", "angry", "happy"])]
+    fixed = tm.relabel(rows, {"k": {"angry": "sad", "sad": "angry"}})
+    assert [r.label for r in fixed] == ["angry", "sad", "happy"]
+    assert [r.path for r in fixed] == [r.path for r in rows]
+    assert tm.relabel(rows, {"other": {"sad": "happy"}}) == rows
+    with pytest.raises(SystemExit, match=r"no clip has the label\(s\) \['fearful'\]"):
+        tm.relabel(rows, {"k": {"fearful": "sad"}})
+
+
+# emotional-script Korean clips whose text decides the [data.relabel] fix: path -> (words, emotion)
+KOREAN_TEXTS = {
+    "audio/nea/nea00203.opus": ("너무 우울해", "sad"),  # "call-up papers, I'm so depressed"
+    "audio/nea/nea00205.opus": ("애석한 마음", "sad"),  # "I cannot contain my grief"
+    "audio/nea/nea00303.opus": ("라디오 소리", "angry"),  # "is it that hard to turn it down?"
+    "audio/nea/nea00305.opus": ("술을 끊으시겠습니까", "angry"),  # "... to quit drinking?"
+}
+
+
+@pytest.mark.skipif(not (DATASETS / "korean").is_dir(), reason="no ../shared/datasets/korean")
+def test_the_korean_relabel_gives_the_transcripts_their_emotion() -> None:
+    """If the shared manifest is ever corrected, this fails: then drop the fix from multi.toml
+    (applied to a corrected manifest it would swap the labels back)."""
+    config = tm.override(tomllib.loads((REPO / "tools/train/configs/multi.toml").read_text()), [])
+    with (DATASETS / "korean" / "manifest.csv").open(newline="", encoding="utf-8") as handle:
+        texts = {row["path"]: row["text"] for row in csv.DictReader(handle)}
+    rows = tm.relabel(read_corpus(DATASETS, "korean"), config["data"]["relabel"])
+    labels = {row.path: row.label for row in rows}
+    for path, (words, emotion) in KOREAN_TEXTS.items():
+        assert words in texts[path]
+        assert labels[path] == emotion, path
 
 
 def test_adapt_weights_pick_the_speaker_heavy_dimensions() -> None:

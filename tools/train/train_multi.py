@@ -33,7 +33,7 @@ import json
 import logging
 import sys
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +47,7 @@ from stream_ser.evaluate import (
 )
 from stream_ser.specialist import AdaptationCard, Baseline
 from tools.train import train_strong as ts
-from tools.train.strong_features import cached_features, read_corpus
+from tools.train.strong_features import Row, cached_features, read_corpus
 from tools.train.whisper_encoder import load_pooled_whisper
 
 log = logging.getLogger("train_multi")
@@ -58,12 +58,13 @@ LBFGS_STEPS = 150
 
 
 def load(config: dict[str, Any]) -> ts.Data:
-    """Rows, cached features and the split ("train" or "test") of every configured corpus."""
+    """Rows (labels corrected by [data.relabel]), cached features and the split ("train" or
+    "test") of every configured corpus."""
     root, cache = ts.resolve(config["data"]["root"]), ts.resolve(config["cache_dir"])
     kinds = {part.partition(":")[0] for part in ts.feature_parts(config["features"])}
     rows, split, features = [], [], {kind: [] for kind in kinds}  # type: ignore[var-annotated]
     for corpus in config["data"]["corpora"]:
-        corpus_rows = read_corpus(root, corpus)
+        corpus_rows = relabel(read_corpus(root, corpus), config["data"].get("relabel", {}))
         rows += corpus_rows
         for kind in kinds:
             features[kind].append(cached_features(root, corpus, kind, cache, config["threads"]))
@@ -72,6 +73,17 @@ def load(config: dict[str, Any]) -> ts.Data:
     order = np.argsort(np.random.default_rng(config["seed"]).permutation(len(rows)))
     stacked = {kind: np.concatenate(parts) for kind, parts in features.items()}
     return ts.Data(rows, stacked, np.array(split), order)
+
+
+def relabel(rows: list[Row], fixes: dict[str, dict[str, str]]) -> list[Row]:
+    """Rows with their corpus's label corrections ({corpus: {manifest label: true label}})
+    applied; every mapped label must occur in the corpus (a stale fix is an error)."""
+    if not rows or rows[0].corpus not in fixes:
+        return rows
+    fix = fixes[rows[0].corpus]
+    if missing := sorted(set(fix) - {row.label for row in rows}):
+        raise SystemExit(f"[data.relabel] {rows[0].corpus}: no clip has the label(s) {missing}")
+    return [replace(row, label=fix.get(row.label, row.label)) for row in rows]
 
 
 def corpus_labels(data: ts.Data, labels: list[str]) -> dict[str, list[str]]:
