@@ -46,6 +46,17 @@ def test_test_sets_hold_only_the_bundled_models_test_speakers() -> None:
     assert {row["speaker"] for row in select(sets["test-nemo"])} == {"KS0", "MK0"}
 
 
+def test_sets_carry_the_training_configs_label_corrections() -> None:
+    _needs("korean")
+    sets = {s.name: s for s in clip_sets(held_out_speakers())}
+    labels = {row["path"]: row["label"] for row in select(sets["test-korean"])}
+    # nek00203 reads "... I'm so depressed", nek00303 "is it that hard to turn the radio down?"
+    assert (labels["audio/nek/nek00203.opus"], labels["audio/nek/nek00303.opus"]) == (
+        "sad",
+        "angry",
+    )
+
+
 def test_tune_sets_hold_no_test_speaker() -> None:
     test = held_out_speakers()
     for clip_set in clip_sets(test):

@@ -86,12 +86,21 @@ class Cached:
     model_embeddings: np.ndarray | None  # (n, dims) specialist pooled embeddings
 
 
+def label_fixes(config: Path = TRAIN_CONFIG) -> dict[str, dict[str, str]]:
+    """The training config's `[data.relabel]` label corrections, per corpus."""
+    raw = tomllib.loads(config.read_text(encoding="utf-8"))
+    fixes: dict[str, dict[str, str]] = raw["data"].get("relabel", {})
+    return fixes
+
+
 def select(clip_set: ClipSet, seed: int = 0) -> list[dict[str, str]]:
-    """The manifest rows of a set."""
+    """The manifest rows of a set, labels corrected as the training config says."""
     with (DATASETS / clip_set.corpus / "manifest.csv").open(newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
+    fix = label_fixes().get(clip_set.corpus, {})
     by_speaker: dict[str, list[dict[str, str]]] = {}
     for row in rows:
+        row["label"] = fix.get(row["label"], row["label"])
         speaker = row["speaker"]
         wanted = clip_set.speakers is None or speaker in clip_set.speakers
         if wanted and speaker not in clip_set.exclude:
