@@ -180,3 +180,14 @@ def test_config_overrides_are_toml_values() -> None:
     config = {"head": {"c": 0.05}, "training": {"corpora": ["a"]}}
     tm.override(config, ["head.c=0.02", 'training.corpora=["a", "b"]'])
     assert config == {"head": {"c": 0.02}, "training": {"corpora": ["a", "b"]}}
+
+
+def test_loco_variants_build_the_head_input_they_name() -> None:
+    from tools.train.loco_variants import Variant
+
+    adapted = np.array([[5.0, -1.0]])
+    population = np.array([[0.5, -4.0]])
+    assert Variant().head_input(adapted, population).tolist() == [[5.0, -1.0]]
+    assert Variant(clip=3.0).head_input(adapted, population).tolist() == [[3.0, -1.0]]
+    both = Variant(clip=3.0, dual=True).head_input(adapted, population)
+    assert both.tolist() == [[3.0, -1.0, 0.5, -3.0]]
